@@ -1,0 +1,363 @@
+"""Ingest: a dataset on disk -> validated JPEG rows in Parquet shards, as one Ray Data job.
+
+Output layout (complete only when ``manifest.json`` is present)::
+
+    <out>/manifest.json              classes, VA scale, counts, every skipped file + reason
+    <out>/{train,val,test}/*.parquet columns = records.COLUMNS, schema = SHARD_SCHEMA
+
+The job streams: record metadata -> ``map_batches`` (read bytes, :func:`prepare_image`)
+-> a datasink that writes the good rows per split and returns the bad ones (path +
+reason, a few bytes each) to the driver. The pipeline therefore runs once and no image
+passes through the driver. Everything is written into ``<out>.tmp-<id>`` next to
+``<out>`` and renamed onto it after the manifest, so an interrupted ingest never leaves
+an ``<out>`` that looks complete.
+
+Workers read ``root`` and write ``out`` by path: on a cluster both must be on storage
+every node sees (the embedded default, one machine, needs nothing).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+import types
+import uuid
+from collections import Counter
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+from ray.data import DataContext
+from ray.data.block import BlockAccessor
+from ray.data.datasource import Datasink
+
+from datasets_io.images import DEFAULT_MAX_PIXELS, BadImage, prepare_image
+from datasets_io.readers import ESCAPES, MISSING, read_dataset, reader_options
+from datasets_io.records import COLUMNS, SCHEMA_VERSION, SPLITS, VA_SCALE, ReaderResult
+
+__all__ = ["ingest", "is_ingested", "read_manifest", "SHARD_SCHEMA", "MANIFEST_NAME"]
+
+MANIFEST_NAME = "manifest.json"
+MAX_ROWS_PER_TASK = 1024  # upper bound on rows per write task = per file and split (~50 MB)
+_TASKS_PER_CPU = 4         # enough tasks to keep every core busy and balance stragglers
+_BATCH_SIZE = 16           # images per map_batches call inside a task (bounds its memory)
+
+# Explicit so that a block whose label_dist / valence are all null keeps its types.
+SHARD_SCHEMA = pa.schema([
+    ("image", pa.binary()),
+    ("image_id", pa.string()),
+    ("split", pa.string()),
+    ("label", pa.int64()),
+    ("label_dist", pa.list_(pa.float32())),
+    ("valence", pa.float32()),
+    ("arousal", pa.float32()),
+    ("va_source", pa.string()),
+    ("text", pa.string()),
+    ("group", pa.string()),
+])
+assert tuple(SHARD_SCHEMA.names) == COLUMNS, "SHARD_SCHEMA must follow records.COLUMNS"
+
+# What the map step emits: the shard columns plus the reason a row was rejected (null if good).
+_PREPARED_SCHEMA = SHARD_SCHEMA.append(pa.field("error", pa.string()))
+
+
+def ingest(
+    layout: str,
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    max_side: int = 512,
+    overwrite: bool = False,
+    reader_options: Optional[dict[str, Any]] = None,
+    lexicon_path: Optional[str | os.PathLike] = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    num_output_files: Optional[int] = None,
+    show_progress: bool = True,
+    address: Optional[str] = None,
+) -> dict:
+    """Read ``root`` with the ``layout`` reader and write validated shards to ``out``.
+
+    Returns the manifest. If ``out`` is already a complete ingest it is returned
+    unchanged unless ``overwrite``; with ``overwrite`` the previous output is removed
+    only after the new one is complete. ``address`` is passed to ``ray.init`` when
+    Ray is not initialised yet (``None``: a local instance).
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        FileExistsError: ``out`` exists, is not an ingest output, and not ``overwrite``.
+        ValueError: bad options, or the reader rejected the dataset (one-line message).
+    """
+    start = time.perf_counter()
+    root = Path(root).expanduser().resolve()
+    out = Path(out).expanduser().absolute()
+    if max_side < 1 or max_pixels < 1:
+        raise ValueError(f"max_side and max_pixels must be >= 1, got {max_side}, {max_pixels}")
+    if num_output_files is not None and num_output_files < 1:
+        raise ValueError(f"num_output_files must be >= 1, got {num_output_files}")
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: dataset root not found (or not a folder)")
+    if is_ingested(out) and not overwrite:
+        print(f"already ingested: {out} (use --overwrite)")
+        return read_manifest(out)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: exists and is not an ingest output (no {MANIFEST_NAME}); "
+                              "use --overwrite to replace it")
+
+    options = dict(reader_options or {})
+    result = _read_records(layout, root, options, lexicon_path)
+    rows = [asdict(record) for record in result.records]
+
+    tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir(parents=True)
+        counts, bad = _run_pipeline(rows, root, tmp, max_side, max_pixels, num_output_files,
+                                    show_progress, address)
+        params = {"max_side": max_side, "max_pixels": max_pixels, "reader_options": result.params or options,
+                  "lexicon_path": str(Path(lexicon_path).resolve()) if lexicon_path else None}
+        manifest = _manifest(layout, root, result, counts, bad, params)
+        _write_manifest(tmp, manifest)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(_summary(manifest, out, time.perf_counter() - start))
+    return manifest
+
+
+def is_ingested(out: str | os.PathLike) -> bool:
+    """Whether ``out`` is a complete ingest output (its manifest is written last)."""
+    return (Path(out) / MANIFEST_NAME).is_file()
+
+
+def read_manifest(out: str | os.PathLike) -> dict:
+    """Load ``<out>/manifest.json``; a one-line error if absent, unreadable or another schema."""
+    path = Path(out) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; {out} is not a complete ingest output "
+                                "(run: python -m datasets_io ingest ...)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema_version {version!r}, this code reads {SCHEMA_VERSION}; "
+                         "re-ingest with --overwrite")
+    return manifest
+
+
+# ----------------------------------------------------------------------------- driver side
+
+def _read_records(layout: str, root: Path, options: dict, lexicon_path) -> ReaderResult:
+    """Run the layout's reader; check it found images and gave each a known split."""
+    if lexicon_path is not None and "lexicon" in reader_options(layout):  # Emotion6's VA is measured
+        options = {**options, "lexicon": Path(lexicon_path)}
+    result = read_dataset(layout, root, **options)
+    if not result.records:
+        raise ValueError(f"{root}: the {layout!r} reader found no images")
+    for record in result.records:
+        if record.split not in SPLITS:
+            raise ValueError(f"{root}: record {record.path!r} has split {record.split!r}, "
+                             f"expected one of {SPLITS}")
+    return result
+
+
+def _manifest(layout: str, root: Path, result: ReaderResult, counts: dict[str, int],
+              bad_images: list[dict], params: dict) -> dict:
+    """The manifest: what was ingested, from where, how, and every file left out and why."""
+    skipped = list(result.skipped) + sorted(bad_images, key=lambda item: item["path"])
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "layout": layout,
+        "root": str(root),
+        "classes": list(result.classes),
+        "va_scale": VA_SCALE,
+        "counts": counts,
+        "skipped": skipped,
+        "num_skipped": len(skipped),
+        "params": params,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "columns": list(COLUMNS),
+    }
+
+
+def _run_pipeline(rows: list[dict], root: Path, tmp: Path, max_side: int, max_pixels: int,
+                  num_output_files: Optional[int], show_progress: bool,
+                  address: Optional[str]) -> tuple[dict[str, int], list[dict]]:
+    """The Ray Data job; returns rows written per split and the rejected files."""
+    if not ray.is_initialized():
+        ray.init(address=address)
+    context = DataContext.get_current()
+    previous = context.enable_progress_bars
+    if not show_progress:
+        context.enable_progress_bars = False
+    per_task = _rows_per_task(len(rows))
+    try:
+        ds = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // per_task)).map_batches(
+            load_and_prepare,
+            fn_kwargs={"root": str(root), "max_side": max_side, "max_pixels": max_pixels},
+            batch_format="pyarrow",
+            batch_size=_BATCH_SIZE,
+        )
+        if num_output_files is not None:
+            ds = ds.repartition(num_output_files)
+        sink = _ShardSink(str(tmp), None if num_output_files else per_task)
+        ds.write_datasink(sink)
+    finally:
+        context.enable_progress_bars = previous
+    for split in SPLITS:  # every split gets a folder and at least one (maybe empty) file
+        if sink.counts[split] == 0:
+            _write_table(SHARD_SCHEMA.empty_table(), tmp / split / "part-empty.parquet")
+    return sink.counts, sink.skipped
+
+
+def _rows_per_task(num_rows: int) -> int:
+    """Rows each fused read+prepare+write task takes.
+
+    The map step fuses with the write, so this sets both the parallelism and the file
+    size: about ``_TASKS_PER_CPU`` tasks per CPU of the cluster, within
+    ``[_BATCH_SIZE, MAX_ROWS_PER_TASK]``.
+    """
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return max(_BATCH_SIZE, min(MAX_ROWS_PER_TASK, -(-num_rows // (_TASKS_PER_CPU * cpus))))
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    """Write the manifest (the completion marker, so it is always written last)."""
+    path = folder / MANIFEST_NAME
+    path.write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Move the finished ``new`` onto ``out``; a previous ``out`` goes only once ``new`` is done."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    previous = new.with_name(new.name + "-previous")  # still matches *.tmp-*: never "complete"
+    os.replace(out, previous)
+    os.replace(new, out)
+    if previous.is_dir():
+        shutil.rmtree(previous)
+    else:
+        previous.unlink()
+
+
+def _summary(manifest: dict, out: Path, seconds: float) -> str:
+    """``ingested N images (train a / val b / test c), skipped k (reasons: ...) -> out in Xs``."""
+    counts = manifest["counts"]
+    per_split = " / ".join(f"{split} {counts[split]}" for split in SPLITS)
+    reasons = Counter(item["reason"].split(":")[0] for item in manifest["skipped"])
+    why = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common())
+    skipped = f"skipped {manifest['num_skipped']}" + (f" (reasons: {why})" if why else "")
+    return (f"ingested {sum(counts.values())} images ({per_split}), {skipped} "
+            f"\u2192 {out} in {seconds:.1f}s")
+
+
+# ----------------------------------------------------------------------------- worker side
+
+def load_and_prepare(batch: pa.Table, root: str, max_side: int, max_pixels: int) -> pa.Table:
+    """Map step: read each record's file under ``root`` and run :func:`prepare_image`.
+
+    Emits every row with ``image`` set and ``error`` null, or, for a file that cannot
+    be used, ``image`` null and ``error`` the short reason.
+    """
+    records = batch.to_pylist()
+    images: list[Optional[bytes]] = []
+    errors: list[Optional[str]] = []
+    for record in records:
+        try:
+            data = read_inside(root, record["path"])
+            images.append(prepare_image(data, max_side=max_side, max_pixels=max_pixels))
+            errors.append(None)
+        except BadImage as err:
+            images.append(None)
+            errors.append(err.reason)
+    columns = {
+        "image": images,
+        "image_id": [record["path"] for record in records],
+        **{name: [record.get(name) for record in records] for name in COLUMNS[2:]},
+        "error": errors,
+    }
+    return pa.Table.from_pydict(columns, schema=_PREPARED_SCHEMA)
+
+
+def read_inside(root: str | os.PathLike, relative: str) -> bytes:
+    """Bytes of ``root/relative``; a path that leaves ``root`` or is missing is a BadImage.
+
+    The readers already skip such records; this re-check guards the read itself (files
+    can change between listing and reading) and uses the readers' reason strings.
+    """
+    base = Path(root).resolve()
+    path = (base / relative).resolve()
+    if Path(relative).is_absolute() or not path.is_relative_to(base):
+        raise BadImage(ESCAPES)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as err:
+        raise BadImage(MISSING) from err
+    except OSError as err:
+        raise BadImage(f"unreadable: {err.strerror or err}") from err
+
+
+def _write_table(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+class _ShardSink(Datasink):
+    """Writes good rows to ``<folder>/<split>/part-<task>.parquet``; returns the bad ones.
+
+    File names depend only on the write task's index, so a retried task overwrites
+    its own file instead of duplicating rows.
+    """
+
+    def __init__(self, folder: str, rows_per_write: Optional[int]):
+        self.folder = folder
+        self.rows_per_write = rows_per_write
+        self.counts: dict[str, int] = dict.fromkeys(SPLITS, 0)
+        self.skipped: list[dict] = []
+
+    @property
+    def min_rows_per_write(self) -> Optional[int]:
+        return self.rows_per_write
+
+    def write(self, blocks: Iterable, ctx) -> dict:
+        tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
+        tables = [table for table in tables if table.num_rows]
+        if not tables:
+            return {"counts": {}, "skipped": []}
+        table = pa.concat_tables(tables, promote_options="permissive").cast(_PREPARED_SCHEMA)
+        bad = pc.is_valid(table["error"])
+        skipped = [{"path": row["image_id"], "reason": row["error"]}
+                   for row in table.filter(bad).select(["image_id", "error"]).to_pylist()]
+        good = table.filter(pc.invert(bad)).select(list(COLUMNS))
+        counts = {}
+        for split in SPLITS:
+            part = good.filter(pc.equal(good["split"], split))
+            if part.num_rows:
+                _write_table(part, Path(self.folder) / split / f"part-{ctx.task_idx:05d}.parquet")
+                counts[split] = part.num_rows
+        return {"counts": counts, "skipped": skipped}
+
+    def on_write_complete(self, write_result) -> None:
+        for result in write_result.write_returns:
+            for split, n in result["counts"].items():
+                self.counts[split] += n
+            self.skipped.extend(result["skipped"])
+
+
+class _CallableModule(types.ModuleType):
+    """``datasets_io.ingest`` names this module and its function: calling the module runs it."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        return ingest(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

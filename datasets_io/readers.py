@@ -1,0 +1,466 @@
+"""One reader per on-disk dataset layout, all yielding the same :class:`~datasets_io.records.Record`.
+
+=========  =====================================================================
+layout     on disk
+=========  =====================================================================
+folder     a folder per category (FI, Flickr, Instagram), optionally inside
+           ``train/ val/ test/`` folders; otherwise a seeded stratified split
+ldl        a CSV/TSV of image name + votes over the categories (FlickrLDL,
+           TwitterLDL) and a folder of images
+emotion6   ``ground_truth.txt`` (SAM valence/arousal + 7 probabilities) and
+           ``images/<emotion>/<n>.jpg``
+ser30k     ``Annotations/image-level/{train,val,test}.json`` and
+           ``Images/<topic>/<file_name>``
+=========  =====================================================================
+
+Readers never open images (the ingest validates the bytes), but they do check that every
+file an annotation names exists and stays inside the dataset root; files that do not are
+returned in ``ReaderResult.skipped`` with the reason. A malformed annotation file is a
+configuration error and raises a one-line ValueError naming the file and line, so a bad
+run stops before any training starts. Output is sorted by path and deterministic.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import posixpath
+import random
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Callable, Hashable, Optional, Sequence, Union
+
+import numpy as np
+
+from datasets_io.lexicon import (CATEGORY_SETS, Lexicon, has_header, normalize_dist, parse_number, parse_va,
+                                 read_table, resolve_categories, sam_to_canonical)
+from datasets_io.records import SPLITS, Record, ReaderResult
+
+PathLike = Union[str, Path]
+Ratios = Sequence[float]
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+SPLIT_FOLDER_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+DEFAULT_RATIOS = (0.8, 0.1, 0.1)
+
+MISSING = "missing on disk"
+ESCAPES = "path escapes dataset root"
+DUPLICATE = "listed more than once"
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+class _Members:
+    """Resolves files named relative to one dataset root and remembers what had to be skipped.
+
+    Every reader goes through :meth:`get`, so path safety is decided in one place: an
+    absolute name, a ``..`` component, or a path that leaves the root once symlinks are
+    resolved is skipped with :data:`ESCAPES`; a name that is not a file on disk with
+    :data:`MISSING`; a second mention of the same file with :data:`DUPLICATE`.
+    """
+
+    def __init__(self, root: PathLike) -> None:
+        self.root = _existing_dir(root)
+        self.skipped: list[dict] = []
+        self._seen: set[str] = set()
+
+    def get(self, *parts: str) -> Optional[str]:
+        """The posix path of ``root/part0/part1/...`` relative to the root, or None if skipped."""
+        texts = [str(part).replace("\\", "/") for part in parts if part]
+        pure = [PurePosixPath(text) for text in texts]
+        if any(p.is_absolute() or ".." in p.parts or PureWindowsPath(t).drive for p, t in zip(pure, texts)):
+            return self._skip(posixpath.join(*texts), ESCAPES)
+        rel = PurePosixPath(*pure).as_posix() if pure else "."
+        try:
+            real = (self.root / rel).resolve(strict=True)
+        except (OSError, RuntimeError):  # missing, or a symlink loop
+            return self._skip(rel, MISSING)
+        if not real.is_relative_to(self.root):
+            return self._skip(rel, ESCAPES)
+        if not real.is_file():
+            return self._skip(rel, MISSING)
+        if rel in self._seen:
+            return self._skip(rel, DUPLICATE)
+        self._seen.add(rel)
+        return rel
+
+    def _skip(self, path: str, reason: str) -> None:
+        self.skipped.append({"path": path, "reason": reason})
+        return None
+
+
+def _existing_dir(root: PathLike) -> Path:
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"dataset root {path} does not exist or is not a folder")
+    return path.resolve()
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files below ``folder`` (recursive, sorted); hidden files and folders are ignored.
+
+    Symlinked folders are not followed; symlinked files are listed and left to
+    :class:`_Members` to check.
+    """
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [Path(dirpath, name) for name in filenames
+                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(found)
+
+
+def stratified_split(keys: Sequence[Hashable], ratios: Ratios = DEFAULT_RATIOS, seed: int = 42) -> list[str]:
+    """Assign "train" / "val" / "test" to each item so that every key (class) is split by ``ratios``.
+
+    Each stratum is shuffled with its own generator seeded by ``(seed, key)``, so the result
+    depends only on the seed and the items' order within their stratum, never on which other
+    strata exist. Per stratum of n items, val gets round(n * ratios[1]) and test
+    round(n * ratios[2]) items (never all of them: train keeps at least one).
+    """
+    ratios = _check_ratios(ratios)
+    strata: dict[Hashable, list[int]] = {}
+    for index, key in enumerate(keys):
+        strata.setdefault(key, []).append(index)
+    splits = ["train"] * len(keys)
+    for key, members in strata.items():
+        order = list(members)
+        random.Random(f"{seed}/{key}").shuffle(order)
+        n_val = round(len(order) * ratios[1])
+        n_test = min(round(len(order) * ratios[2]), max(len(order) - 1 - n_val, 0))
+        for index in order[:n_val]:
+            splits[index] = "val"
+        for index in order[n_val:n_val + n_test]:
+            splits[index] = "test"
+    return splits
+
+
+def _assign_splits(records: list[Record], key: Callable[[Record], Hashable], ratios: Ratios, seed: int) -> None:
+    """Sort ``records`` by path, then set their split with :func:`stratified_split` over ``key``."""
+    records.sort(key=lambda record: record.path)
+    for record, split in zip(records, stratified_split([key(r) for r in records], ratios, seed)):
+        record.split = split
+
+
+def _check_ratios(ratios: Ratios) -> tuple[float, float, float]:
+    values = tuple(float(r) for r in ratios)
+    if len(values) != 3 or any(r < 0 for r in values) or abs(sum(values) - 1.0) > 1e-6:
+        raise ValueError(f"split_ratios must be three non-negative numbers (train, val, test) summing to 1, "
+                         f"got {list(ratios)}")
+    return values
+
+
+def _as_lexicon(lexicon: Union[None, PathLike, Lexicon]) -> Lexicon:
+    """None -> the built-in anchors; a path -> that NRC-VAD file; a Lexicon as is."""
+    if lexicon is None:
+        return Lexicon.builtin()
+    if isinstance(lexicon, Lexicon):
+        return lexicon
+    return Lexicon.from_file(lexicon)
+
+
+def _inside(root: Path, path: PathLike, what: str) -> Path:
+    """``path`` (relative to ``root`` or absolute) resolved; it must be a folder inside the root."""
+    resolved = (root / path).resolve()
+    if not resolved.is_relative_to(root):
+        raise ValueError(f"{what} {path} is outside the dataset root {root}")
+    if not resolved.is_dir():
+        raise FileNotFoundError(f"{what} {resolved} does not exist or is not a folder")
+    return resolved
+
+
+def _result(records: list[Record], classes: list[str], members: _Members, **params) -> ReaderResult:
+    records.sort(key=lambda record: record.path)
+    return ReaderResult(records, classes, members.skipped, {"root": str(members.root), **params})
+
+
+# ----------------------------------------------------------------------------- folder
+
+def read_folder(root: PathLike, categories: Union[None, str, Sequence[str]] = None,
+                split_ratios: Ratios = DEFAULT_RATIOS, seed: int = 42,
+                lexicon: Union[None, PathLike, Lexicon] = None) -> ReaderResult:
+    """A folder per category (FI, Flickr, Instagram); folder names match case-insensitively.
+
+    ``root/train``, ``root/val`` (or ``valid`` / ``validation``) and ``root/test`` are used
+    as the split when present; otherwise a seeded split stratified by category.
+    ``categories``: a list of names, a built-in set name ("FI", "Flickr", ...), or None to
+    take the (lower-cased, sorted) folder names. VA is the lexicon anchor of the category.
+    """
+    members = _Members(root)
+    lexicon = _as_lexicon(lexicon)
+    split_roots = _split_folders(members.root)
+    folders = {split: _category_folders(folder) for split, folder in split_roots.items()}
+    on_disk = sorted({name for by_name in folders.values() for name in by_name})
+    if not on_disk:
+        raise ValueError(f"{members.root}: no category folders")
+    classes = on_disk if categories is None else resolve_categories(categories)
+    unknown = [by_name[name] for by_name in folders.values() for name in by_name if name not in classes]
+    if unknown:
+        raise ValueError(f"{unknown[0]}: folder is not one of the categories {classes}")
+    absent = [name for name in classes if name not in on_disk]
+    if absent:
+        raise ValueError(f"{members.root}: no folder for categor{'y' if len(absent) == 1 else 'ies'} "
+                         f"{', '.join(absent)}")
+    anchors = lexicon.va_many(classes)
+
+    records = []
+    for split, by_name in folders.items():
+        for name, folder in by_name.items():
+            label = classes.index(name)
+            for file in _image_files(folder):
+                rel = members.get(file.relative_to(members.root).as_posix())
+                if rel is not None:
+                    records.append(Record(rel, split or "", label=label, valence=float(anchors[label, 0]),
+                                          arousal=float(anchors[label, 1]), va_source="lexicon", group=name))
+    if None in split_roots:
+        _assign_splits(records, lambda record: record.label, split_ratios, seed)
+    return _result(records, classes, members, layout="folder", categories=classes,
+                   split_ratios=list(split_ratios), seed=seed, lexicon=lexicon.source,
+                   split_source="seeded" if None in split_roots else "folders")
+
+
+def _split_folders(root: Path) -> dict[Optional[str], Path]:
+    """{split: folder} from ``train/ val/ test/`` folders, or {None: root} when there are none."""
+    by_lower = {p.name.lower(): p for p in _visible_dirs(root)}
+    found = {split: next((by_lower[n] for n in names if n in by_lower), None)
+             for split, names in SPLIT_FOLDER_NAMES.items()}
+    present = [split for split, folder in found.items() if folder is not None]
+    if not present:
+        return {None: root}
+    if len(present) < len(SPLITS):
+        missing = [" or ".join(SPLIT_FOLDER_NAMES[s]) for s in SPLITS if found[s] is None]
+        raise ValueError(f"{root}: has split folder(s) {', '.join(present)} but no {'; no '.join(missing)} "
+                         "folder; provide all three or none (then a seeded split is made)")
+    return found
+
+
+def _category_folders(folder: Path) -> dict[str, Path]:
+    """{lower-cased name: folder} of the category folders inside ``folder``."""
+    by_name: dict[str, Path] = {}
+    for path in _visible_dirs(folder):
+        name = path.name.lower()
+        if name in by_name:
+            raise ValueError(f"{path}: folder name repeats {by_name[name].name} case-insensitively")
+        by_name[name] = path
+    return by_name
+
+
+# ----------------------------------------------------------------------------- label distributions
+
+IMAGE_COLUMN_NAMES = ("image", "img", "name", "filename", "file_name", "file", "image_name")
+TABLE_EXTENSIONS = (".csv", ".tsv", ".txt")
+
+
+def read_ldl(root: PathLike, table: Optional[PathLike] = None, images_dir: Optional[PathLike] = None,
+             categories: Union[str, Sequence[str]] = "FI", split_ratios: Ratios = DEFAULT_RATIOS,
+             seed: int = 42, lexicon: Union[None, PathLike, Lexicon] = None) -> ReaderResult:
+    """A label-distribution table (FlickrLDL, TwitterLDL): image name + votes over the categories.
+
+    ``table``: the CSV/TSV (delimiter sniffed), default the single ``*.csv|*.tsv|*.txt`` in
+    ``root``. A header names the columns (matched case-insensitively; the image column is
+    one named image/img/name/filename, else the first); without one, rows are
+    ``name, one count per category in order``. Votes may be counts or probabilities:
+    label_dist is their normalisation, label the argmax, VA the distribution-weighted
+    mean of the lexicon anchors. Images live in ``images_dir`` (relative to ``root``),
+    default ``root/images`` if it exists, else ``root``.
+    """
+    members = _Members(root)
+    lexicon = _as_lexicon(lexicon)
+    classes = resolve_categories(categories)
+    anchors = lexicon.va_many(classes)
+    table_path = _find_table(members.root) if table is None else members.root / table
+    if images_dir is None:
+        images_dir = "images" if (members.root / "images").is_dir() else "."
+    images_rel = _inside(members.root, images_dir, "images_dir").relative_to(members.root).as_posix()
+    images_rel = "" if images_rel == "." else images_rel
+
+    rows = read_table(table_path)
+    if not rows:
+        raise ValueError(f"{table_path}: the table is empty")
+    image_col, vote_cols, rows = _ldl_columns(table_path, rows, classes)
+    records = []
+    for lineno, fields in rows:
+        where = f"{table_path}:{lineno}"
+        if len(fields) <= max(image_col, *vote_cols):
+            raise ValueError(f"{where}: expected at least {max(image_col, *vote_cols) + 1} fields, got {len(fields)}")
+        votes = [parse_number(fields[col], f"{where}: vote for {name}") for col, name in zip(vote_cols, classes)]
+        dist = normalize_dist(votes, where)
+        rel = members.get(images_rel, fields[image_col])
+        if rel is not None:
+            v, a = dist @ anchors
+            records.append(Record(rel, "", label=int(np.argmax(dist)), label_dist=dist.tolist(),
+                                  valence=float(v), arousal=float(a), va_source="lexicon",
+                                  group=classes[int(np.argmax(dist))]))
+    _assign_splits(records, lambda record: record.label, split_ratios, seed)
+    return _result(records, classes, members, layout="ldl", table=str(table_path), images_dir=images_rel,
+                   categories=classes, split_ratios=list(split_ratios), seed=seed, lexicon=lexicon.source)
+
+
+def _find_table(root: Path) -> Path:
+    tables = sorted(p for p in root.iterdir()
+                    if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in TABLE_EXTENSIONS)
+    if len(tables) != 1:
+        found = ", ".join(p.name for p in tables) or "none"
+        raise ValueError(f"{root}: expected exactly one *.csv/*.tsv/*.txt label table, found {found}; "
+                         "pass table=")
+    return tables[0]
+
+
+def _ldl_columns(path: Path, rows: list[tuple[int, list[str]]],
+                 classes: list[str]) -> tuple[int, list[int], list[tuple[int, list[str]]]]:
+    """(image column, vote column per class, data rows) from the header if there is one."""
+    lineno, first = rows[0]
+    if has_header(rows):
+        header = [field.lower() for field in first]
+        image_col = next((header.index(n) for n in IMAGE_COLUMN_NAMES if n in header), 0)
+        missing = [name for name in classes if name not in header]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: no column for {', '.join(missing)} in header {first}")
+        return image_col, [header.index(name) for name in classes], rows[1:]
+    return 0, list(range(1, len(classes) + 1)), rows
+
+
+# ----------------------------------------------------------------------------- Emotion6
+
+EMOTION6_TABLE = "ground_truth.txt"
+EMOTION6_CLASSES = CATEGORY_SETS["Emotion6"]
+
+
+def read_emotion6(root: PathLike, split_ratios: Ratios = DEFAULT_RATIOS, seed: int = 42) -> ReaderResult:
+    """Cornell Emotion6: ``ground_truth.txt`` rows ``<emotion>/<n>.jpg  V  A  p1..p7``.
+
+    Valence and arousal are SAM ratings (1..9), converted to the canonical scale
+    (va_source "measured"); label_dist is the 7 probabilities (anger, disgust, fear, joy,
+    sadness, surprise, neutral) normalised, label their argmax, group the image's folder.
+    Emotion6 has no official split: a seeded split stratified by folder is made.
+    """
+    members = _Members(root)
+    path = members.root / EMOTION6_TABLE
+    rows = read_table(path)
+    if has_header(rows):
+        rows = rows[1:]  # "[image_filename]  [valence]  [arousal]  [prob. anger] ..."
+    n_fields = 3 + len(EMOTION6_CLASSES)
+    records = []
+    for lineno, fields in rows:
+        where = f"{path}:{lineno}"
+        if len(fields) != n_fields:
+            raise ValueError(f"{where}: expected {n_fields} fields (image, valence, arousal, "
+                             f"{len(EMOTION6_CLASSES)} probabilities), got {len(fields)}")
+        valence, arousal = parse_va(fields[1:3], where, (1.0, 9.0), "the SAM scale")
+        dist = normalize_dist([parse_number(text, f"{where}: probability") for text in fields[3:]], where)
+        rel = members.get("images", fields[0])
+        if rel is not None:
+            folder = PurePosixPath(rel).parts[1] if len(PurePosixPath(rel).parts) > 2 else ""
+            records.append(Record(rel, "", label=int(np.argmax(dist)), label_dist=dist.tolist(),
+                                  valence=float(sam_to_canonical(valence)),
+                                  arousal=float(sam_to_canonical(arousal)), va_source="measured", group=folder))
+    _assign_splits(records, lambda record: record.group, split_ratios, seed)
+    return _result(records, list(EMOTION6_CLASSES), members, layout="emotion6",
+                   split_ratios=list(split_ratios), seed=seed)
+
+
+# ----------------------------------------------------------------------------- SER30K
+
+SER30K_ANNOTATIONS = ("Annotations", "image-level")
+SER30K_CLASSES = CATEGORY_SETS["SER30K"]
+
+
+def read_ser30k(root: PathLike, lexicon: Union[None, PathLike, Lexicon] = None) -> ReaderResult:
+    """SER30K stickers: ``Annotations/image-level/{train,val,test}.json`` + ``Images/<topic>/<file>``.
+
+    Each json is ``{"annotations": [{"topic", "file_name", "text", "anno1", "anno2",
+    "anno3", "anno"}], "categories": optional}`` with ``anno`` in 1..C (label = anno - 1).
+    Classes come from ``categories`` (names, or {"id", "name"} dicts ordered by id) when
+    present, else the 7 SER30K emotions. VA is the lexicon anchor of the class
+    (happiness -> joy); text is the sticker's embedded text; group its topic.
+    """
+    members = _Members(root)
+    lexicon = _as_lexicon(lexicon)
+    documents = {split: _load_json(members.root.joinpath(*SER30K_ANNOTATIONS, f"{split}.json")) for split in SPLITS}
+    classes = _ser30k_classes(documents)
+    anchors = lexicon.va_many(classes)
+    records = []
+    for split, (path, document) in documents.items():
+        annotations = document.get("annotations")
+        if not isinstance(annotations, list):
+            raise ValueError(f"{path}: expected an 'annotations' list")
+        for index, entry in enumerate(annotations):
+            where = f"{path}: annotation #{index}"
+            if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("topic", "file_name")):
+                raise ValueError(f"{where}: needs string fields 'topic' and 'file_name'")
+            anno = entry.get("anno")
+            if isinstance(anno, str) and anno.strip().isdigit():
+                anno = int(anno)
+            if isinstance(anno, bool) or not isinstance(anno, int) or not 1 <= anno <= len(classes):
+                raise ValueError(f"{where}: anno {anno!r} is not in 1..{len(classes)}")
+            rel = members.get("Images", entry["topic"], entry["file_name"])
+            if rel is not None:
+                label = anno - 1
+                records.append(Record(rel, split, label=label, valence=float(anchors[label, 0]),
+                                      arousal=float(anchors[label, 1]), va_source="lexicon",
+                                      text=str(entry.get("text") or ""), group=entry["topic"]))
+    return _result(records, classes, members, layout="ser30k", categories=classes, lexicon=lexicon.source)
+
+
+def _load_json(path: Path) -> tuple[Path, dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: SER30K split file is missing (train.json, val.json and test.json "
+                                "are all required)")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: expected a JSON object with an 'annotations' list")
+    return path, document
+
+
+def _ser30k_classes(documents: dict[str, tuple[Path, dict]]) -> list[str]:
+    """Class names from the first json with a ``categories`` field (all that have one must agree)."""
+    found: list[tuple[Path, list[str]]] = []
+    for path, document in documents.values():
+        categories = document.get("categories")
+        if categories is None:
+            continue
+        if isinstance(categories, list) and all(isinstance(c, str) for c in categories):
+            names = categories
+        elif isinstance(categories, list) and all(isinstance(c, dict) and "name" in c and "id" in c
+                                                  for c in categories):
+            names = [c["name"] for c in sorted(categories, key=lambda c: c["id"])]
+        else:
+            raise ValueError(f"{path}: 'categories' must be a list of names or of {{'id', 'name'}} objects")
+        found.append((path, resolve_categories(names)))
+    if any(names != found[0][1] for _, names in found):
+        raise ValueError(f"{found[0][0]}: 'categories' differ between the split files")
+    return found[0][1] if found else list(SER30K_CLASSES)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+READERS: dict[str, Callable[..., ReaderResult]] = {
+    "folder": read_folder,
+    "ldl": read_ldl,
+    "emotion6": read_emotion6,
+    "ser30k": read_ser30k,
+}
+LAYOUTS = tuple(READERS)
+
+
+def reader_options(layout: str) -> list[str]:
+    """The options the reader of ``layout`` takes (besides the root)."""
+    if layout not in READERS:
+        raise ValueError(f"unknown dataset layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    return list(inspect.signature(READERS[layout]).parameters)[1:]
+
+
+def read_dataset(layout: str, root: PathLike, **options) -> ReaderResult:
+    """Read the dataset at ``root`` with the reader of ``layout`` (one of :data:`LAYOUTS`)."""
+    accepted = reader_options(layout)
+    reader = READERS[layout]
+    extra = sorted(set(options) - set(accepted))
+    if extra:
+        raise ValueError(f"layout {layout!r} does not take {', '.join(extra)}; it takes {', '.join(accepted)}")
+    return reader(root, **options)

@@ -1,0 +1,285 @@
+"""Reading ingested shards for training: with Ray Data, or with plain pyarrow + PyTorch.
+
+What a trainer needs from the output of :mod:`datasets_io.ingest`:
+
+* :func:`load_split` -> a ``ray.data.Dataset`` of one split;
+* :class:`ImageTransform` -> ``ds.map_batches(ImageTransform(...), batch_format="numpy")``
+  turns JPEG bytes + nullable targets into fixed-shape arrays with presence masks;
+* :func:`iter_local_batches` -> the same batches without Ray (tests, benchmarks, a plain loop).
+
+The format itself (:data:`~datasets_io.ingest.SHARD_SCHEMA`, the manifest) is defined by
+the writer, :mod:`datasets_io.ingest`.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import random
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from datasets_io.ingest import SHARD_SCHEMA, read_manifest
+from datasets_io.records import SPLITS
+
+if TYPE_CHECKING:
+    import ray.data
+    import torch
+
+__all__ = ["load_split", "split_folder", "ImageTransform", "to_tensors", "iter_local_batches",
+           "numpy_batch", "AUGMENTATIONS"]
+
+AUGMENTATIONS = ("basic", "randaugment", "none")
+RANDAUGMENT_POLICY = "rand-m9-mstd0.5"
+
+
+# ----------------------------------------------------------------------------- the output folder
+
+def split_folder(out: str | os.PathLike, split: str) -> Path:
+    """``<out>/<split>`` of a complete ingest; clear errors for a bad split or folder."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    read_manifest(out)
+    folder = Path(out) / split
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: split folder is missing from the ingest output")
+    return folder
+
+
+def load_split(out: str | os.PathLike, split: str, *,
+               columns: Optional[Sequence[str]] = None) -> "ray.data.Dataset":
+    """The Parquet shards of one split as a (lazy) Ray Dataset."""
+    import ray.data
+
+    folder = split_folder(out, split)
+    return ray.data.read_parquet(str(folder), columns=list(columns) if columns else None,
+                                 file_extensions=["parquet"])
+
+
+# ----------------------------------------------------------------------------- transform
+
+class ImageTransform:
+    """Decode + augment + normalise a batch of shard rows into fixed-shape numpy arrays.
+
+    For ``ds.map_batches(ImageTransform(...), batch_format="numpy")`` and for
+    :func:`iter_local_batches`. Output keys: ``image`` float32 (N, 3, S, S), ``label``
+    int64 (-1 = none) + ``has_label``, ``label_dist`` float32 (N, num_classes), zeros
+    where null, + ``has_dist``, ``valence`` / ``arousal`` float32, 0 where null, +
+    ``has_va``, and ``text`` (object array of str) only when ``keep_text``. String and
+    bytes columns are dropped otherwise, so ``iter_torch_batches`` can tensorise all.
+
+    Train: ``basic`` = RandomResizedCrop(scale=(0.5, 1)) + horizontal flip;
+    ``randaugment`` adds timm's ``rand-m9-mstd0.5`` on top; ``none`` = the eval path.
+    Eval: resize the shorter side to ``floor(S / 0.875)`` (timm's crop_pct), centre crop S.
+
+    Randomness: each image draws from its own ``np.random.default_rng``. With ``seed``
+    it is seeded by ``(seed, crc32(image_id))``, so results do not depend on batching or
+    on the worker; pass ``seed + epoch`` to vary augmentations across epochs. Without a
+    seed, fresh OS entropy per batch (so the pickled copies on Ray workers differ).
+    """
+
+    def __init__(self, image_size: int, train: bool, num_classes: int, augment: str = "basic",
+                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                 seed: Optional[int] = None, keep_text: bool = False) -> None:
+        """``mean`` / ``std`` default to timm's ImageNet values (imported here, not at module
+        import, so Ray workers running the eval/basic path never import torch)."""
+        from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        from timm.data.auto_augment import rand_augment_transform
+
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"unknown augment {augment!r}; expected one of {AUGMENTATIONS}")
+        if image_size < 1 or num_classes < 1:
+            raise ValueError(f"image_size and num_classes must be >= 1, got {image_size}, {num_classes}")
+        self.image_size = int(image_size)
+        self.train = bool(train)
+        self.num_classes = int(num_classes)
+        self.augment = augment if train else "none"
+        mean = IMAGENET_DEFAULT_MEAN if mean is None else mean
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+        self.std = np.asarray(IMAGENET_DEFAULT_STD if std is None else std, dtype=np.float32).reshape(1, 3, 1, 1)
+        self.crop_pct = DEFAULT_CROP_PCT
+        self.seed = seed
+        self.keep_text = keep_text
+        self._randaugment = None
+        if self.augment == "randaugment":
+            hparams = {"translate_const": int(self.image_size * 0.45),
+                       "img_mean": tuple(round(255 * m) for m in mean)}
+            self._randaugment = rand_augment_transform(RANDAUGMENT_POLICY, hparams)
+
+    def __repr__(self) -> str:
+        return (f"ImageTransform(image_size={self.image_size}, train={self.train}, "
+                f"num_classes={self.num_classes}, augment={self.augment!r}, seed={self.seed})")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = batch["image"]
+        n = len(images)
+        ids = batch.get("image_id")
+        batch_rng = np.random.default_rng() if self.seed is None else None
+        pixels = np.empty((n, self.image_size, self.image_size, 3), dtype=np.uint8)
+        for i, data in enumerate(images):
+            if data is None:
+                raise ValueError("ImageTransform: a row has no image bytes (not an ingest shard?)")
+            key = str(ids[i]) if ids is not None else str(i)
+            rng = batch_rng if batch_rng is not None else np.random.default_rng(
+                [self.seed, zlib.crc32(key.encode("utf-8"))])
+            pixels[i] = self._one(bytes(data), rng)
+        out = {"image": self._normalise(pixels)}
+        out.update(_targets(batch, n, self.num_classes))
+        if self.keep_text:
+            text = batch.get("text")
+            texts = [""] * n if text is None else ["" if t is None else str(t) for t in text]
+            out["text"] = np.array(texts, dtype=object)
+        return out
+
+    def _one(self, data: bytes, rng: np.random.Generator) -> np.ndarray:
+        """One image: decode, geometric transform (+ RandAugment), as HxWx3 uint8."""
+        size = self.image_size
+        with Image.open(io.BytesIO(data)) as img:
+            if self.augment == "none":
+                short = math.floor(size / self.crop_pct)
+                img.draft("RGB", (short, short))  # JPEG: decode at a reduced scale when possible
+                img = _resize_center_crop(img.convert("RGB"), short, size)
+            else:
+                img = img.convert("RGB")
+                box = _random_resized_crop_box(img.size, rng)
+                img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+                if rng.random() < 0.5:
+                    img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                if self._randaugment is not None:
+                    with _global_random_seeded(int(rng.integers(2**31))):
+                        img = self._randaugment(img)
+        return np.asarray(img, dtype=np.uint8)
+
+    def _normalise(self, pixels: np.ndarray) -> np.ndarray:
+        images = pixels.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        return np.ascontiguousarray((images - self.mean) / self.std, dtype=np.float32)
+
+
+def _targets(batch: dict[str, Any], n: int, num_classes: int) -> dict[str, np.ndarray]:
+    """Labels, distributions and VA as dense arrays with presence masks (absent column = none)."""
+    label = batch.get("label")
+    label = np.full(n, -1, np.int64) if label is None else np.array(label, dtype=np.int64)
+    dist = np.zeros((n, num_classes), dtype=np.float32)
+    has_dist = np.zeros(n, dtype=bool)
+    for i, row in enumerate(batch.get("label_dist", [None] * n)):
+        if row is None:
+            continue
+        row = np.asarray(row, dtype=np.float32)
+        if row.shape != (num_classes,):
+            raise ValueError(f"label_dist has {row.size} values, ImageTransform expects num_classes={num_classes}")
+        dist[i], has_dist[i] = row, True
+    valence, has_v = _optional_floats(batch.get("valence"), n)
+    arousal, has_a = _optional_floats(batch.get("arousal"), n)
+    return {"label": label, "has_label": label >= 0, "label_dist": dist, "has_dist": has_dist,
+            "valence": valence, "arousal": arousal, "has_va": has_v & has_a}
+
+
+def _optional_floats(values: Optional[Sequence], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values with nulls as 0, presence mask); nulls arrive as None or NaN."""
+    if values is None:
+        return np.zeros(n, np.float32), np.zeros(n, bool)
+    array = np.array([np.nan if v is None else v for v in values], dtype=np.float32)
+    present = ~np.isnan(array)
+    return np.where(present, array, 0.0).astype(np.float32), present
+
+
+def _random_resized_crop_box(size: tuple[int, int], rng: np.random.Generator,
+                             scale: tuple[float, float] = (0.5, 1.0),
+                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop sampling, from ``rng``; returns a PIL box (l, t, r, b)."""
+    width, height = size
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return left, top, left + w, top + h
+    # Fallback: the largest centred crop whose aspect is within ``ratio``.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def _resize_center_crop(img: Image.Image, short: int, size: int) -> Image.Image:
+    """Resize the shorter side to ``short`` (aspect kept), then take the centred size x size."""
+    width, height = img.size
+    scale = short / min(width, height)
+    resized = (max(size, round(width * scale)), max(size, round(height * scale)))
+    img = img.resize(resized, Image.Resampling.BICUBIC)
+    left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+@contextmanager
+def _global_random_seeded(seed: int) -> Iterator[None]:
+    """Seed ``random`` and ``np.random`` (timm's RandAugment draws from them), then restore."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+# ----------------------------------------------------------------------------- without Ray
+
+def to_tensors(batch: dict[str, np.ndarray]) -> dict[str, "torch.Tensor | list[str]"]:
+    """Numeric/bool arrays -> ``torch.Tensor``; ``text`` (object arrays) -> a list of str.
+
+    Writable contiguous arrays are shared, read-only ones (e.g. from Arrow) copied.
+    """
+    import torch
+
+    return {key: value.tolist() if value.dtype == object else torch.from_numpy(_writable(value))
+            for key, value in batch.items()}
+
+
+def _writable(array: np.ndarray) -> np.ndarray:
+    array = np.ascontiguousarray(array)
+    return array if array.flags.writeable else array.copy()
+
+
+def iter_local_batches(out: str | os.PathLike, split: str, transform: ImageTransform,
+                       batch_size: int = 32, shuffle: bool = False,
+                       seed: Optional[int] = None) -> Iterator[dict[str, Any]]:
+    """Transformed tensor batches of one split, read with pyarrow (no Ray).
+
+    The split's Parquet files are read into memory (JPEG bytes, as stored), ordered as
+    the files are (sorted by name) or permuted with ``np.random.default_rng(seed)``; the
+    last batch may be smaller.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    folder = split_folder(out, split)
+    files = sorted(folder.glob("*.parquet"))
+    table = pa.concat_tables([pq.read_table(f, schema=SHARD_SCHEMA) for f in files]) if files \
+        else SHARD_SCHEMA.empty_table()
+    order = np.random.default_rng(seed).permutation(table.num_rows) if shuffle else np.arange(table.num_rows)
+    for start in range(0, len(order), batch_size):
+        rows = table.take(pa.array(order[start:start + batch_size]))
+        yield to_tensors(transform(numpy_batch(rows)))
+
+
+def numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:
+    """A pyarrow table as the dict of numpy columns that ``batch_format="numpy"`` gives."""
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}

@@ -1,0 +1,165 @@
+"""The valence-arousal regressor of the two-stage paper: a timm backbone with a VA head.
+
+Stage one trains it on a categorical set (``task="multi"``: VA + category logits, VA targets from
+the lexicon anchors); stage two fine-tunes it on a dimensional set with the early layers frozen
+(the paper trains only the last ResNet stage and the heads). Any timm model name works as the
+backbone; stages are found from timm's ``feature_info`` so freezing is not resnet-specific.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import timm
+import torch
+import torch.nn as nn
+
+from emotion_models.registry import register_model
+from emotion_models.weights import load_weights
+
+__all__ = ["VARegressor", "build_va", "backbone_stages"]
+
+FreezeSpec = Union[int, str, None]
+TASKS = ("single", "multi")
+
+
+def backbone_stages(backbone: nn.Module) -> list[str]:
+    """Module names of the backbone's stages, in order, from timm's ``feature_info``.
+
+    ``feature_info`` also lists stem outputs (resnet ``act1``, regnet ``stem``) and final norms
+    (densenet ``norm5``); a stage is an entry that holds blocks, i.e. whose parameters sit at
+    least two modules deep, and is not named ``stem``. Models where no entry qualifies (vgg)
+    fall back to every ``feature_info`` entry.
+    """
+    entries = [info["module"] for info in getattr(backbone, "feature_info", [])]
+    if not entries:
+        raise ValueError(f"{type(backbone).__name__} has no timm feature_info; freeze by module name instead")
+
+    def is_stage(name: str) -> bool:
+        if name.rsplit(".", 1)[-1].startswith("stem"):
+            return False
+        return any(p.count(".") >= 2 for p, _ in backbone.get_submodule(name).named_parameters())
+
+    return [name for name in entries if is_stage(name)] or entries
+
+
+def _freeze_end(backbone: nn.Module, names: list[str], until: Union[int, str]) -> int:
+    """Index into ``names`` (``named_modules`` order) of the last module to freeze."""
+    stages = backbone_stages(backbone)
+    if until == "all_but_last":
+        until = len(stages) - 1
+    if isinstance(until, bool) or not isinstance(until, (int, str)):
+        raise TypeError(f"freeze: expected an int, a module name or 'all_but_last', got {until!r}")
+    if isinstance(until, int):
+        if not 0 <= until <= len(stages):
+            raise ValueError(f"freeze: {until} stages requested, the backbone has {len(stages)} ({', '.join(stages)})")
+        if until == 0:  # the stem: everything registered before the first stage
+            return names.index(stages[0]) - 1
+        until = stages[until - 1]
+    if not until or until not in names:
+        raise ValueError(f"freeze: unknown stage {until!r}; valid: {', '.join(stages)}, 'all_but_last', "
+                         f"0..{len(stages)} or any module name of the backbone")
+    return max(i for i, n in enumerate(names) if n == until or n.startswith(until + "."))
+
+
+class VARegressor(nn.Module):
+    """Pooled backbone features → ``{"va": (N, 2)}`` (+ ``"logits": (N, num_classes)`` if multi-task).
+
+    ``bounded=True`` squashes VA with tanh onto the project's canonical [-1, 1] scale. The
+    output is a dict so that every model goes through the same training loop.
+    """
+
+    def __init__(self, backbone: nn.Module, task: str = "single", num_classes: int = 8,
+                 bounded: bool = True, drop_rate: float = 0.0) -> None:
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if task == "multi" and num_classes < 1:
+            raise ValueError(f"task 'multi' needs num_classes >= 1, got {num_classes}")
+        self.task = task
+        self.num_classes = num_classes
+        self.bounded = bounded
+        self.backbone = backbone
+        num_features = backbone.num_features
+        self.head_drop = nn.Dropout(drop_rate)
+        self.va_head = nn.Linear(num_features, 2)
+        self.cls_head = nn.Linear(num_features, num_classes) if task == "multi" else None
+        self._frozen: list[str] = []  # backbone modules held in eval mode (see freeze)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features, (N, num_features)."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.head_drop(self.forward_features(x))
+        va = self.va_head(features)
+        out = {"va": torch.tanh(va) if self.bounded else va}
+        if self.cls_head is not None:
+            out["logits"] = self.cls_head(features)
+        return out
+
+    def freeze(self, until: FreezeSpec) -> "VARegressor":
+        """Freeze the backbone up to and including ``until``; the rest and the heads stay trainable.
+
+        ``until``: an int n (the stem and the first n stages; 0 = stem only), a stage or any
+        backbone module name (``"layer3"``: everything registered up to the end of it), or
+        ``"all_but_last"`` (stem + every stage but the last). ``None`` unfreezes everything.
+        Frozen parameters get ``requires_grad=False`` and fully frozen modules stay in eval mode
+        through :meth:`train`, so their BatchNorm statistics do not move. Module registration
+        order is taken as execution order, which holds for timm's models.
+        """
+        for p in self.parameters():
+            p.requires_grad_(True)
+        self._frozen = []
+        if until is not None:
+            modules = list(self.backbone.named_modules())
+            names = [n for n, _ in modules]
+            end = _freeze_end(self.backbone, names, until)
+            # Containers of anything after the cut (the root, "stages") are only partly frozen:
+            # their own direct parameters (a ViT's pos_embed) count as stem, their children decide.
+            holders = {".".join(n.split(".")[:k]) for n in names[end + 1:] for k in range(n.count(".") + 1)}
+            for name, module in modules[:end + 1]:
+                if name in holders:
+                    for p in module.parameters(recurse=False):
+                        p.requires_grad_(False)
+                elif not any(name.startswith(f + ".") for f in self._frozen):
+                    module.requires_grad_(False)
+                    self._frozen.append(name)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> "VARegressor":
+        super().train(mode)
+        for name in self._frozen:
+            self.backbone.get_submodule(name).eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimiser should get (those not frozen)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+@register_model("va")
+def build_va(
+    backbone: str = "resnet101",
+    task: str = "single",
+    num_classes: int = 8,
+    bounded: bool = True,
+    freeze_until: FreezeSpec = None,
+    weights: Optional[str] = None,
+    drop_rate: float = 0.0,
+    **timm_kwargs,
+) -> VARegressor:
+    """Build the VA regressor on any timm backbone (never downloads; ``weights`` is a local file).
+
+    ``weights`` is a backbone state dict (timm / torchvision style, DDP or Lightning prefixes
+    allowed); a classifier checkpoint's head keys are reported as unexpected and ignored.
+    Extra keyword arguments go to ``timm.create_model`` (e.g. ``drop_path_rate``).
+    """
+    if not timm.is_model(backbone):
+        raise ValueError(f"unknown timm backbone {backbone!r}")
+    net = timm.create_model(backbone, pretrained=False, num_classes=0, global_pool="avg", **timm_kwargs)
+    model = VARegressor(net, task=task, num_classes=num_classes, bounded=bounded, drop_rate=drop_rate)
+    if weights:
+        load_weights(model.backbone, weights)
+    if freeze_until is not None:
+        model.freeze(freeze_until)
+    return model

@@ -1,0 +1,368 @@
+"""The one training core: plain PyTorch, no Ray, no MLflow.
+
+Shaped like torchvision's ``references/classification/train.py``: ``train_one_epoch`` and
+``evaluate`` over any iterable of batches, plus the bookkeeping a run needs to stop early and
+to resume exactly where it was (``TrainState``). Both pipelines, the Ray Train glue
+(:mod:`pipelines.train_loop`) and the benchmarks call these functions; nothing here knows where
+the batches come from (Ray Data shards or a local Parquet reader).
+
+A batch is a ``dict[str, Tensor]``; what a model takes from it, and how its outputs are scored,
+is the job of an *objective* (:mod:`pipelines.objectives`).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Optional, Protocol
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from emotion_models.metrics import Accumulator
+
+
+class Objective(Protocol):
+    """What differs between pipelines: model inputs, loss, and metrics."""
+
+    def inputs(self, batch: dict[str, torch.Tensor]) -> tuple[tuple, dict]: ...
+
+    def loss(self, outputs: dict, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]: ...
+
+    def collect(self, acc: Accumulator, outputs: dict, batch: dict[str, torch.Tensor]) -> None: ...
+
+    def metrics(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]: ...
+
+
+@dataclass
+class Precision:
+    """Where and how the math runs: bf16 autocast and channels_last on GPU, fp32 on CPU."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp_dtype: Optional[torch.dtype] = None
+    channels_last: bool = False
+
+    @classmethod
+    def for_device(cls, device: torch.device | str, amp: Optional[bool] = None) -> "Precision":
+        device = torch.device(device)
+        on_gpu = device.type == "cuda"
+        use_amp = on_gpu if amp is None else amp
+        return cls(device=device, amp_dtype=torch.bfloat16 if use_amp else None, channels_last=on_gpu)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(self.device, non_blocking=True)
+                if key == "image" and self.channels_last:
+                    value = value.contiguous(memory_format=torch.channels_last)
+            out[key] = value
+        return out
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    objective: Objective,
+    precision: Precision,
+    *,
+    grad_clip: Optional[float] = None,
+    log_every: int = 0,
+    log: Callable[[str], None] = print,
+    on_batch: Optional[Callable[[int], None]] = None,
+) -> dict[str, float]:
+    """One pass over ``batches``; returns the sample-weighted mean of the loss parts."""
+    model.train()
+    totals: dict[str, float] = {}
+    seen = 0
+    start = time.perf_counter()
+    for step, batch in enumerate(batches):
+        if on_batch is not None:
+            on_batch(step)
+        batch = precision.to_device(batch)
+        args, kwargs = objective.inputs(batch)
+        with precision.autocast():
+            outputs = model(*args, **kwargs)
+        loss, parts = objective.loss(_float_outputs(outputs), batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}; parts {parts}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        n = int(batch["image"].shape[0])
+        seen += n
+        for key, value in parts.items():
+            if key.startswith("n_"):
+                totals[key] = totals.get(key, 0.0) + float(value)
+            else:
+                totals[key] = totals.get(key, 0.0) + float(value) * n
+        if log_every and (step + 1) % log_every == 0:
+            log(f"  step {step + 1}: loss {parts.get('loss', float(loss)):.4f}")
+    elapsed = time.perf_counter() - start
+    means = {k: (v if k.startswith("n_") else v / max(seen, 1)) for k, v in totals.items()}
+    means["samples"] = float(seen)
+    means["samples_per_s"] = seen / elapsed if elapsed > 0 else 0.0
+    return means
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    objective: Objective,
+    precision: Precision,
+) -> dict[str, np.ndarray]:
+    """Run ``model`` over every batch and return the objective's accumulated arrays.
+
+    Under DDP every rank passes its own shard; the arrays are gathered from all ranks before
+    they are returned, so metrics are computed on the whole split, not averaged per batch.
+    """
+    model.eval()
+    acc = Accumulator()
+    for batch in batches:
+        batch = precision.to_device(batch)
+        args, kwargs = objective.inputs(batch)
+        with precision.autocast():
+            outputs = model(*args, **kwargs)
+        objective.collect(acc, _float_outputs(outputs), batch)
+    return acc.gather()
+
+
+def evaluate(model, batches, objective, precision) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Predictions over a split, then the objective's metrics on all of them."""
+    arrays = predict(model, batches, objective, precision)
+    return objective.metrics(arrays), arrays
+
+
+def _float_outputs(outputs: dict) -> dict:
+    # Losses and metrics are computed in fp32 even when the forward ran under bf16 autocast.
+    return {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            for k, v in outputs.items()}
+
+
+@dataclass
+class EarlyStopping:
+    """Patience on a validation metric; remembers the best epoch, never forgets it."""
+
+    patience: int
+    mode: str = "max"
+    best: Optional[float] = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+    def __post_init__(self):
+        if self.mode not in ("max", "min"):
+            raise ValueError(f"early-stopping mode must be 'max' or 'min', not {self.mode!r}")
+
+    def step(self, value: float, epoch: int) -> bool:
+        """Record ``value`` for ``epoch``; returns True when it is the best so far."""
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            improved = False
+        elif self.best is None:
+            improved = True
+        else:
+            improved = value > self.best if self.mode == "max" else value < self.best
+        if improved:
+            self.best, self.best_epoch, self.bad_epochs = float(value), epoch, 0
+        else:
+            self.bad_epochs += 1
+        return improved
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def build_optimizer(params, name: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.0,
+                    momentum: float = 0.9) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters: every layer is frozen")
+    name = name.lower()
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True)
+    raise ValueError(f"unknown optimizer {name!r}; known: adamw, adam, sgd")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: int = 0,
+                    name: str = "cosine", min_lr_ratio: float = 0.01):
+    """A per-epoch schedule (call ``.step()`` once per epoch): linear warm-up, then cosine or constant."""
+
+    def factor(epoch: int) -> float:
+        if warmup_epochs and epoch < warmup_epochs:
+            return (epoch + 1) / (warmup_epochs + 1)
+        if name == "constant":
+            return 1.0
+        span = max(epochs - warmup_epochs, 1)
+        progress = min((epoch - warmup_epochs) / span, 1.0)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    if name not in ("cosine", "constant"):
+        raise ValueError(f"unknown scheduler {name!r}; known: cosine, constant")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch RNG states in a form ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+
+
+@dataclass
+class TrainState:
+    """Everything needed to continue a run as if it had never stopped."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    early_stopping: EarlyStopping
+    epoch: int = 0                        # the next epoch to run
+    history: list = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "early_stopping": self.early_stopping.state_dict(),
+            "epoch": self.epoch,
+            "history": self.history,
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.early_stopping.load_state_dict(state["early_stopping"])
+        self.epoch = int(state["epoch"])
+        self.history = list(state["history"])
+        set_rng_state(state["rng"])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel wrappers."""
+    return model.module if hasattr(model, "module") else model
+
+
+def save_checkpoint(path, payload: dict) -> None:
+    """Write atomically: a crash never leaves a half-written file under ``path``."""
+    import os
+
+    tmp = f"{path}.tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train: dict
+    val: dict
+    improved: bool
+    lr: float
+    seconds: float
+
+
+def fit(
+    state: TrainState,
+    objective: Objective,
+    precision: Precision,
+    *,
+    train_batches: Callable[[int], Iterable[dict]],
+    val_batches: Callable[[int], Iterable[dict]],
+    epochs: int,
+    monitor: str,
+    eval_model: Optional[nn.Module] = None,
+    on_epoch_end: Optional[Callable[[EpochResult, TrainState], None]] = None,
+    grad_clip: Optional[float] = None,
+    log: Callable[[str], None] = print,
+    on_batch: Optional[Callable[[int, int], None]] = None,
+) -> TrainState:
+    """The epoch loop: train, validate, step the schedule, track the best epoch, stop early.
+
+    ``train_batches(epoch)`` / ``val_batches(epoch)`` return fresh iterables each epoch.
+    ``eval_model`` is the module used for validation (the unwrapped model under DDP, so that
+    ranks with uneven validation shards never wait on each other); defaults to ``state.model``.
+    ``on_epoch_end`` runs after the state is advanced (the Ray glue reports and checkpoints there).
+    """
+    eval_model = eval_model or state.model
+    while state.epoch < epochs and not state.early_stopping.should_stop:
+        epoch = state.epoch
+        start = time.perf_counter()
+        lr = state.optimizer.param_groups[0]["lr"]
+        hook = (lambda step: on_batch(epoch, step)) if on_batch else None
+        train_stats = train_one_epoch(state.model, train_batches(epoch), state.optimizer, objective,
+                                      precision, grad_clip=grad_clip, on_batch=hook)
+        val_metrics, _ = evaluate(eval_model, val_batches(epoch), objective, precision)
+        if monitor not in val_metrics:
+            raise KeyError(f"monitored metric {monitor!r} is not among the validation metrics "
+                           f"{sorted(val_metrics)}")
+        improved = state.early_stopping.step(val_metrics[monitor], epoch)
+        state.scheduler.step()
+        state.epoch = epoch + 1
+        scalar_val = {k: v for k, v in val_metrics.items() if isinstance(v, (int, float))}
+        state.history.append({"epoch": epoch, "lr": lr, **{f"train_{k}": v for k, v in train_stats.items()},
+                              **{f"val_{k}": v for k, v in scalar_val.items()}})
+        result = EpochResult(epoch, train_stats, val_metrics, improved, lr, time.perf_counter() - start)
+        log(format_epoch(result, monitor, epochs))
+        if on_epoch_end is not None:
+            on_epoch_end(result, state)
+    return state
+
+
+def format_epoch(result: EpochResult, monitor: str, epochs: int) -> str:
+    """The per-epoch progress line."""
+    val = result.val
+    shown = [monitor] + [k for k in ("pearson_v", "pearson_a", "accuracy", "mse") if k in val and k != monitor]
+    parts = " ".join(f"{k} {val[k]:.4f}" for k in shown if isinstance(val.get(k), (int, float)))
+    star = " *" if result.improved else ""
+    return (f"epoch {result.epoch + 1}/{epochs}  loss {result.train.get('loss', float('nan')):.4f}  "
+            f"val {parts}  lr {result.lr:.2e}  {result.train.get('samples_per_s', 0):.0f} img/s  "
+            f"{result.seconds:.1f}s{star}")

@@ -1,0 +1,140 @@
+"""From a dataset name, a raw folder or an ingested shard folder to Ray Datasets of tensors.
+
+Everything here runs on the driver *before* any training starts, so a wrong path, an unknown
+dataset name or mismatched classes stop the job with one line. Data that is not yet ingested is
+ingested first with the same code as ``python -m datasets_io ingest``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import datasets_io
+from pipelines.tracking import home_dir
+
+# The paper's dataset names: on-disk layout and reader options.
+DATANAMES: dict[str, tuple[str, dict]] = {
+    "FI": ("folder", {"categories": "FI"}),
+    "Flickr": ("folder", {"categories": "Flickr"}),
+    "Instagram": ("folder", {"categories": "Instagram"}),
+    "FlickrLDL": ("ldl", {"categories": "FI"}),
+    "TwitterLDL": ("ldl", {"categories": "FI"}),
+    "Emotion6": ("emotion6", {}),
+    "SER30K": ("ser30k", {}),
+}
+DEMO_SETS = {"fi": ("folder", {"categories": "FI"}), "emotion6": ("emotion6", {}), "ser30k": ("ser30k", {})}
+
+
+def data_dir() -> Path:
+    """Where ingested shards are kept by default (``$EMOTION_RAY_DATA`` or ``<home>/data``)."""
+    return Path(os.environ.get("EMOTION_RAY_DATA", home_dir() / "data")).expanduser().resolve()
+
+
+def _known() -> str:
+    return ", ".join(DATANAMES)
+
+
+def detect_layout(root: Path) -> str:
+    """Guess the layout of a raw dataset folder (used when a path is given without a layout)."""
+    if (root / "ground_truth.txt").exists():
+        return "emotion6"
+    if (root / "Annotations" / "image-level").is_dir():
+        return "ser30k"
+    if any(p.suffix.lower() in (".csv", ".tsv") for p in root.iterdir() if p.is_file()):
+        return "ldl"
+    return "folder"
+
+
+def resolve_shards(name_or_path: str, *, data_root: Optional[str] = None, max_side: int = 512,
+                   lexicon: Optional[str] = None, seed: int = 42, show_progress: bool = True) -> Path:
+    """The ingested shard folder for a dataset name or path, ingesting it first when needed.
+
+    - an ingested folder (has ``manifest.json``): used as it is;
+    - a raw folder: ingested into ``<data_dir>/<folder name>`` (once);
+    - a known name (FI, Flickr, ...): ``<data_dir>/<name>`` if ingested, else ``data_root`` is ingested there.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        path = path.resolve()
+        if datasets_io.is_ingested(path):
+            return path
+        if not path.is_dir():
+            raise ValueError(f"{path}: neither an ingested shard folder nor a raw dataset folder")
+        layout = detect_layout(path)
+        return _ingest_once(layout, path, data_dir() / path.name, {"seed": seed}, max_side, lexicon, show_progress)
+    if name_or_path not in DATANAMES:
+        if os.sep in name_or_path or name_or_path.startswith("."):
+            raise FileNotFoundError(f"{name_or_path}: no such dataset folder")
+        raise ValueError(f"unknown dataset {name_or_path!r}; known names: {_known()} (or a path to a dataset folder)")
+    layout, options = DATANAMES[name_or_path]
+    out = data_dir() / name_or_path
+    if datasets_io.is_ingested(out):
+        return out
+    if data_root is None:
+        raise FileNotFoundError(
+            f"{out}: dataset {name_or_path} is not ingested yet; pass its raw folder with --data-root "
+            f"(or run: python -m datasets_io ingest --layout {layout} --root RAW --out {out})")
+    root = Path(data_root).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such dataset folder (--data-root for {name_or_path})")
+    return _ingest_once(layout, root, out, {**options, "seed": seed}, max_side, lexicon, show_progress)
+
+
+def _ingest_once(layout: str, root: Path, out: Path, options: dict, max_side: int, lexicon: Optional[str],
+                 show_progress: bool) -> Path:
+    from datasets_io.readers import reader_options
+
+    accepted = reader_options(layout)  # e.g. SER30K ships its own split: no seed
+    options = {k: v for k, v in options.items() if k in accepted}
+    if not datasets_io.is_ingested(out):
+        datasets_io.ingest(layout, root, out, max_side=max_side, reader_options=options, lexicon_path=lexicon,
+                           show_progress=show_progress)
+    return out
+
+
+def demo_shards(cache_dir: Optional[str] = None, *, images_per_class: int = 60, image_size: int = 64,
+                seed: int = 0, show_progress: bool = True) -> dict[str, Path]:
+    """Generate the embedded demo datasets (once) and ingest them (once); returns their shard folders."""
+    cache = Path(cache_dir).expanduser().resolve() if cache_dir else Path(datasets_io.default_cache_dir())
+    raw = datasets_io.ensure_demo(cache / "raw", images_per_class=images_per_class, image_size=image_size,
+                                  seed=seed)
+    shards = {}
+    for key, (layout, options) in DEMO_SETS.items():
+        out = cache / "shards" / f"demo-{key}-{images_per_class}-{image_size}-{seed}"
+        shards[key] = _ingest_once(layout, Path(raw[key]), out, {**options, "seed": seed}, max(image_size * 2, 64),
+                                   None, show_progress)
+    return shards
+
+
+def check_shards(path: Path, *, role: str, need_va: bool = False, need_labels: bool = False,
+                 splits=("train", "val", "test")) -> dict:
+    """Read a manifest and make sure it can serve ``role``; returns the manifest."""
+    manifest = datasets_io.read_manifest(path)
+    counts = manifest.get("counts", {})
+    empty = [s for s in splits if not counts.get(s)]
+    if empty:
+        raise ValueError(f"{path}: the {role} dataset has no images in split(s) {', '.join(empty)} "
+                         f"(counts {counts})")
+    if need_labels and not manifest.get("classes"):
+        raise ValueError(f"{path}: the {role} dataset has no classes in its manifest")
+    if need_va and manifest.get("layout") != "emotion6":
+        raise ValueError(f"{path}: the {role} dataset must carry measured valence/arousal "
+                         f"(an Emotion6-layout dataset), not layout {manifest.get('layout')!r}")
+    return manifest
+
+
+def training_datasets(path: Path, *, image_size: int, num_classes: int, seed: int, augment: str = "basic",
+                      splits=("train", "val"), keep_text: bool = False) -> dict:
+    """Ray Datasets of decoded, normalised tensors per split (augmentation on ``train`` only)."""
+    out = {}
+    for split in splits:
+        transform = datasets_io.ImageTransform(image_size, train=split == "train", num_classes=num_classes,
+                                               augment=augment if split == "train" else "none", seed=seed,
+                                               keep_text=keep_text)
+        ds = datasets_io.load_split(path, split).map_batches(transform, batch_format="numpy")
+        # Training shows one line per epoch; Ray Data's per-operator bars, streamed from every
+        # worker each epoch, would bury it (the ingest keeps its bars).
+        ds.context.enable_progress_bars = False
+        out[split] = ds
+    return out

@@ -1,0 +1,137 @@
+"""Predict with a trained checkpoint: VA models (valence, arousal, nearest category) or sticker models.
+
+    python -m pipelines.predict --checkpoint CKPT_OR_RUN_DIR IMAGE_OR_DIR [--out predictions.csv]
+    python -m pipelines.predict --checkpoint STICKER_CKPT sticker.png --text "so happy today"
+
+``CKPT_OR_RUN_DIR`` is a checkpoint folder (``meta.json`` + ``state.pt``) or a run folder holding
+``result.json`` (its last stage's best checkpoint is used). Unreadable images are reported on
+stderr, skipped, and counted.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipelines import cli  # noqa: E402
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def resolve_checkpoint(path: str) -> Path:
+    p = Path(path).expanduser().resolve()
+    if (p / "meta.json").exists():
+        return p
+    if (p / "result.json").exists():
+        best = json.loads((p / "result.json").read_text()).get("best_checkpoints") or {}
+        if best:
+            return Path(list(best.values())[-1])
+    raise FileNotFoundError(f"{p}: neither a checkpoint folder (meta.json) nor a run folder (result.json)")
+
+
+def list_images(target: str) -> list[Path]:
+    p = Path(target).expanduser()
+    if p.is_dir():
+        return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    if p.is_file():
+        return [p]
+    raise FileNotFoundError(f"{p}: no such image or folder")
+
+
+def load_images(paths: list[Path], image_size: int) -> tuple[list[Path], torch.Tensor, list[tuple[Path, str]]]:
+    """Decode with the same validation and eval transform as training; returns (ok paths, batch, bad)."""
+    from datasets_io.images import BadImage, prepare_image
+    from datasets_io.shards import eval_tensor
+
+    ok, tensors, bad = [], [], []
+    for path in paths:
+        try:
+            jpeg = prepare_image(path.read_bytes(), max_side=max(2 * image_size, 64))
+            tensors.append(eval_tensor(jpeg, image_size))
+            ok.append(path)
+        except (BadImage, OSError) as exc:
+            bad.append((path, str(exc)))
+    batch = torch.from_numpy(np.stack(tensors)) if tensors else torch.empty(0, 3, image_size, image_size)
+    return ok, batch, bad
+
+
+@torch.no_grad()
+def predict_rows(model, meta: dict, images: torch.Tensor, text: str | None = None) -> list[dict]:
+    """One dict per image: VA on both scales and the nearest category, or class probabilities."""
+    from datasets_io.lexicon import Lexicon, canonical_to_sam
+    from emotion_models.losses import nearest_anchor
+
+    spec = meta["spec"]
+    model.eval()
+    classes = spec.get("classes") or []
+    if spec["objective"]["kind"] == "classify":
+        kwargs = {}
+        if spec["objective"].get("use_text"):
+            from emotion_models.text import tokenize
+
+            ids, mask = tokenize([text or ""] * len(images), spec["model"].get("max_text_len", 32))
+            kwargs = {"text_ids": ids, "text_mask": mask}
+        prob = torch.softmax(model(images, **kwargs)["logits"], dim=1).numpy()
+        return [{"class": classes[int(p.argmax())] if classes else int(p.argmax()),
+                 **{f"p_{c}": float(v) for c, v in zip(classes or range(len(p)), p)}} for p in prob]
+    out = model(images)
+    va = out["va"].numpy()
+    anchors = np.asarray(spec["objective"].get("anchors") or Lexicon.builtin().va_many(classes), dtype=np.float32)
+    nearest = nearest_anchor(va, anchors)
+    rows = []
+    for i, (v, a) in enumerate(va):
+        row = {"valence": float(v), "arousal": float(a), "valence_sam": float(canonical_to_sam(v)),
+               "arousal_sam": float(canonical_to_sam(a)), "nearest_category": classes[int(nearest[i])]}
+        if "logits" in out and spec.get("head_classes"):
+            row["head_category"] = spec["head_classes"][int(out["logits"][i].argmax())]
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipelines.predict", description=__doc__.split("\n\n")[0])
+    p.add_argument("target", help="an image or a folder of images")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder with result.json")
+    p.add_argument("--out", default=None, help="write a CSV here instead of printing")
+    p.add_argument("--text", default=None, help="the sticker's text (LORA models)")
+    p.add_argument("--image-size", type=int, default=None, help="default: the size the model was trained at")
+    p.add_argument("--batch-size", type=int, default=32)
+    args = p.parse_args(argv)
+
+    from pipelines.specs import load_model_from_checkpoint
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    model, meta = load_model_from_checkpoint(ckpt)
+    image_size = args.image_size or meta["spec"].get("image_size") or 224
+    paths = list_images(args.target)
+    rows, bad = [], []
+    for start in range(0, len(paths), args.batch_size):
+        ok, batch, bad_now = load_images(paths[start:start + args.batch_size], image_size)
+        bad += bad_now
+        if ok:
+            rows += [{"image": str(path), **row} for path, row in zip(ok, predict_rows(model, meta, batch, args.text))]
+    for path, reason in bad:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if args.out:
+        with open(args.out, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["image"])
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {len(rows)} predictions to {args.out} ({len(bad)} unreadable images skipped)")
+    else:
+        for row in rows:
+            print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        print(f"{len(rows)} images predicted, {len(bad)} unreadable skipped", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run_main(main))

@@ -1,0 +1,202 @@
+"""MLflow for every pipeline: one parent run per invocation, a child run per stage.
+
+The driver creates the runs and logs what exists only at the end (artifacts, the model, plots);
+rank 0 of the Ray Train workers logs the per-epoch curves into the child run by its id
+(:class:`pipelines.train_loop._MlflowEpochLogger`). The default store is a local sqlite file;
+``--mlflow-uri`` or ``MLFLOW_TRACKING_URI`` point elsewhere (an MLflow server on a cluster's head).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from pipelines.specs import jsonable
+
+EXPERIMENT = "emotion-ray"
+
+
+def home_dir() -> Path:
+    """Where runs, MLflow's database and artifacts go by default (``$EMOTION_RAY_HOME``)."""
+    return Path(os.environ.get("EMOTION_RAY_HOME", Path.home() / "emotion-ray")).expanduser().resolve()
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{home_dir() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(arg: Optional[str]) -> str:
+    return arg or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+class Tracker:
+    """A thin wrapper over ``MlflowClient`` bound to one experiment."""
+
+    def __init__(self, tracking_uri: str, experiment: str = EXPERIMENT):
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.uri = tracking_uri
+        if tracking_uri.startswith("sqlite:///"):
+            Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(tracking_uri)
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            # With a local database the artifacts live beside it, not in the current directory.
+            location = None
+            if tracking_uri.startswith("sqlite:///"):
+                location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            self.experiment_id = found.experiment_id
+
+    def start_run(self, name: str, *, parent_id: Optional[str] = None, tags: Optional[dict] = None,
+                  params: Optional[dict] = None) -> str:
+        run_tags = dict(tags or {})
+        if parent_id:
+            run_tags["mlflow.parentRunId"] = parent_id
+        run = self.client.create_run(self.experiment_id, tags=run_tags, run_name=name)
+        if params:
+            self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def run_exists(self, run_id: str) -> bool:
+        try:
+            self.client.get_run(run_id)
+            return True
+        except Exception:  # noqa: BLE001 - MLflow raises its own exception for a missing run
+            return False
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        from mlflow.entities import Param
+
+        flat = _flatten(params)
+        existing = self.client.get_run(run_id).data.params
+        fresh = [Param(k, str(v)[:6000]) for k, v in flat.items() if k not in existing]
+        for i in range(0, len(fresh), 100):
+            self.client.log_batch(run_id, params=fresh[i:i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float, np.floating, np.integer)) and value == value:
+                self.client.log_metric(run_id, key, float(value), step=step)
+
+    def log_dict(self, run_id: str, data: Any, artifact_file: str) -> None:
+        self.client.log_dict(run_id, jsonable(data), artifact_file)
+
+    def log_artifacts(self, run_id: str, local_dir: str, artifact_path: Optional[str] = None) -> None:
+        self.client.log_artifacts(run_id, local_dir, artifact_path)
+
+    def log_figure(self, run_id: str, figure, artifact_file: str) -> None:
+        import matplotlib.pyplot as plt
+
+        self.client.log_figure(run_id, figure, artifact_file)
+        plt.close(figure)
+
+    def log_model(self, run_id: str, model, name: str = "model") -> None:
+        import mlflow
+        import mlflow.pytorch
+
+        with mlflow.start_run(run_id=run_id, nested=True):
+            # Pickle format: the model classes come from the installed project (pt2 would trace
+            # the graph and need an input example per model kind).
+            mlflow.pytorch.log_model(model, name=name, serialization_format="pickle",
+                                     pip_requirements=["torch", "timm"])
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+
+def _flatten(params: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        elif isinstance(value, (list, tuple)) and len(value) > 16:
+            flat[name] = json.dumps(jsonable(value))[:500]
+        else:
+            flat[name] = value
+    return flat
+
+
+# ----------------------------------------------------------------------------- figures
+
+def va_scatter(pred: np.ndarray, true: np.ndarray, title: str = ""):
+    """Predicted against true valence and arousal, with the identity line and Pearson's r."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from emotion_models.metrics import pearson
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    for i, (ax, dim) in enumerate(zip(axes, ("valence", "arousal"))):
+        ax.scatter(true[:, i], pred[:, i], s=10, alpha=0.6)
+        lo, hi = -1.05, 1.05
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_xlabel(f"true {dim} (canonical scale)")
+        ax.set_ylabel(f"predicted {dim}")
+        ax.set_title(f"{dim}: r = {pearson(true[:, i], pred[:, i]):.3f} (n = {len(true)})")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(confusion: np.ndarray, classes: list[str], title: str = ""):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    confusion = np.asarray(confusion)
+    size = max(4.0, 0.6 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (r, c), v in np.ndenumerate(confusion):
+        ax.text(c, r, str(int(v)), ha="center", va="center",
+                color="white" if v > confusion.max() / 2 else "black", fontsize=8)
+    ax.set_title(title or "confusion matrix (test)")
+    fig.tight_layout()
+    return fig
+
+
+def log_stage_artifacts(tracker: Tracker, run_id: str, *, checkpoint_dir: Optional[str], model=None,
+                        manifests: Optional[dict] = None, tests: Optional[dict] = None) -> None:
+    """What a finished stage leaves in its child run: best checkpoint, model, manifests, and per test
+    split (``tests``: name -> {"metrics", "arrays", "classes"}) its metrics, VA scatter, confusion matrix
+    and raw predictions."""
+    if checkpoint_dir:
+        tracker.log_artifacts(run_id, checkpoint_dir, "best_checkpoint")
+    if model is not None:
+        tracker.log_model(run_id, model)
+    for name, manifest in (manifests or {}).items():
+        tracker.log_dict(run_id, manifest, f"manifests/{name}.json")
+    for name, test in (tests or {}).items():
+        metrics, arrays = test["metrics"], test.get("arrays", {})
+        tracker.log_metrics(run_id, {f"{name}_{k}": v for k, v in metrics.items()})
+        has_va = arrays.get("has_va")
+        if "va_pred" in arrays and has_va is not None and has_va.sum() >= 2:
+            rows = has_va.astype(bool)
+            tracker.log_figure(run_id, va_scatter(arrays["va_pred"][rows], arrays["va_true"][rows], name),
+                               f"plots/va_scatter_{name}.png")
+        if "confusion" in metrics and test.get("classes"):
+            tracker.log_figure(run_id, confusion_figure(metrics["confusion"], test["classes"], f"confusion ({name})"),
+                               f"plots/confusion_{name}.png")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"predictions_{name}.npz"
+            np.savez_compressed(path, **arrays)
+            tracker.client.log_artifact(run_id, str(path), "predictions")

@@ -1,0 +1,352 @@
+"""Thin Ray Train glue around :mod:`pipelines.core`.
+
+``run_stage`` trains one stage with a ``TorchTrainer`` (DDP over ``num_workers``), reporting a
+checkpoint every epoch and keeping the best by the validation metric; ``evaluate_checkpoint``
+runs the same worker function in evaluation mode over a split (the test split is read only
+there, once, at the end). Everything the workers do besides getting shards, wrapping the model
+and reporting is the plain-PyTorch core.
+
+Data: the driver passes Ray Datasets already mapped to tensors (``datasets_io.ImageTransform``).
+``train`` is split evenly across workers (DDP needs equal batch counts); ``val``/``test`` are split
+unevenly so every row is seen exactly once, evaluated on the unwrapped model (no collectives in
+the forward), and gathered before metrics are computed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipelines import core
+from pipelines.specs import META_FILE, STATE_FILE, build_model, build_objective, checkpoint_state_path, jsonable
+
+TRAIN_KEY = "train"
+MIX_KEY = "train_categorical"
+logger = logging.getLogger("emotion_ray.train")
+
+
+@dataclass
+class RunOptions:
+    """Where and how a stage runs on Ray."""
+
+    storage_path: str
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+    keep_checkpoints: int = 2
+    verbose: bool = True
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    path: str                           # the Ray Train run folder
+    best_checkpoint: Optional[str]      # folder of the best checkpoint (by the monitored metric)
+    best_metrics: dict
+    history: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)   # the rank-0 worker's return value
+
+
+class EvalSplitDataConfig(DataConfig):
+    """Split ``train`` evenly across workers, evaluation sets (``val``, ``test``, ...) unevenly
+    (every row exactly once).
+
+    A categorical stream mixed into stage two (``train_categorical``) is not split: each worker
+    reads it whole and takes every ``world_size``-th batch, so it can be abandoned mid-epoch.
+    """
+
+    def __init__(self):
+        super().__init__(datasets_to_split=[TRAIN_KEY])
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        rest = {k: v for k, v in datasets.items() if k in (TRAIN_KEY, MIX_KEY)}
+        evals = {k: v for k, v in datasets.items() if k not in rest}
+        output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+        for name, ds in evals.items():
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                output[i][name] = split
+        return output
+
+
+# ----------------------------------------------------------------------------- worker side
+
+def _iter_batches(shard, batch_size: int, *, train: bool, seed: int, epoch: int) -> Iterator[dict]:
+    kwargs: dict[str, Any] = {"batch_size": batch_size, "drop_last": train}
+    if train:
+        kwargs.update(local_shuffle_buffer_size=max(4 * batch_size, 64), local_shuffle_seed=seed + epoch)
+    return shard.iter_torch_batches(**kwargs)
+
+
+def _mixed_batches(dim_shard, cat_shard, batch_size: int, seed: int, epoch: int) -> Iterator[dict]:
+    """Stage-two multi-task: each dimensional batch is joined by a categorical one.
+
+    The dimensional rows supervise VA only, the categorical rows the category head only, so every
+    batch carries dimensional samples and the masked loss never sees an empty VA selection.
+    """
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def categorical():
+        cycle = 0
+        while True:
+            got = False
+            for i, batch in enumerate(_iter_batches(cat_shard, batch_size, train=True, seed=seed + 7919 * cycle,
+                                                    epoch=epoch)):
+                if i % world == rank:
+                    got = True
+                    yield batch
+            if not got:
+                raise RuntimeError("the categorical stream of stage two is empty")
+            cycle += 1
+
+    cat_iter = categorical()
+    for dim in _iter_batches(dim_shard, batch_size, train=True, seed=seed, epoch=epoch):
+        yield mix_batches(dim, next(cat_iter))
+
+
+def mix_batches(dim: dict, cat: dict) -> dict:
+    """Concatenate a dimensional and a categorical batch with the masks that keep their roles apart."""
+    n_dim, n_cat = dim["image"].shape[0], cat["image"].shape[0]
+    num_classes = cat["label_dist"].shape[1]
+    dim_part = dict(dim)
+    dim_part["has_label"] = torch.zeros(n_dim, dtype=torch.bool)
+    dim_part["label"] = torch.full((n_dim,), -1, dtype=torch.int64)
+    dim_part["has_dist"] = torch.zeros(n_dim, dtype=torch.bool)
+    dim_part["label_dist"] = torch.zeros(n_dim, num_classes, dtype=cat["label_dist"].dtype)
+    cat_part = dict(cat)
+    cat_part["has_va"] = torch.zeros(n_cat, dtype=torch.bool)
+    keys = [k for k in dim_part if k in cat_part and isinstance(dim_part[k], torch.Tensor)]
+    return {k: torch.cat([dim_part[k], cat_part[k].to(dim_part[k].dtype)]) for k in keys}
+
+
+def _maybe_inject_fault(fault: Optional[dict], epoch: int, step: int) -> None:
+    """Kill this worker once at (epoch, step) — the fault-tolerance test's injected failure."""
+    if not fault or epoch != fault["epoch"] or step != fault["step"]:
+        return
+    if ray.train.get_context().get_world_rank() != fault.get("rank", 0):
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.write_text(f"killed at epoch {epoch} step {step}\n")
+    os._exit(1)
+
+
+class _MlflowEpochLogger:
+    """Rank 0 logs each epoch's curves to the stage's MLflow run (created by the driver)."""
+
+    def __init__(self, cfg: Optional[dict]):
+        self.client = None
+        if cfg and cfg.get("run_id"):
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=cfg["tracking_uri"])
+            self.run_id = cfg["run_id"]
+
+    def __call__(self, result: core.EpochResult) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        values = {"lr": result.lr, "epoch_seconds": result.seconds,
+                  **{f"train_{k}": v for k, v in result.train.items()},
+                  **{f"val_{k}": v for k, v in result.val.items()}}
+        metrics = [Metric(k, float(v), now, result.epoch) for k, v in values.items()
+                   if isinstance(v, (int, float)) and v == v]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+
+def _build(spec: dict, device: torch.device):
+    core.seed_everything(int(spec.get("seed", 0)))
+    model = build_model(spec)
+    if spec.get("init_from"):
+        state = core.load_checkpoint(checkpoint_state_path(spec["init_from"]))
+        model.load_state_dict(state["model"])
+    if spec.get("freeze_until") is not None:
+        model.freeze(spec["freeze_until"])
+    precision = core.Precision.for_device(device, amp=spec.get("amp"))
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, build_objective(spec), precision
+
+
+def train_worker(spec: dict) -> dict:
+    """The function every Ray Train worker runs (``mode`` "fit" or "eval")."""
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    # Logged, not printed: Ray Train tees print() to the console twice.
+    log = logger.info if rank == 0 else (lambda *_: None)
+    device = ray.train.torch.get_device()
+    model, objective, precision = _build(spec, device)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False}) \
+        if ctx.get_world_size() > 1 else model.to(device)
+    eval_model = core.unwrap(model)
+    batch_size = int(spec["batch_size"])
+    seed = int(spec.get("seed", 0))
+
+    if spec.get("mode") == "eval":
+        metrics, arrays = core.evaluate(eval_model, _iter_batches(ray.train.get_dataset_shard(spec["split"]),
+                                                                  batch_size, train=False, seed=seed, epoch=0),
+                                        objective, precision)
+        return {"metrics": metrics, "arrays": arrays} if rank == 0 else {}
+
+    trainable = eval_model.trainable_parameters() if hasattr(eval_model, "trainable_parameters") \
+        else eval_model.parameters()
+    optimizer = core.build_optimizer(trainable, **spec["optimizer"])
+    scheduler = core.build_scheduler(optimizer, epochs=int(spec["epochs"]), **spec.get("scheduler", {}))
+    state = core.TrainState(model, optimizer, scheduler,
+                            core.EarlyStopping(int(spec.get("early_stop", 0)), spec.get("monitor_mode", "max")))
+    resumed_from = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state.load_state_dict(core.load_checkpoint(Path(ckpt_dir) / STATE_FILE))
+        resumed_from = state.epoch
+        log(f"[{spec['name']}] resumed from checkpoint: continuing at epoch {state.epoch + 1}")
+
+    train_shard = ray.train.get_dataset_shard(TRAIN_KEY)
+    val_shard = ray.train.get_dataset_shard("val")
+    if spec.get("mix_categorical"):
+        cat_shard = ray.train.get_dataset_shard(MIX_KEY)
+        train_batches = lambda epoch: _mixed_batches(train_shard, cat_shard, batch_size, seed, epoch)  # noqa: E731
+    else:
+        train_batches = lambda epoch: _iter_batches(train_shard, batch_size, train=True, seed=seed,  # noqa: E731
+                                                    epoch=epoch)
+    val_batches = lambda epoch: _iter_batches(val_shard, batch_size, train=False, seed=seed, epoch=epoch)  # noqa: E731
+
+    mlflow_log = _MlflowEpochLogger(spec.get("mlflow")) if rank == 0 else None
+    epochs_run: list[int] = []
+    meta_base = {"spec": {k: v for k, v in spec.items() if k not in ("mlflow", "fault")}}
+
+    def on_epoch_end(result: core.EpochResult, st: core.TrainState) -> None:
+        epochs_run.append(result.epoch)
+        metrics = {f"val_{k}": v for k, v in result.val.items() if isinstance(v, (int, float))}
+        metrics.update({f"train_{k}": v for k, v in result.train.items()})
+        metrics.update(epoch=result.epoch, improved=int(result.improved),
+                       best_epoch=st.early_stopping.best_epoch)
+        if mlflow_log is not None:
+            mlflow_log(result)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                core.save_checkpoint(Path(tmp) / STATE_FILE, st.state_dict())
+                meta = {**meta_base, "epoch": result.epoch, "val": jsonable(result.val)}
+                (Path(tmp) / META_FILE).write_text(json.dumps(jsonable(meta), indent=1))
+                ckpt = Checkpoint.from_directory(tmp)
+            ray.train.report(jsonable(metrics), checkpoint=ckpt, checkpoint_dir_name=checkpoint_name(result.epoch))
+
+    core.fit(state, objective, precision, train_batches=train_batches, val_batches=val_batches,
+             epochs=int(spec["epochs"]), monitor=spec["monitor"], eval_model=eval_model,
+             on_epoch_end=on_epoch_end, grad_clip=spec.get("grad_clip"), log=log,
+             on_batch=lambda epoch, step: _maybe_inject_fault(spec.get("fault"), epoch, step))
+    stopped_early = state.early_stopping.should_stop and state.epoch < int(spec["epochs"])
+    if stopped_early:
+        log(f"[{spec['name']}] early stop after epoch {state.epoch}: no improvement of {spec['monitor']} "
+            f"for {state.early_stopping.patience} epochs (best epoch {state.early_stopping.best_epoch + 1})")
+    tests = _test_best(spec, eval_model, state.early_stopping.best_epoch, precision, batch_size, seed, log)
+    return {"history": state.history, "best_epoch": state.early_stopping.best_epoch,
+            "best": state.early_stopping.best, "resumed_from": resumed_from, "epochs_run": epochs_run,
+            "stopped_early": stopped_early, "tests": tests if rank == 0 else {}}
+
+
+def _test_best(spec: dict, model, best_epoch: int, precision, batch_size: int, seed: int, log) -> dict:
+    """Score the best epoch's weights on each test split, once, after training.
+
+    The best checkpoint is read back from the run folder (kept by ``CheckpointConfig``), so this
+    also holds after a restart, when the best weights are no longer in memory.
+    """
+    if not spec.get("tests"):
+        return {}
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Rank 0 reaches this only after its last report() returned, i.e. its checkpoint is persisted.
+        torch.distributed.barrier()
+    best_dir = Path(spec["checkpoint_root"]) / checkpoint_name(best_epoch)
+    core.unwrap(model).load_state_dict(core.load_checkpoint(checkpoint_state_path(best_dir))["model"])
+    results = {}
+    for name, override in spec["tests"].items():
+        objective = build_objective({**spec, **(override or {})})
+        shard = ray.train.get_dataset_shard(name)
+        metrics, arrays = core.evaluate(model, _iter_batches(shard, batch_size, train=False, seed=seed, epoch=0),
+                                        objective, precision)
+        log(f"[{spec['name']}] {name} (best epoch {best_epoch + 1}): " + ", ".join(
+            f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        results[name] = {"metrics": metrics, "arrays": arrays}
+    return results
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"epoch_{epoch:04d}"
+
+
+# ----------------------------------------------------------------------------- driver side
+
+def _trainer(spec: dict, datasets: dict, run: RunOptions, name: str, checkpoint_config=None) -> TorchTrainer:
+    resources = {"CPU": run.cpus_per_worker}
+    if run.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=spec,
+        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
+                                     resources_per_worker=resources),
+        datasets=datasets,
+        dataset_config=EvalSplitDataConfig(),
+        run_config=RunConfig(name=name, storage_path=run.storage_path,
+                             failure_config=FailureConfig(max_failures=run.max_failures),
+                             checkpoint_config=checkpoint_config),
+    )
+
+
+def run_stage(spec: dict, datasets: dict, run: RunOptions, tests: Optional[dict] = None) -> StageOutcome:
+    """Train one stage; returns where its best checkpoint is. Re-running resumes an unfinished run.
+
+    ``tests`` maps a test name to ``(dataset, spec_override)``: after training, the workers score the
+    best checkpoint on each (the test splits are read only then); results land in ``outcome.info["tests"]``.
+    """
+    name = spec["name"]
+    missing = [k for k in (TRAIN_KEY, "val") if k not in datasets]
+    if missing:
+        raise ValueError(f"stage {name}: datasets {missing} are missing")
+    tests = tests or {}
+    datasets = {**datasets, **{k: ds for k, (ds, _) in tests.items()}}
+    spec = {**spec, "tests": {k: override for k, (_, override) in tests.items()},
+            "checkpoint_root": str(Path(run.storage_path) / name)}
+    ckpt_config = CheckpointConfig(num_to_keep=run.keep_checkpoints,
+                                   checkpoint_score_attribute=f"val_{spec['monitor']}",
+                                   checkpoint_score_order=spec.get("monitor_mode", "max"))
+    trainer = _trainer({**spec, "mode": "fit"}, datasets, run, name, ckpt_config)
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"stage {name} failed: {result.error}")
+    best = result.get_best_checkpoint(f"val_{spec['monitor']}", spec.get("monitor_mode", "max"))
+    best_metrics = next((m for c, m in (result.best_checkpoints or []) if best and c.path == best.path), {})
+    info = result.return_value or {}
+    return StageOutcome(name=name, path=str(result.path), best_checkpoint=best.path if best else None,
+                        best_metrics=best_metrics, history=info.get("history", []), info=info)
+
+
+def evaluate_checkpoint(spec: dict, checkpoint_dir: str, dataset, run: RunOptions, split: str = "test") -> dict:
+    """Score a checkpoint on one split with the same workers and objective; returns metrics and arrays."""
+    eval_spec = {**spec, "mode": "eval", "split": split, "init_from": checkpoint_dir, "freeze_until": None,
+                 "mlflow": None, "fault": None}
+    trainer = _trainer(eval_spec, {split: dataset}, RunOptions(**{**run.__dict__, "max_failures": 0}),
+                       f"{spec['name']}-{split}-eval-{int(time.time())}")
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"evaluation of {checkpoint_dir} failed: {result.error}")
+    return result.return_value

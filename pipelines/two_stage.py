@@ -1,0 +1,223 @@
+"""Dimensional emotion (valence, arousal) from categorical data, in one or two stages, on Ray Train.
+
+Stage one trains a CNN to predict VA on a categorical set (FI, Flickr, Instagram, FlickrLDL,
+TwitterLDL), each category mapped to VA through the NRC-VAD lexicon; stage two starts from stage
+one's *best* checkpoint, freezes the early layers and fine-tunes on a small dimensional set
+(Emotion6). Four frameworks: ``--task {single,multi}`` x ``--mode {one_stage,two_stage}``.
+
+With no arguments it runs the embedded demo end to end on CPU::
+
+    python pipelines/two_stage.py
+
+On a cluster::
+
+    ray job submit --working-dir . -- python pipelines/two_stage.py --dataname /mnt/shared/data/FI \\
+        --dimensional /mnt/shared/data/Emotion6 --num-workers 8 --use-gpu
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project importable without installing it
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines import cli  # noqa: E402
+
+# The paper's settings, used for real data.
+PAPER_DEFAULTS = dict(mode="two_stage", task="single", lr=1e-5, decay=1e-5, batch_size=10, early_stop=5,
+                      num_epochs=100, stage2_epochs=None, backbone="resnet101", image_size=448, optimizer="adam",
+                      warmup_epochs=0)
+# The embedded demo: a small backbone trained from scratch on 64 px images, so it fits a 2-core CPU.
+DEMO_DEFAULTS = dict(mode="two_stage", task="single", lr=2e-3, decay=1e-4, batch_size=32, early_stop=4,
+                     num_epochs=6, stage2_epochs=8, backbone="resnet10t", image_size=64, optimizer="adamw",
+                     warmup_epochs=0)
+DEMO_DATA = dict(images_per_class=60, image_size=64, seed=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="two_stage.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cli.add_config_arg(p)
+    d = p.add_argument_group("data")
+    d.add_argument("--dataname", default=None,
+                   help="FI, Flickr, Instagram, FlickrLDL, TwitterLDL, or a dataset folder "
+                        "(raw or ingested); default: the embedded demo")
+    d.add_argument("--data-root", default=None, help="raw folder of --dataname when it is not ingested yet")
+    d.add_argument("--dimensional", default=None,
+                   help="the dimensional set: Emotion6 raw folder or ingested shards (default: demo's)")
+    d.add_argument("--lexicon", default=None, help="a full NRC-VAD lexicon file for other category names")
+    d.add_argument("--max-side", type=int, default=512, help="longer side of images stored at ingest")
+    d.add_argument("--demo-images-per-class", type=int, default=DEMO_DATA["images_per_class"],
+                   help="size of the generated demo sets (demo only)")
+    d.add_argument("--demo-image-size", type=int, default=DEMO_DATA["image_size"],
+                   help="side of the generated demo images (demo only)")
+    t = p.add_argument_group("training (defaults: the paper's for real data, small presets for the demo)")
+    t.add_argument("--mode", choices=["one_stage", "two_stage"], default=None)
+    t.add_argument("--task", choices=["single", "multi"], default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--decay", type=float, default=None, help="weight decay")
+    t.add_argument("--batch-size", type=int, default=None, help="per worker")
+    t.add_argument("--early-stop", type=int, default=None, help="patience in epochs (0: off)")
+    t.add_argument("--num-epochs", type=int, default=None)
+    t.add_argument("--stage2-epochs", type=int, default=None, help="epochs of stage two (default: --num-epochs)")
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--backbone", default=None, help="any timm model name")
+    t.add_argument("--image-size", type=int, default=None)
+    t.add_argument("--weights", default=None, help="local pretrained backbone weights (timm/torchvision state dict)")
+    t.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default=None)
+    t.add_argument("--warmup-epochs", type=int, default=None)
+    t.add_argument("--alpha", type=float, default=0.5, help="category weight of the multi-task loss, stage one")
+    t.add_argument("--alpha2", type=float, default=0.9, help="category weight of the multi-task loss, stage two")
+    t.add_argument("--va-loss", choices=["mse", "ccc", "mse+ccc"], default="mse")
+    t.add_argument("--freeze-until", default="all_but_last",
+                   help="stage two freezes up to this stage: all_but_last, a stage name (layer3) or a count")
+    cli.add_ray_args(p)
+    cli.add_mlflow_args(p)
+    p.add_argument("--fault", default=None, help=argparse.SUPPRESS)  # tests: "stage:epoch:step:rank:marker"
+    return p
+
+
+def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    args.demo = args.dataname is None
+    for key, value in (DEMO_DEFAULTS if args.demo else PAPER_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.stage2_epochs is None:
+        args.stage2_epochs = args.num_epochs
+    if not args.demo and args.mode == "two_stage" and args.dimensional is None:
+        raise cli.UsageError("--mode two_stage with real data needs --dimensional (the Emotion6 folder or shards)")
+    for key in ("lr", "batch_size", "num_epochs", "image_size"):
+        if getattr(args, key) <= 0:
+            raise cli.UsageError(f"--{key.replace('_', '-')} must be positive, not {getattr(args, key)}")
+    if not 0.0 <= args.alpha <= 1.0 or not 0.0 <= args.alpha2 <= 1.0:
+        raise cli.UsageError("--alpha and --alpha2 must lie in [0, 1]")
+    return args
+
+
+def _fault(args, stage: str):
+    if not args.fault:
+        return None
+    name, epoch, step, rank, marker = args.fault.split(":", 4)
+    return {"epoch": int(epoch), "step": int(step), "rank": int(rank), "marker": marker} if name == stage else None
+
+
+def stage_spec(args, *, name: str, head_classes: list[str], classes: list[str], objective: dict, epochs: int,
+               monitor: str, init_from=None, freeze_until=None, mix=False) -> dict:
+    """The spec of one stage (see :mod:`pipelines.specs`)."""
+    return {
+        "name": name,
+        "model": {"name": "va", "backbone": args.backbone, "task": args.task, "num_classes": len(head_classes),
+                  "bounded": True, **({"weights": args.weights} if args.weights and init_from is None else {})},
+        "objective": objective,
+        "init_from": init_from,
+        "freeze_until": freeze_until,
+        "optimizer": {"name": args.optimizer, "lr": args.lr, "weight_decay": args.decay},
+        "scheduler": {"name": "cosine", "warmup_epochs": args.warmup_epochs},
+        "epochs": epochs,
+        "early_stop": args.early_stop,
+        "monitor": monitor,
+        "monitor_mode": "max",
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "classes": classes,
+        "head_classes": head_classes,
+        "image_size": args.image_size,
+        "mix_categorical": mix,
+        "fault": _fault(args, name),
+    }
+
+
+def va_objective(task: str, alpha: float, va_loss: str, classes: list[str], anchors, accuracy_from: str) -> dict:
+    return {"kind": "va", "task": task, "alpha": alpha, "va_loss": va_loss, "num_classes": len(classes),
+            "anchors": anchors, "accuracy_from": accuracy_from}
+
+
+def main(argv=None) -> int:
+    args = apply_defaults(cli.parse_args(build_parser(), argv))
+    # Heavy imports after argument checks so that --help and usage errors are instant.
+    from datasets_io.lexicon import Lexicon
+    from pipelines import data
+    from pipelines.runner import PipelineRun
+    from pipelines.train_loop import MIX_KEY
+
+    lexicon = Lexicon.from_file(args.lexicon) if args.lexicon else Lexicon.builtin()
+
+    # 1. Data: resolved, ingested and checked before any training starts.
+    if args.demo:
+        print("no --dataname: running the embedded demo (generated once, then cached)")
+        shards = data.demo_shards(images_per_class=args.demo_images_per_class, image_size=args.demo_image_size,
+                                  seed=DEMO_DATA["seed"])
+        cat_path, dim_path, dataname = shards["fi"], shards["emotion6"], "demo-FI"
+    else:
+        cat_path = data.resolve_shards(args.dataname, data_root=args.data_root, max_side=args.max_side,
+                                       lexicon=args.lexicon, seed=args.seed)
+        dim_path = data.resolve_shards(args.dimensional, max_side=args.max_side, seed=args.seed) \
+            if args.dimensional else None
+        dataname = args.dataname if "/" not in args.dataname else Path(args.dataname).name
+    cat_manifest = data.check_shards(cat_path, role="categorical", need_labels=True)
+    classes = cat_manifest["classes"]
+    lexicon.check(classes)
+    anchors = lexicon.va_many(classes).tolist()
+    manifests = {"categorical": cat_manifest}
+    dim_manifest = None
+    if dim_path is not None:
+        dim_manifest = data.check_shards(dim_path, role="dimensional", need_va=True)
+        manifests["dimensional"] = dim_manifest
+        dim_classes = dim_manifest["classes"]
+        dim_anchors = lexicon.va_many(dim_classes).tolist()
+
+    pipeline = PipelineRun.from_args(args, pipeline="two_stage", run_name_prefix=f"two_stage-{args.mode}-{args.task}",
+                                     tags={"mode": args.mode, "task": args.task, "dataname": dataname,
+                                           "demo": str(args.demo)})
+    nc = len(classes)
+    cat_sets = data.training_datasets(cat_path, image_size=args.image_size, num_classes=nc, seed=args.seed,
+                                      splits=("train", "val", "test"))
+    dim_sets = data.training_datasets(dim_path, image_size=args.image_size, num_classes=len(dim_classes),
+                                      seed=args.seed, splits=("train", "val", "test")) if dim_path else None
+
+    # 2. Stage one: VA (and categories, multi) on the categorical set.
+    spec1 = stage_spec(args, name="stage1", head_classes=classes, classes=classes, epochs=args.num_epochs,
+                       monitor="pearson_mean" if args.task == "single" else "accuracy",
+                       objective=va_objective(args.task, args.alpha, args.va_loss, classes, anchors,
+                                              "anchors" if args.task == "single" else "logits"))
+    dim_test_override = None
+    if dim_path is not None:
+        dim_test_override = {"objective": va_objective(args.task, args.alpha2, args.va_loss, dim_classes,
+                                                       dim_anchors, "anchors"), "classes": dim_classes}
+    tests1 = {"test_categorical": (cat_sets["test"], None)}
+    if args.mode == "one_stage" and dim_path is not None:
+        tests1["test"] = (dim_sets["test"], dim_test_override)
+    s1 = pipeline.stage(spec1, {"train": cat_sets["train"], "val": cat_sets["val"]}, manifests=manifests,
+                        classes=classes, tests=tests1)
+    final = s1
+
+    # 3. Stage two: from stage one's best checkpoint, early layers frozen, on the dimensional set.
+    if args.mode == "two_stage":
+        spec2 = stage_spec(args, name="stage2", head_classes=classes, classes=dim_classes, epochs=args.stage2_epochs,
+                           monitor="pearson_mean", init_from=s1["outcome"]["best_checkpoint"],
+                           freeze_until=args.freeze_until, mix=args.task == "multi",
+                           objective=dim_test_override["objective"])
+        sets2 = {"train": dim_sets["train"], "val": dim_sets["val"]}
+        if args.task == "multi":
+            sets2[MIX_KEY] = cat_sets["train"]
+        final = pipeline.stage(spec2, sets2, manifests=manifests, classes=dim_classes,
+                               tests={"test": (dim_sets["test"], None)})
+
+    # 4. Result: the dimensional test metrics, the categorical accuracy, where everything is.
+    test = final["tests"].get("test", {})
+    result = {f"test_{k}": test.get(k) for k in ("pearson_v", "pearson_a", "ccc_v", "ccc_a", "mse",
+                                                    "spearman_v", "spearman_a", "accuracy")}
+    result["test_categorical_accuracy"] = s1["tests"]["test_categorical"].get("accuracy")
+    result.update(pipeline="two_stage", mode=args.mode, task=args.task, dataname=dataname,
+                  best_checkpoints={n: st["outcome"]["best_checkpoint"] for n, st in pipeline.state["stages"].items()})
+    path = pipeline.finish(result)
+    pipeline.print_summary(result, path, f"two_stage {args.mode} / {args.task} on {dataname}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run_main(main))

@@ -1,0 +1,46 @@
+"""Shared fixtures: one small local Ray instance per test session, paths to shared samples."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A 2-CPU local Ray, started once for the whole test session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    # Ray Data: keep the progress output quiet in tests.
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    # Not shut down here: other session fixtures may still hold actors.
+
+
+@pytest.fixture(scope="session")
+def emotion6_sample() -> Path:
+    path = SHARED_DATA / "emotion6-sample"
+    if not (path / "ground_truth.txt").exists():
+        pytest.skip("../shared/data/emotion6-sample is not present")
+    return path
+
+
+@pytest.fixture(scope="session")
+def nrc_vad_sample() -> Path:
+    path = SHARED_DATA / "nrc-vad-sample.txt"
+    if not path.exists():
+        pytest.skip("../shared/data/nrc-vad-sample.txt is not present")
+    return path
