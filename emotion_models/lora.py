@@ -217,6 +217,9 @@ class Lora(nn.Module):
                 raise ValueError(f"{name} has {len(values)} entries; depths has {num_stages} stages")
         if alpha < 1:
             raise ValueError(f"alpha must be >= 1, got {alpha}")
+        for dim, heads in (*zip(embed_dims, num_heads), (fusion_dim, fusion_heads)):
+            if dim % heads:
+                raise ValueError(f"width {dim} is not divisible by its {heads} attention heads")
         self.num_classes = num_classes
         self.img_size = img_size
         self.reattend = tuple(bool(flag) or i == num_stages - 1 for i, flag in enumerate(locals))

@@ -143,12 +143,14 @@ class BertTextEncoder(nn.Module):
         self.path, self.max_len, self.num_layers = path, max_len, num_layers
         self.bert = AutoModel.from_pretrained(path, local_files_only=True)
         self.dim = self.bert.config.hidden_size
+        self.freeze = freeze
         self.bert.requires_grad_(not freeze)
 
     def forward(self, ids: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if mask is None:
             mask = torch.ones_like(ids)
-        out = self.bert(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):  # frozen: keep no graph
+            out = self.bert(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         return torch.stack(out.hidden_states[-self.num_layers:]).mean(0)
 
     def tokenizer(self) -> TokenizeFn:

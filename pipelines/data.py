@@ -129,9 +129,11 @@ def training_datasets(path: Path, *, image_size: int, num_classes: int, seed: in
     """Ray Datasets of decoded, normalised tensors per split (augmentation on ``train`` only)."""
     out = {}
     for split in splits:
+        # Training crops are drawn fresh each epoch (seed=None): a seeded transform would repeat the
+        # same crop of an image every epoch. Evaluation has no randomness.
         transform = datasets_io.ImageTransform(image_size, train=split == "train", num_classes=num_classes,
-                                               augment=augment if split == "train" else "none", seed=seed,
-                                               keep_text=keep_text)
+                                               augment=augment if split == "train" else "none",
+                                               seed=None if split == "train" else seed, keep_text=keep_text)
         ds = datasets_io.load_split(path, split).map_batches(transform, batch_format="numpy")
         # Training shows one line per epoch; Ray Data's per-operator bars, streamed from every
         # worker each epoch, would bury it (the ingest keeps its bars).

@@ -49,18 +49,20 @@ def list_images(target: str) -> list[Path]:
 def load_images(paths: list[Path], image_size: int) -> tuple[list[Path], torch.Tensor, list[tuple[Path, str]]]:
     """Decode with the same validation and eval transform as training; returns (ok paths, batch, bad)."""
     from datasets_io.images import BadImage, prepare_image
-    from datasets_io.shards import eval_tensor
+    from datasets_io.shards import ImageTransform
 
-    ok, tensors, bad = [], [], []
+    ok, jpegs, bad = [], [], []
     for path in paths:
         try:
-            jpeg = prepare_image(path.read_bytes(), max_side=max(2 * image_size, 64))
-            tensors.append(eval_tensor(jpeg, image_size))
+            jpegs.append(prepare_image(path.read_bytes(), max_side=max(2 * image_size, 64)))
             ok.append(path)
         except (BadImage, OSError) as exc:
             bad.append((path, str(exc)))
-    batch = torch.from_numpy(np.stack(tensors)) if tensors else torch.empty(0, 3, image_size, image_size)
-    return ok, batch, bad
+    if not jpegs:
+        return ok, torch.empty(0, 3, image_size, image_size), bad
+    transform = ImageTransform(image_size, train=False, num_classes=1)
+    images = transform({"image": np.array(jpegs, dtype=object)})["image"]
+    return ok, torch.from_numpy(images), bad
 
 
 @torch.no_grad()
@@ -75,10 +77,11 @@ def predict_rows(model, meta: dict, images: torch.Tensor, text: str | None = Non
     if spec["objective"]["kind"] == "classify":
         kwargs = {}
         if spec["objective"].get("use_text"):
-            from emotion_models.text import tokenize
+            from emotion_models.text import make_tokenizer
 
-            ids, mask = tokenize([text or ""] * len(images), spec["model"].get("max_text_len", 32))
-            kwargs = {"text_ids": ids, "text_mask": mask}
+            tokenizer = make_tokenizer(spec["model"].get("text_encoder", "bytes"), spec["model"].get("max_text_len", 32))
+            ids, mask = tokenizer([text or ""] * len(images))
+            kwargs = {"text_ids": torch.from_numpy(ids), "text_mask": torch.from_numpy(mask)}
         prob = torch.softmax(model(images, **kwargs)["logits"], dim=1).numpy()
         return [{"class": classes[int(p.argmax())] if classes else int(p.argmax()),
                  **{f"p_{c}": float(v) for c, v in zip(classes or range(len(p)), p)}} for p in prob]

@@ -22,10 +22,11 @@ from pipelines import cli  # noqa: E402
 
 # The original recipe, for real data.
 PAPER_DEFAULTS = dict(image_size=448, batch_size=16, num_epochs=50, lr=None, decay=0.05, warmup_epochs=5,
-                      embed_dims=None, depths=None, fusion_dim=256, early_stop=0)
+                      embed_dims=None, depths=None, num_heads=None, fusion_dim=256, early_stop=0)
 # The embedded demo: a narrow, shallow PVT at 64 px so that it trains on a 2-core CPU in minutes.
 DEMO_DEFAULTS = dict(image_size=64, batch_size=32, num_epochs=12, lr=2e-3, decay=0.05, warmup_epochs=1,
-                     embed_dims=[24, 48, 96, 128], depths=[1, 1, 1, 1], fusion_dim=96, early_stop=0)
+                     embed_dims=[24, 48, 96, 128], depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 4], fusion_dim=96,
+                     early_stop=0)
 DEMO_DATA = dict(images_per_class=60, image_size=64, seed=0)
 
 
@@ -66,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--weights", default=None, help="local PVT-v2 (pvt_v2_b2) weights for the visual trunk")
     m.add_argument("--embed-dims", type=int, nargs=4, default=None, help="PVT widths (default pvt_v2_b2's)")
     m.add_argument("--depths", type=int, nargs=4, default=None, help="PVT depths (default pvt_v2_b2's)")
+    m.add_argument("--num-heads", type=int, nargs=4, default=None,
+                   help="attention heads per stage, each dividing its width (default pvt_v2_b2's 1 2 5 8)")
     m.add_argument("--fusion-dim", type=int, default=None)
     t = p.add_argument_group("training (defaults: the original recipe for real data, small presets for the demo)")
     t.add_argument("--image-size", type=int, default=None)
@@ -107,6 +110,8 @@ def sticker_spec(args, classes: list[str]) -> dict:
         model["embed_dims"] = list(args.embed_dims)
     if args.depths:
         model["depths"] = list(args.depths)
+    if args.num_heads:
+        model["num_heads"] = list(args.num_heads)
     if args.model == "lora":
         model["text_encoder"] = args.text_encoder
     if args.weights:
@@ -146,21 +151,9 @@ def classification_result(metrics: dict) -> dict:
             "test_per_class_acc": metrics.get("per_class_acc")}
 
 
-def main(argv=None) -> int:
-    args = apply_defaults(cli.parse_args(build_parser(), argv))
+def make_plan(args) -> dict:
+    """Resolve, ingest and check the SER30K data; build its Ray Datasets. Raises before any training."""
     from pipelines import data
-    from pipelines.runner import PipelineRun
-
-    eval_ckpt = None
-    if args.eval:  # score a checkpoint as it was trained: its size, text length and encoder
-        from pipelines.predict import resolve_checkpoint
-        from pipelines.specs import read_meta
-
-        eval_ckpt = resolve_checkpoint(args.checkpoint)
-        trained = read_meta(eval_ckpt)["spec"]
-        args.image_size = trained["image_size"]
-        args.max_text_len = trained["model"].get("max_text_len", args.max_text_len)
-        args.text_encoder = trained["model"].get("text_encoder")
 
     if args.demo:
         print("no --data-root: running the embedded SER30K-like demo (generated once, then cached)")
@@ -178,17 +171,42 @@ def main(argv=None) -> int:
     datasets = sticker_datasets(path, image_size=args.image_size, num_classes=len(classes), seed=args.seed,
                                 augment=args.augment, max_text_len=args.max_text_len, text_encoder=args.text_encoder,
                                 splits=("test",) if args.eval else ("train", "val", "test"))
+    return {"args": args, "manifest": manifest, "classes": classes, "datasets": datasets}
+
+
+def sticker_stage(plan: dict) -> tuple[dict, dict, dict]:
+    """(spec, datasets, tests) of the one training stage."""
+    sets = plan["datasets"]
+    return (sticker_spec(plan["args"], plan["classes"]), {"train": sets["train"], "val": sets["val"]},
+            {"test": (sets["test"], None)})
+
+
+def main(argv=None) -> int:
+    args = apply_defaults(cli.parse_args(build_parser(), argv))
+    from pipelines.runner import PipelineRun
+
+    eval_ckpt = None
+    if args.eval:  # score a checkpoint as it was trained: its size, text length and encoder
+        from pipelines.predict import resolve_checkpoint
+        from pipelines.specs import read_meta
+
+        eval_ckpt = resolve_checkpoint(args.checkpoint)
+        trained = read_meta(eval_ckpt)["spec"]
+        args.image_size = trained["image_size"]
+        args.max_text_len = trained["model"].get("max_text_len", args.max_text_len)
+        args.text_encoder = trained["model"].get("text_encoder")
+    plan = make_plan(args)
     if args.eval:
-        return evaluate_only(args, eval_ckpt, datasets["test"])
+        return evaluate_only(args, eval_ckpt, plan["datasets"]["test"])
 
     pipeline = PipelineRun.from_args(args, pipeline="sticker", run_name_prefix=f"sticker-{args.model}",
                                      tags={"model": args.model, "dataname": "demo-SER30K" if args.demo else "SER30K",
                                            "demo": str(args.demo)})
-    stage = pipeline.stage(sticker_spec(args, classes), {"train": datasets["train"], "val": datasets["val"]},
-                           manifests={"ser30k": manifest}, classes=classes,
-                           tests={"test": (datasets["test"], None)})
+    spec, datasets, tests = sticker_stage(plan)
+    stage = pipeline.stage(spec, datasets, manifests={"ser30k": plan["manifest"]}, classes=plan["classes"],
+                           tests=tests)
     result = {**classification_result(stage["tests"]["test"]), "pipeline": "sticker", "model": args.model,
-              "classes": classes, "best_checkpoints": {args.model: stage["outcome"]["best_checkpoint"]}}
+              "classes": plan["classes"], "best_checkpoints": {args.model: stage["outcome"]["best_checkpoint"]}}
     path = pipeline.finish(result)
     pipeline.print_summary(result, path, f"sticker {args.model} on {'demo ' if args.demo else ''}SER30K")
     return 0

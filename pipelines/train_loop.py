@@ -46,7 +46,7 @@ class RunOptions:
     cpus_per_worker: float = 1.0
     max_failures: int = 0
     keep_checkpoints: int = 2
-    verbose: bool = True
+    callbacks: list = field(default_factory=list)   # Ray Train UserCallbacks, e.g. Tune's TuneReportCallback
 
 
 @dataclass
@@ -308,7 +308,7 @@ def _trainer(spec: dict, datasets: dict, run: RunOptions, name: str, checkpoint_
         dataset_config=EvalSplitDataConfig(),
         run_config=RunConfig(name=name, storage_path=run.storage_path,
                              failure_config=FailureConfig(max_failures=run.max_failures),
-                             checkpoint_config=checkpoint_config),
+                             checkpoint_config=checkpoint_config, callbacks=list(run.callbacks) or None),
     )
 
 
@@ -344,7 +344,7 @@ def evaluate_checkpoint(spec: dict, checkpoint_dir: str, dataset, run: RunOption
     """Score a checkpoint on one split with the same workers and objective; returns metrics and arrays."""
     eval_spec = {**spec, "mode": "eval", "split": split, "init_from": checkpoint_dir, "freeze_until": None,
                  "mlflow": None, "fault": None}
-    trainer = _trainer(eval_spec, {split: dataset}, RunOptions(**{**run.__dict__, "max_failures": 0}),
+    trainer = _trainer(eval_spec, {split: dataset}, RunOptions(**{**run.__dict__, "max_failures": 0, "callbacks": []}),
                        f"{spec['name']}-{split}-eval-{int(time.time())}")
     result = trainer.fit()
     if result.error:

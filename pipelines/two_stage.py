@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 if __package__ in (None, ""):  # run as a script: make the project importable without installing it
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -136,17 +137,27 @@ def va_objective(task: str, alpha: float, va_loss: str, classes: list[str], anch
             "anchors": anchors, "accuracy_from": accuracy_from}
 
 
-def main(argv=None) -> int:
-    args = apply_defaults(cli.parse_args(build_parser(), argv))
-    # Heavy imports after argument checks so that --help and usage errors are instant.
+@dataclass
+class Plan:
+    """Everything resolved before training starts: data, classes, anchors, datasets."""
+
+    args: argparse.Namespace
+    dataname: str
+    classes: list
+    anchors: list
+    manifests: dict
+    cat_sets: dict
+    dim_classes: Optional[list] = None
+    dim_anchors: Optional[list] = None
+    dim_sets: Optional[dict] = None
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Resolve, ingest and check the data, then build the Ray Datasets; raises before any training."""
     from datasets_io.lexicon import Lexicon
     from pipelines import data
-    from pipelines.runner import PipelineRun
-    from pipelines.train_loop import MIX_KEY
 
     lexicon = Lexicon.from_file(args.lexicon) if args.lexicon else Lexicon.builtin()
-
-    # 1. Data: resolved, ingested and checked before any training starts.
     if args.demo:
         print("no --dataname: running the embedded demo (generated once, then cached)")
         shards = data.demo_shards(images_per_class=args.demo_images_per_class, image_size=args.demo_image_size,
@@ -161,61 +172,79 @@ def main(argv=None) -> int:
     cat_manifest = data.check_shards(cat_path, role="categorical", need_labels=True)
     classes = cat_manifest["classes"]
     lexicon.check(classes)
-    anchors = lexicon.va_many(classes).tolist()
-    manifests = {"categorical": cat_manifest}
-    dim_manifest = None
+    plan = Plan(args=args, dataname=dataname, classes=classes, anchors=lexicon.va_many(classes).tolist(),
+                manifests={"categorical": cat_manifest},
+                cat_sets=data.training_datasets(cat_path, image_size=args.image_size, num_classes=len(classes),
+                                                seed=args.seed, splits=("train", "val", "test")))
     if dim_path is not None:
         dim_manifest = data.check_shards(dim_path, role="dimensional", need_va=True)
-        manifests["dimensional"] = dim_manifest
-        dim_classes = dim_manifest["classes"]
-        dim_anchors = lexicon.va_many(dim_classes).tolist()
+        plan.manifests["dimensional"] = dim_manifest
+        plan.dim_classes = dim_manifest["classes"]
+        plan.dim_anchors = lexicon.va_many(plan.dim_classes).tolist()
+        plan.dim_sets = data.training_datasets(dim_path, image_size=args.image_size,
+                                               num_classes=len(plan.dim_classes), seed=args.seed,
+                                               splits=("train", "val", "test"))
+    return plan
 
+
+def _dimensional_objective(plan: Plan) -> dict:
+    a = plan.args
+    return va_objective(a.task, a.alpha2, a.va_loss, plan.dim_classes, plan.dim_anchors, "anchors")
+
+
+def stage1(plan: Plan) -> tuple[dict, dict, dict]:
+    """Stage one: VA (and categories, multi) on the categorical set. Returns (spec, datasets, tests)."""
+    a = plan.args
+    spec = stage_spec(a, name="stage1", head_classes=plan.classes, classes=plan.classes, epochs=a.num_epochs,
+                      monitor="pearson_mean" if a.task == "single" else "accuracy",
+                      objective=va_objective(a.task, a.alpha, a.va_loss, plan.classes, plan.anchors,
+                                             "anchors" if a.task == "single" else "logits"))
+    tests = {"test_categorical": (plan.cat_sets["test"], None)}
+    if a.mode == "one_stage" and plan.dim_sets is not None:
+        # One-stage models are scored on the dimensional test split too (VA learned from categories only).
+        tests["test"] = (plan.dim_sets["test"], {"objective": _dimensional_objective(plan),
+                                                 "classes": plan.dim_classes})
+    return spec, {"train": plan.cat_sets["train"], "val": plan.cat_sets["val"]}, tests
+
+
+def stage2(plan: Plan, init_from: str) -> tuple[dict, dict, dict]:
+    """Stage two: from ``init_from`` (stage one's best checkpoint), early layers frozen, on the
+    dimensional set; multi-task mixes the categorical stream into every batch."""
+    from pipelines.train_loop import MIX_KEY
+
+    a = plan.args
+    spec = stage_spec(a, name="stage2", head_classes=plan.classes, classes=plan.dim_classes,
+                      epochs=a.stage2_epochs, monitor="pearson_mean", init_from=init_from,
+                      freeze_until=a.freeze_until, mix=a.task == "multi", objective=_dimensional_objective(plan))
+    datasets = {"train": plan.dim_sets["train"], "val": plan.dim_sets["val"]}
+    if a.task == "multi":
+        datasets[MIX_KEY] = plan.cat_sets["train"]
+    return spec, datasets, {"test": (plan.dim_sets["test"], None)}
+
+
+def main(argv=None) -> int:
+    args = apply_defaults(cli.parse_args(build_parser(), argv))
+    from pipelines.runner import PipelineRun
+
+    plan = make_plan(args)
     pipeline = PipelineRun.from_args(args, pipeline="two_stage", run_name_prefix=f"two_stage-{args.mode}-{args.task}",
-                                     tags={"mode": args.mode, "task": args.task, "dataname": dataname,
+                                     tags={"mode": args.mode, "task": args.task, "dataname": plan.dataname,
                                            "demo": str(args.demo)})
-    nc = len(classes)
-    cat_sets = data.training_datasets(cat_path, image_size=args.image_size, num_classes=nc, seed=args.seed,
-                                      splits=("train", "val", "test"))
-    dim_sets = data.training_datasets(dim_path, image_size=args.image_size, num_classes=len(dim_classes),
-                                      seed=args.seed, splits=("train", "val", "test")) if dim_path else None
-
-    # 2. Stage one: VA (and categories, multi) on the categorical set.
-    spec1 = stage_spec(args, name="stage1", head_classes=classes, classes=classes, epochs=args.num_epochs,
-                       monitor="pearson_mean" if args.task == "single" else "accuracy",
-                       objective=va_objective(args.task, args.alpha, args.va_loss, classes, anchors,
-                                              "anchors" if args.task == "single" else "logits"))
-    dim_test_override = None
-    if dim_path is not None:
-        dim_test_override = {"objective": va_objective(args.task, args.alpha2, args.va_loss, dim_classes,
-                                                       dim_anchors, "anchors"), "classes": dim_classes}
-    tests1 = {"test_categorical": (cat_sets["test"], None)}
-    if args.mode == "one_stage" and dim_path is not None:
-        tests1["test"] = (dim_sets["test"], dim_test_override)
-    s1 = pipeline.stage(spec1, {"train": cat_sets["train"], "val": cat_sets["val"]}, manifests=manifests,
-                        classes=classes, tests=tests1)
-    final = s1
-
-    # 3. Stage two: from stage one's best checkpoint, early layers frozen, on the dimensional set.
+    spec, datasets, tests = stage1(plan)
+    s1 = final = pipeline.stage(spec, datasets, manifests=plan.manifests, classes=plan.classes, tests=tests)
     if args.mode == "two_stage":
-        spec2 = stage_spec(args, name="stage2", head_classes=classes, classes=dim_classes, epochs=args.stage2_epochs,
-                           monitor="pearson_mean", init_from=s1["outcome"]["best_checkpoint"],
-                           freeze_until=args.freeze_until, mix=args.task == "multi",
-                           objective=dim_test_override["objective"])
-        sets2 = {"train": dim_sets["train"], "val": dim_sets["val"]}
-        if args.task == "multi":
-            sets2[MIX_KEY] = cat_sets["train"]
-        final = pipeline.stage(spec2, sets2, manifests=manifests, classes=dim_classes,
-                               tests={"test": (dim_sets["test"], None)})
+        spec, datasets, tests = stage2(plan, s1["outcome"]["best_checkpoint"])
+        final = pipeline.stage(spec, datasets, manifests=plan.manifests, classes=plan.dim_classes, tests=tests)
 
-    # 4. Result: the dimensional test metrics, the categorical accuracy, where everything is.
+    # The dimensional test metrics, the categorical accuracy, and where everything is.
     test = final["tests"].get("test", {})
     result = {f"test_{k}": test.get(k) for k in ("pearson_v", "pearson_a", "ccc_v", "ccc_a", "mse",
                                                     "spearman_v", "spearman_a", "accuracy")}
     result["test_categorical_accuracy"] = s1["tests"]["test_categorical"].get("accuracy")
-    result.update(pipeline="two_stage", mode=args.mode, task=args.task, dataname=dataname,
+    result.update(pipeline="two_stage", mode=args.mode, task=args.task, dataname=plan.dataname,
                   best_checkpoints={n: st["outcome"]["best_checkpoint"] for n, st in pipeline.state["stages"].items()})
     path = pipeline.finish(result)
-    pipeline.print_summary(result, path, f"two_stage {args.mode} / {args.task} on {dataname}")
+    pipeline.print_summary(result, path, f"two_stage {args.mode} / {args.task} on {plan.dataname}")
     return 0
 
 

@@ -20,8 +20,10 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        # The dashboard stays on: Ray Train V2's placement-group cleaner asks the state API (served
+        # by the dashboard) whether the controller is alive, and without it removes the workers'
+        # placement group mid-run.
+        ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
     # Ray Data: keep the progress output quiet in tests.
     from ray.data import DataContext
 

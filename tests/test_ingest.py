@@ -356,6 +356,15 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
+def test_package_imports_lazily():
+    code = ("import sys, datasets_io\n"
+            "assert not {'ray', 'torch', 'pyarrow'} & set(sys.modules), 'eager import'\n"
+            "from datasets_io import Record, read_manifest, ingest\n"
+            "assert callable(ingest) and ingest.read_manifest is read_manifest and 'ray' in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 def test_cli_reader_error_and_demo(tmp_path, capsys):
     from datasets_io.__main__ import main
 

@@ -187,6 +187,8 @@ def test_bad_configurations_raise_clear_errors(images):
         build_text_encoder("gpt", 16, 8)
     with pytest.raises(ValueError, match="no text branch"):
         create_model("lora_v", text_encoder="bytes", **TINY)
+    with pytest.raises(ValueError, match="width 48 is not divisible by its 5"):
+        create_model("lora_v", **dict(TINY, num_heads=(1, 2, 5, 8)))
     with pytest.raises(ValueError, match="too small"):
         create_model("lora_v", **dict(TINY, img_size=16))
     with pytest.raises(ValueError, match="built for img_size=96"):

@@ -1,0 +1,107 @@
+"""What Ray Train costs: the same training core, model and data, through Ray Train or a bare loop.
+
+    python benchmarks/train_overhead.py [--shards DIR] [--epochs 3] [--num-workers 2] [--image-size 64]
+
+(a) Ray Train: ``pipelines.train_loop.run_stage`` with ``--num-workers`` CPU workers (DDP over gloo),
+    the shards streamed by Ray Data with decoding in ``map_batches``.
+(b) Bare PyTorch: ``pipelines.core.train_one_epoch`` in this one process, batches from
+    ``datasets_io.iter_local_batches`` (pyarrow + the same ImageTransform), torch using every core.
+
+Both run the same number of epochs on the same demo shards; the first epoch (start-up, first
+decode) is excluded from both rates. It prints training samples/s for each and their ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from pipelines import core  # noqa: E402
+from pipelines.specs import build_model, build_objective  # noqa: E402
+
+
+def spec_for(args, num_classes: int) -> dict:
+    return {
+        "name": "bench", "model": {"name": "va", "backbone": args.backbone, "task": "single",
+                                   "num_classes": num_classes},
+        "objective": {"kind": "va", "task": "single", "num_classes": num_classes},
+        "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0},
+        "scheduler": {"name": "constant"}, "epochs": args.epochs, "early_stop": 0,
+        "monitor": "pearson_mean", "batch_size": args.batch_size, "seed": 0,
+    }
+
+
+def bare_loop(args, shards: Path, num_classes: int) -> float:
+    import datasets_io
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    spec = spec_for(args, num_classes)
+    model, objective = build_model(spec), build_objective(spec)
+    optimizer = core.build_optimizer(model.parameters(), lr=1e-3)
+    precision = core.Precision.for_device("cpu")
+    transform = datasets_io.ImageTransform(args.image_size, train=True, num_classes=num_classes)
+    rates = []
+    for epoch in range(args.epochs):
+        start = time.perf_counter()
+        stats = core.train_one_epoch(model, datasets_io.iter_local_batches(
+            shards, "train", transform, batch_size=args.batch_size, shuffle=True, seed=epoch),
+            optimizer, objective, precision)
+        rates.append(stats["samples"] / (time.perf_counter() - start))
+        print(f"  bare epoch {epoch + 1}: {rates[-1]:.1f} samples/s")
+    return sum(rates[1:]) / max(len(rates) - 1, 1)
+
+
+def ray_train(args, shards: Path, num_classes: int) -> float:
+    import ray
+
+    from pipelines import data
+    from pipelines.train_loop import RunOptions, run_stage
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    sets = data.training_datasets(shards, image_size=args.image_size, num_classes=num_classes, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = RunOptions(storage_path=tmp, num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker)
+        outcome = run_stage(spec_for(args, num_classes), sets, run)
+    # Rank 0's rate times the world size: the train split is divided evenly between the workers.
+    rates = [h["train_samples_per_s"] * args.num_workers for h in outcome.history]
+    for epoch, rate in enumerate(rates):
+        print(f"  ray  epoch {epoch + 1}: {rate:.1f} samples/s ({args.num_workers} workers)")
+    return sum(rates[1:]) / max(len(rates) - 1, 1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", default=None, help="ingested shard folder (default: the demo FI-like set)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--cpus-per-worker", type=float, default=0.5)
+    p.add_argument("--backbone", default="resnet10t")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    args = p.parse_args()
+
+    import datasets_io
+    from pipelines import data
+
+    shards = Path(args.shards) if args.shards else data.demo_shards(show_progress=False)["fi"]
+    num_classes = len(datasets_io.read_manifest(shards)["classes"])
+    print(f"data {shards}, model {args.backbone} at {args.image_size} px, batch {args.batch_size}, "
+          f"{args.epochs} epochs, {os.cpu_count()} cores")
+    bare = bare_loop(args, shards, num_classes)
+    ray_rate = ray_train(args, shards, num_classes)
+    print(f"\nbare PyTorch loop : {bare:8.1f} samples/s (1 process, {torch.get_num_threads()} threads)")
+    print(f"Ray Train         : {ray_rate:8.1f} samples/s ({args.num_workers} workers x "
+          f"{args.cpus_per_worker} CPU, DDP/gloo)")
+    print(f"ratio Ray / bare  : {ray_rate / bare:8.2f}  (goal >= 0.9; epoch 1 excluded from both)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""End-to-end tests of pipelines/sticker.py (LORA, LORA-V) on tiny SER30K-like demo data, 2 workers.
+
+(The tokenizer and the padding-mask invariance are tested with the model in tests/test_lora.py.)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines import sticker
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--demo-images-per-class", "6", "--image-size", "32", "--batch-size", "8", "--num-epochs", "2",
+        "--embed-dims", "16", "32", "48", "64", "--num-heads", "1", "2", "2", "4", "--depths", "1", "1", "1", "1",
+        "--fusion-dim", "32", "--alpha", "2", "--num-workers", "2", "--cpus-per-worker", "0.5", "--seed", "5"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("sticker")
+
+
+def _argv(workdir: Path, name: str, *extra: str) -> list[str]:
+    return [*TINY, "--storage-path", str(workdir / "runs"), "--mlflow-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+            "--run-name", name, *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session, workdir):
+    out = {}
+    for model in ("lora", "lora_v"):
+        assert sticker.main(_argv(workdir, model, "--model", model)) == 0
+        out[model] = json.loads((workdir / "runs" / model / "result.json").read_text())
+    return out
+
+
+@pytest.mark.parametrize("model", ["lora", "lora_v"])
+def test_result_and_mlflow_runs(runs, workdir, model):
+    from mlflow import MlflowClient
+
+    result = runs[model]
+    assert 0.0 <= result["test_acc"] <= 1.0 and 0.0 <= result["test_macro_f1"] <= 1.0
+    assert len(result["test_per_class_acc"]) == len(result["classes"]) == 7
+    assert result["model"] == model
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.data.tags["pipeline"] == "sticker" and parent.data.tags["model"] == model
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert [c.info.run_name for c in children] == [model]
+    child = children[0]
+    assert child.data.metrics["test_accuracy"] == pytest.approx(result["test_acc"])
+    assert len(client.get_metric_history(child.info.run_id, "val_accuracy")) == 2
+    plots = {a.path for a in client.list_artifacts(child.info.run_id, "plots")}
+    assert "plots/confusion_test.png" in plots
+    assert {"model", "best_checkpoint"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+    meta = json.loads((Path(result["best_checkpoints"][model]) / "meta.json").read_text())
+    assert meta["spec"]["objective"]["use_text"] is (model == "lora")
+
+
+def test_eval_reproduces_reported_test_accuracy(runs, workdir, capsys):
+    result = runs["lora"]
+    capsys.readouterr()
+    argv = ["--eval", "--checkpoint", str(workdir / "runs" / "lora"), "--storage-path", str(workdir / "runs"),
+            "--num-workers", "2", "--cpus-per-worker", "0.5", "--demo-images-per-class", "6"]
+    assert sticker.main(argv) == 0
+    printed = _last_json(capsys)
+    assert printed["test_acc"] == pytest.approx(result["test_acc"], abs=1e-9)
+    assert printed["test_macro_f1"] == pytest.approx(result["test_macro_f1"], abs=1e-9)
+
+
+def _last_json(capsys) -> dict:
+    """The JSON object ``--eval`` prints last on stdout."""
+    out = capsys.readouterr().out
+    start = out.rindex("\n{") + 1 if "\n{" in out else out.index("{")
+    return json.loads(out[start:])
+
+
+def test_predict_prints_class_probabilities_with_text(runs, workdir, tmp_path):
+    from PIL import Image
+
+    from pipelines import predict
+
+    image = tmp_path / "s.png"
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(image)
+    out = tmp_path / "p.csv"
+    ckpt = runs["lora"]["best_checkpoints"]["lora"]
+    assert predict.main([str(image), "--checkpoint", ckpt, "--text", "so angry", "--out", str(out)]) == 0
+    import csv
+
+    (row,) = list(csv.DictReader(out.open()))
+    probs = [float(row[f"p_{c}"]) for c in runs["lora"]["classes"]]
+    assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+    assert row["class"] == runs["lora"]["classes"][max(range(7), key=probs.__getitem__)]

@@ -1,0 +1,183 @@
+"""Run a sweep: MLflow parent run, stage one (two_stage), the Tune experiment (new or restored), reports.
+
+Re-running the same command resumes: the sweep folder's ``sweep_state.json`` keeps the MLflow parent
+run id and stage one's checkpoint, and ``tune.Tuner.restore(..., resume_errored=True)`` picks the
+Tune experiment up (unfinished trials restart; their Ray Train runs resume from their last
+checkpoint, and they keep their MLflow runs). A sweep that already finished only reports again.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines import cli
+from pipelines.specs import read_meta
+from pipelines.tracking import Tracker, resolve_tracking_uri
+from pipelines.train_loop import RunOptions
+from tuning import report
+from tuning.sweep import STATE_FILE, SweepConfig, default_concurrency
+from tuning.trial import TrialContext, run_trial, train_tracked
+
+TRIAL_DRIVER_CPU = 0.01
+
+
+@dataclass
+class SweepOutcome:
+    sweep_dir: Path
+    parent_run_id: str
+    rows: list                      # report.TrialRow, best first
+    best_config: Path
+    trials_csv: Path
+
+
+class SweepState:
+    """``sweep_state.json``: what a resumed sweep must find again."""
+
+    def __init__(self, sweep_dir: Path):
+        self.path = sweep_dir / STATE_FILE
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def get(self, key: str, default=None):
+        return self.data.get(key, default)
+
+    def set(self, **values) -> None:
+        self.data.update(values)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
+
+
+def _parent_run(cfg: SweepConfig, tracker: Tracker, state: SweepState) -> str:
+    parent = state.get("parent_run_id")
+    if parent and tracker.run_exists(parent):
+        print(f"resuming sweep {cfg.name!r} (MLflow parent run {parent})")
+        return parent
+    base = {k: v for k, v in vars(cfg.args).items() if k not in ("explicit", "fault", "config")}
+    params = {**{f"space.{k}": d.describe() for k, d in cfg.dims.items()}, **{f"base.{k}": v for k, v in base.items()},
+              "search": cfg.search, "scheduler": cfg.scheduler, "num_samples": cfg.num_samples,
+              "metric": cfg.metric, "mode": cfg.mode, "grace_period": cfg.grace_period}
+    parent = tracker.start_run(cfg.name, tags={"pipeline": cfg.target.name, "sweep": "true"}, params=params)
+    state.set(parent_run_id=parent)
+    return parent
+
+
+def _stage_one(cfg: SweepConfig, tracker: Tracker, parent: str, state: SweepState, sweep_dir: Path,
+               run: RunOptions) -> str:
+    """Stage one's best checkpoint: the one given, the one trained earlier in this sweep, or a new one."""
+    if cfg.stage1_checkpoint:
+        path = Path(cfg.stage1_checkpoint).expanduser().resolve()
+        read_meta(path)  # one line if it is not a checkpoint folder
+        return str(path)
+    done = state.get("stage1_checkpoint")
+    if done and Path(done).is_dir():
+        print(f"[stage1] reusing this sweep's stage one: {done}")
+        return done
+    spec, datasets = cfg.target.stage1(cfg.target.make_plan(cfg.args))
+    print(f"[stage1] training stage one once for the sweep ({spec['epochs']} epochs, base flags)")
+    outcome = train_tracked(tracker, parent, "stage1", spec, datasets, RunOptions(**{**run.__dict__,
+                                                                                  "storage_path": str(sweep_dir)}),
+                            params={}, tags={"pipeline": cfg.target.name}, metric=f"val_{spec['monitor']}",
+                            mode=spec.get("monitor_mode", "max"))
+    if not outcome.best_checkpoint:
+        raise RuntimeError("stage one reported no checkpoint")
+    state.set(stage1_checkpoint=outcome.best_checkpoint)
+    return outcome.best_checkpoint
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
+def _search_algorithm(cfg: SweepConfig):
+    seed = cfg.args.seed
+    if cfg.search == "optuna":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise cli.UsageError("--search optuna needs optuna: pip install 'emotion-ray[optuna]'") from None
+        from optuna.samplers import TPESampler
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(sampler=TPESampler(seed=seed))
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=seed)
+
+
+def _tuner(cfg: SweepConfig, ctx: TrialContext, sweep_dir: Path, max_concurrent: int):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    # The trial function only drives Ray Train: the trainer's workers hold the CPUs. Tune refuses
+    # a request of zero, hence a token share.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": TRIAL_DRIVER_CPU})
+    tune_dir = sweep_dir / "tune"
+    if tune.Tuner.can_restore(str(tune_dir)):
+        return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.max_t, grace_period=cfg.grace_period,
+                              reduction_factor=2) if cfg.scheduler == "asha" else FIFOScheduler()
+    return tune.Tuner(
+        trainable, param_space=cfg.param_space(),
+        tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, search_alg=_search_algorithm(cfg),
+                                    scheduler=scheduler, num_samples=cfg.num_samples,
+                                    max_concurrent_trials=max_concurrent, trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1))
+
+
+def run_sweep(cfg: SweepConfig) -> SweepOutcome:
+    import ray
+
+    a = cfg.args
+    sweep_dir = cli.storage_root(a.storage_path) / cfg.name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    state = SweepState(sweep_dir)
+    cli.init_ray(a.address)
+    run = RunOptions(storage_path=str(sweep_dir), num_workers=a.num_workers, use_gpu=a.use_gpu,
+                     cpus_per_worker=cli.cpus_per_worker(a), max_failures=a.max_failures)
+    max_concurrent = cfg.max_concurrent or default_concurrency(ray.cluster_resources(), run.num_workers,
+                                                               run.cpus_per_worker, run.use_gpu)
+    tracker = Tracker(resolve_tracking_uri(a.mlflow_uri), a.experiment)
+    parent = _parent_run(cfg, tracker, state)
+    print(f"sweep {cfg.name}: {sweep_dir} ({cfg.num_samples} samples, {cfg.search} search, {cfg.scheduler}, "
+          f"{max_concurrent} trial(s) at once x {run.num_workers} workers x {run.cpus_per_worker} CPU)")
+    init_from = _stage_one(cfg, tracker, parent, state, sweep_dir, run) if cfg.target.needs_stage1(a) else None
+    ctx = TrialContext(target=cfg.target, base_args=a, sweep_dir=str(sweep_dir), tracking_uri=tracker.uri,
+                       experiment=a.experiment, parent_run_id=parent, metric=cfg.metric, mode=cfg.mode, run=run,
+                       init_from=init_from)
+    tuner = _tuner(cfg, ctx, sweep_dir, max_concurrent)
+    if state.get("finished"):
+        print(f"sweep {cfg.name!r} already finished; reporting its results (a new --sweep-name starts another)")
+        results = tuner.get_results()
+    else:
+        results = tuner.fit()
+    return _report(cfg, tracker, parent, state, sweep_dir, results)
+
+
+def _report(cfg: SweepConfig, tracker: Tracker, parent: str, state: SweepState, sweep_dir: Path,
+            results) -> SweepOutcome:
+    rows = report.rank([report.trial_row(r, tracker, parent, cfg.metric, cfg.mode, cfg.max_t) for r in results],
+                       cfg.mode)
+    if not rows or rows[0].best is None:
+        errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error]
+        raise RuntimeError(f"no trial reported {cfg.metric}" + (f": {errors[0]}" if errors else ""))
+    best = rows[0]
+    csv_path, config_path = sweep_dir / "trials.csv", sweep_dir / "best_config.yaml"
+    report.write_csv(rows, cfg.metric, csv_path)
+    report.write_best_config(cfg.target, cfg.args, best, cfg.metric, config_path)
+    tracker.log_metrics(parent, {f"best_{cfg.metric}": best.best})
+    tracker.client.set_tag(parent, "best_trial", best.trial_id)
+    for path in (csv_path, config_path):
+        tracker.client.log_artifact(parent, str(path))
+    tracker.end_run(parent)
+    state.set(finished=True)
+    print(f"\ntrials ranked by {cfg.metric} ({cfg.mode}):")
+    print(report.table(rows, cfg.metric))
+    cli.print_table([("best trial", f"{best.trial_id} ({cfg.metric} {best.best:.4f})"),
+                     ("best config", str(config_path)),
+                     ("retrain", f"python {cfg.target.script} --config {config_path}"),
+                     ("trials", str(csv_path)),
+                     ("mlflow parent run", parent),
+                     ("mlflow ui", f"mlflow ui --backend-store-uri {tracker.uri}")], f"sweep {cfg.name}")
+    return SweepOutcome(sweep_dir=sweep_dir, parent_run_id=parent, rows=rows, best_config=config_path,
+                        trials_csv=csv_path)

@@ -1,0 +1,179 @@
+"""The pipelines a sweep can drive, and what one trial of each trains.
+
+A :class:`Target` wraps a pipeline module's own functions (``build_parser``, ``apply_defaults``,
+``make_plan`` and its stage builders), so a trial builds exactly the spec and datasets that
+``python pipelines/<name>.py`` would, with the trial's lr, decay, alpha and extras set on a copy of
+the base flags:
+
+- ``two_stage``: a trial is stage two, started from one fixed stage-one checkpoint; alpha is the
+  stage-two multi-task weight (``--alpha2``). With ``--mode one_stage`` a trial is stage one and
+  alpha is ``--alpha``. Alpha only acts with ``--task multi``; with ``--task single`` it is not swept.
+- ``sticker``: a trial is the one LORA / LORA-V training run; alpha is LORA's integer token
+  multiplier (``--alpha``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+from typing import Any, Optional
+
+from pipelines import cli
+from tuning.space import Limits
+
+# Flags that say where and how a run happens, not how the model learns: never search dimensions.
+NOT_SWEEPABLE = frozenset({
+    "help", "config", "fault", "address", "num_workers", "use_gpu", "cpus_per_worker", "storage_path", "run_name",
+    "max_failures", "mlflow_uri", "experiment", "dataname", "data_root", "dimensional", "lexicon", "max_side",
+    "demo_images_per_class", "demo_image_size", "eval", "checkpoint", "mode", "task", "model",
+})
+# The trial's epoch count is ASHA's budget (max_t), set by the pipeline flag, not sampled.
+EPOCH_DESTS = frozenset({"num_epochs", "stage2_epochs"})
+
+
+def raise_usage_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make ``parser`` raise :class:`cli.UsageError` (one line, exit 2 via ``cli.run_main``) instead of
+    printing its usage block and exiting."""
+
+    def error(message: str):
+        raise cli.UsageError(f"{parser.prog}: {message}")
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
+class Target:
+    """One pipeline as seen by a sweep."""
+
+    name: str = ""
+    data_dest: str = ""             # the flag whose absence selects the embedded demo
+    default_metric: str = ""
+    alpha_kind: str = "uniform"     # how --alpha-range is sampled
+    alpha_limits = Limits()
+    alpha_range: tuple = ()         # the default --alpha-range
+    demo_preset: dict = {}          # sweep-sized demo settings, unless the flag is given
+
+    @property
+    def module(self):
+        return importlib.import_module(f"pipelines.{self.name}")
+
+    @property
+    def script(self) -> str:
+        return f"pipelines/{self.name}.py"
+
+    def build_parser(self) -> argparse.ArgumentParser:
+        return raise_usage_errors(self.module.build_parser())
+
+    def parse(self, argv: list[str]) -> argparse.Namespace:
+        """The pipeline's flags (the base of every trial), with its defaults and the sweep's demo preset."""
+        args = cli.parse_args(self.build_parser(), argv)
+        if getattr(args, self.data_dest) is None:
+            for key, value in self.demo_preset.items():
+                if key not in args.explicit:
+                    setattr(args, key, value)
+        return self.module.apply_defaults(args)
+
+    def flag_dests(self) -> dict[str, argparse.Action]:
+        return {a.dest: a for a in self.build_parser()._actions}
+
+    def sweepable(self) -> set[str]:
+        return set(self.flag_dests()) - NOT_SWEEPABLE - EPOCH_DESTS
+
+    def trial_args(self, base: argparse.Namespace, config: dict) -> argparse.Namespace:
+        """A copy of the base flags with one trial's values set (``alpha`` goes to :meth:`alpha_dest`)."""
+        args = copy.deepcopy(base)
+        for key, value in config.items():
+            setattr(args, self.alpha_dest(base) if key == "alpha" else key, value)
+        return args
+
+    def config_flags(self, base: argparse.Namespace, config: dict) -> dict[str, Any]:
+        """Flag dests of the pipeline for a retrain: the base flags plus a trial's values."""
+        skip = {"help", "config", "run_name", "fault", "eval", "checkpoint"}
+        flags = {dest: getattr(base, dest) for dest in self.flag_dests()
+                 if dest not in skip and getattr(base, dest, None) is not None}
+        flags.update(vars(self.trial_args(argparse.Namespace(**flags), config)))
+        return flags
+
+    # What each pipeline fills in.
+    def alpha_dest(self, args) -> str:
+        raise NotImplementedError
+
+    def alpha_acts(self, args) -> bool:
+        return True
+
+    def epochs(self, args) -> int:
+        """Epochs of one trial: ASHA's ``max_t``."""
+        raise NotImplementedError
+
+    def needs_stage1(self, args) -> bool:
+        return False
+
+    def make_plan(self, args):
+        return self.module.make_plan(args)
+
+    def stage1(self, plan) -> tuple[dict, dict]:
+        raise NotImplementedError
+
+    def trial_stage(self, plan, init_from: Optional[str]) -> tuple[dict, dict]:
+        """(spec, datasets) of one trial; test splits are left out (selection uses validation only)."""
+        raise NotImplementedError
+
+
+class TwoStage(Target):
+    name = "two_stage"
+    data_dest = "dataname"
+    default_metric = "val_pearson_mean"
+    alpha_limits = Limits(0.0, 1.0)
+    alpha_range = (0.1, 0.9)
+    demo_preset = {"num_epochs": 4, "stage2_epochs": 4}
+
+    def alpha_dest(self, args) -> str:
+        return "alpha2" if self.needs_stage1(args) else "alpha"
+
+    def alpha_acts(self, args) -> bool:
+        return args.task == "multi"
+
+    def epochs(self, args) -> int:
+        return args.stage2_epochs if self.needs_stage1(args) else args.num_epochs
+
+    def needs_stage1(self, args) -> bool:
+        return args.mode == "two_stage"
+
+    def stage1(self, plan) -> tuple[dict, dict]:
+        spec, datasets, _ = self.module.stage1(plan)
+        return spec, datasets
+
+    def trial_stage(self, plan, init_from: Optional[str]) -> tuple[dict, dict]:
+        if self.needs_stage1(plan.args):
+            spec, datasets, _ = self.module.stage2(plan, init_from)
+            return spec, datasets
+        return self.stage1(plan)
+
+
+class Sticker(Target):
+    name = "sticker"
+    data_dest = "data_root"
+    default_metric = "val_accuracy"
+    alpha_kind = "int"
+    alpha_limits = Limits(low=1, integer=True)
+    alpha_range = (2, 16)
+    demo_preset = {"num_epochs": 4}
+
+    def parse(self, argv: list[str]) -> argparse.Namespace:
+        args = super().parse(argv)
+        if args.eval:
+            raise cli.UsageError("--eval scores one checkpoint; it cannot be swept")
+        return args
+
+    def alpha_dest(self, args) -> str:
+        return "alpha"
+
+    def epochs(self, args) -> int:
+        return args.num_epochs
+
+    def trial_stage(self, plan, init_from: Optional[str]) -> tuple[dict, dict]:
+        spec, datasets, _ = self.module.sticker_stage(plan)
+        return spec, datasets
+
+
+TARGETS: dict[str, Target] = {t.name: t for t in (TwoStage(), Sticker())}
