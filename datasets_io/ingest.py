@@ -38,7 +38,7 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
 from datasets_io.images import DEFAULT_MAX_PIXELS, BadImage, prepare_image
-from datasets_io.readers import ESCAPES, MISSING, read_dataset, reader_options
+from datasets_io.readers import ESCAPES, MISSING, read_dataset, read_json_object, reader_options
 from datasets_io.records import COLUMNS, SCHEMA_VERSION, SPLITS, VA_SCALE, ReaderResult
 
 __all__ = ["ingest", "is_ingested", "read_manifest", "SHARD_SCHEMA", "MANIFEST_NAME"]
@@ -138,14 +138,9 @@ def is_ingested(out: str | os.PathLike) -> bool:
 def read_manifest(out: str | os.PathLike) -> dict:
     """Load ``<out>/manifest.json``; a one-line error if absent, unreadable or another schema."""
     path = Path(out) / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; {out} is not a complete ingest output "
-                                "(run: python -m datasets_io ingest ...)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    manifest = read_json_object(path, f"not found; {out} is not a complete ingest output "
+                                      "(run: python -m datasets_io ingest ...)")
+    version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ValueError(f"{path}: schema_version {version!r}, this code reads {SCHEMA_VERSION}; "
                          "re-ingest with --overwrite")

@@ -405,17 +405,22 @@ def read_ser30k(root: PathLike, lexicon: Union[None, PathLike, Lexicon] = None) 
     return _result(records, classes, members, layout="ser30k", categories=classes, lexicon=lexicon.source)
 
 
-def _load_json(path: Path) -> tuple[Path, dict]:
+def read_json_object(path: Path, missing: str, expected: str = "a JSON object") -> dict:
+    """A JSON file holding an object, or a one-line error naming the file (``missing`` when absent)."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: SER30K split file is missing (train.json, val.json and test.json "
-                                "are all required)")
+        raise FileNotFoundError(f"{path}: {missing}")
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(document, dict):
-        raise ValueError(f"{path}: expected a JSON object with an 'annotations' list")
-    return path, document
+        raise ValueError(f"{path}: expected {expected}")
+    return document
+
+
+def _load_json(path: Path) -> tuple[Path, dict]:
+    return path, read_json_object(path, "SER30K split file is missing (train.json, val.json and test.json "
+                                        "are all required)", "a JSON object with an 'annotations' list")
 
 
 def _ser30k_classes(documents: dict[str, tuple[Path, dict]]) -> list[str]:

@@ -98,11 +98,17 @@ def distribution_loss(logits: torch.Tensor, dist: torch.Tensor, mask: Optional[t
     return (torch.special.xlogy(target, target) - target * logp).sum(dim=1).mean()
 
 
-def _batch_mask(batch: Mapping[str, Any], key: str, n: int, device: torch.device) -> torch.Tensor:
+def batch_mask(batch: Mapping[str, Any], key: str, n: int, device: torch.device) -> torch.Tensor:
+    """The boolean presence mask ``batch[key]`` (e.g. ``has_va``), all False when the key is absent."""
     value = batch.get(key)
     if value is None:
         return torch.zeros(n, dtype=torch.bool, device=device)
     return value.to(device=device, dtype=torch.bool)
+
+
+def va_targets(batch: Mapping[str, Any]) -> torch.Tensor:
+    """``(N, 2)`` float targets (valence, arousal) of a batch."""
+    return torch.stack([batch["valence"], batch["arousal"]], dim=1).float()
 
 
 def multitask_loss(outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any], alpha: float = 0.5,
@@ -117,8 +123,8 @@ def multitask_loss(outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any]
     """
     va = outputs["va"]
     n, device = va.shape[0], va.device
-    target = torch.stack([batch["valence"], batch["arousal"]], dim=1).to(device)
-    has_va = _batch_mask(batch, "has_va", n, device)
+    target = va_targets(batch).to(device)
+    has_va = batch_mask(batch, "has_va", n, device)
     loss_va = va_loss(va, target, has_va, kind=va_kind)
 
     logits = outputs.get("logits")
@@ -126,8 +132,8 @@ def multitask_loss(outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any]
         total, loss_cat, n_cat = loss_va, _zero(va), 0
     else:
         labels = batch["label"].to(device).long()
-        has_dist = _batch_mask(batch, "has_dist", n, device)
-        has_label = (_batch_mask(batch, "has_label", n, device) if "has_label" in batch
+        has_dist = batch_mask(batch, "has_dist", n, device)
+        has_label = (batch_mask(batch, "has_label", n, device) if "has_label" in batch
                      else torch.ones_like(has_dist)) & (labels >= 0) & ~has_dist
         n_dist, n_label = int(has_dist.sum()), int(has_label.sum())
         n_cat = n_dist + n_label

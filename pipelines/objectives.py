@@ -15,17 +15,6 @@ from emotion_models import losses, metrics
 from emotion_models.metrics import Accumulator
 
 
-def _targets_va(batch) -> torch.Tensor:
-    return torch.stack([batch["valence"], batch["arousal"]], dim=1).float()
-
-
-def _bool(batch, key, like: torch.Tensor) -> torch.Tensor:
-    value = batch.get(key)
-    if value is None:
-        return torch.zeros(like.shape[0], dtype=torch.bool, device=like.device)
-    return value.bool()
-
-
 @dataclass
 class VAObjective:
     """Valence-arousal regression, optionally with a category head (the two-stage paper).
@@ -56,19 +45,16 @@ class VAObjective:
         return (batch["image"],), {}
 
     def loss(self, outputs, batch):
-        if self.task == "single":
-            mask = _bool(batch, "has_va", outputs["va"])
-            loss = losses.va_loss(outputs["va"], _targets_va(batch), mask, kind=self.va_loss)
-            return loss, {"loss": float(loss.detach()), "loss_va": float(loss.detach()),
-                          "n_va": float(mask.sum())}
+        # Single-task models have no "logits": multitask_loss is then the plain masked VA loss.
         return losses.multitask_loss(outputs, batch, alpha=self.alpha, va_kind=self.va_loss,
                                      label_smoothing=self.label_smoothing)
 
     def collect(self, acc: Accumulator, outputs, batch):
+        va = outputs["va"]
         arrays = {
-            "va_pred": outputs["va"],
-            "va_true": _targets_va(batch),
-            "has_va": _bool(batch, "has_va", outputs["va"]),
+            "va_pred": va,
+            "va_true": losses.va_targets(batch),
+            "has_va": losses.batch_mask(batch, "has_va", va.shape[0], va.device),
             "label": batch["label"],
         }
         if "logits" in outputs:

@@ -326,17 +326,21 @@ def run_stage(spec: dict, datasets: dict, run: RunOptions, tests: Optional[dict]
     datasets = {**datasets, **{k: ds for k, (ds, _) in tests.items()}}
     spec = {**spec, "tests": {k: override for k, (_, override) in tests.items()},
             "checkpoint_root": str(Path(run.storage_path) / name)}
-    ckpt_config = CheckpointConfig(num_to_keep=run.keep_checkpoints,
-                                   checkpoint_score_attribute=f"val_{spec['monitor']}",
-                                   checkpoint_score_order=spec.get("monitor_mode", "max"))
+    # Retention follows early stopping exactly: checkpoints are ranked by "improved" (1 when the epoch
+    # set a new best), and Ray breaks ties in favour of later reports, so the latest improvement — the
+    # early-stopping best — is never deleted (the latest checkpoint is always kept too, for resuming).
+    # Ranking by the raw metric instead could keep a later epoch that merely tied it.
+    ckpt_config = CheckpointConfig(num_to_keep=run.keep_checkpoints, checkpoint_score_attribute="improved",
+                                   checkpoint_score_order="max")
     trainer = _trainer({**spec, "mode": "fit"}, datasets, run, name, ckpt_config)
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"stage {name} failed: {result.error}")
-    best = result.get_best_checkpoint(f"val_{spec['monitor']}", spec.get("monitor_mode", "max"))
-    best_metrics = next((m for c, m in (result.best_checkpoints or []) if best and c.path == best.path), {})
     info = result.return_value or {}
-    return StageOutcome(name=name, path=str(result.path), best_checkpoint=best.path if best else None,
+    best_epoch = info.get("best_epoch", -1)
+    best = Path(spec["checkpoint_root"]) / checkpoint_name(best_epoch) if best_epoch >= 0 else None
+    best_metrics = next((m for c, m in (result.best_checkpoints or []) if best and Path(c.path) == best), {})
+    return StageOutcome(name=name, path=str(result.path), best_checkpoint=str(best) if best else None,
                         best_metrics=best_metrics, history=info.get("history", []), info=info)
 
 

@@ -89,6 +89,14 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, value)
     if args.stage2_epochs is None:
         args.stage2_epochs = args.num_epochs
+    if not args.demo:
+        from pipelines.data import DATANAMES
+
+        if args.dataname not in DATANAMES and not Path(args.dataname).expanduser().exists():
+            if "/" in args.dataname or args.dataname.startswith("."):
+                raise FileNotFoundError(f"{args.dataname}: no such dataset folder (--dataname)")
+            raise cli.UsageError(f"unknown dataset {args.dataname!r}; known names: {', '.join(DATANAMES)} "
+                                 "(or a path to a dataset folder)")
     if not args.demo and args.mode == "two_stage" and args.dimensional is None:
         raise cli.UsageError("--mode two_stage with real data needs --dimensional (the Emotion6 folder or shards)")
     for key in ("lr", "batch_size", "num_epochs", "image_size"):

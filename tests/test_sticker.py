@@ -56,7 +56,17 @@ def test_result_and_mlflow_runs(runs, workdir, model):
     assert len(client.get_metric_history(child.info.run_id, "val_accuracy")) == 2
     plots = {a.path for a in client.list_artifacts(child.info.run_id, "plots")}
     assert "plots/confusion_test.png" in plots
-    assert {"model", "best_checkpoint"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert "best_checkpoint" in {a.path for a in client.list_artifacts(child.info.run_id)}
+    # The final model is an MLflow 3 logged model of the child run; it loads and classifies.
+    import mlflow.pytorch
+    import torch
+
+    from emotion_models.text import tokenize
+
+    logged = mlflow.pytorch.load_model(f"runs:/{child.info.run_id}/model")
+    ids, mask = tokenize(["hello", ""], 32)
+    kwargs = {"text_ids": ids, "text_mask": mask} if model == "lora" else {}
+    assert logged.eval()(torch.zeros(2, 3, 32, 32), **kwargs)["logits"].shape == (2, 7)
     meta = json.loads((Path(result["best_checkpoints"][model]) / "meta.json").read_text())
     assert meta["spec"]["objective"]["use_text"] is (model == "lora")
 
