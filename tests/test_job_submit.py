@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,12 +35,13 @@ def test_runtime_env_excludes_data_caches_and_mlruns():
 def test_ray_job_submit_runs_the_pipeline(tmp_path):
     ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
     gcs_port, dash_port = _free_port(), _free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="er-", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
     env = {**os.environ, "RAY_AUTH_MODE": "token", "EMOTION_RAY_HOME": str(tmp_path / "home"),
            "EMOTION_RAY_CACHE": str(tmp_path / "cache")}
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs_port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port), "--include-dashboard", "true",
-         "--temp-dir", str(tmp_path / "ray")],
+         "--temp-dir", ray_tmp],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     address = f"http://127.0.0.1:{dash_port}"
     try:
@@ -51,24 +53,32 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path):
                 break
             time.sleep(2)
         else:
-            pytest.fail(f"the head node's Jobs API never came up: {probe.stderr[-1500:]}")
+            head.terminate()
+            pytest.fail(f"the head node's Jobs API never came up: {probe.stderr[-800:]}\n"
+                        f"head output: {head.communicate(timeout=30)[0][-1500:]}")
         storage = tmp_path / "runs"
-        job = subprocess.run(
-            [ray_bin, "job", "submit", "--address", address, "--runtime-env", str(REPO / "runtime_env.yaml"),
-             "--working-dir", str(REPO), "--",
-             "python", "pipelines/two_stage.py", "--demo-images-per-class", "6", "--image-size", "32",
-             "--backbone", "resnet10t", "--batch-size", "8", "--num-epochs", "1", "--stage2-epochs", "1",
-             "--num-workers", "2", "--cpus-per-worker", "0.5", "--run-name", "submitted",
-             "--storage-path", str(storage), "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
-            env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+        submit = [ray_bin, "job", "submit", "--address", address, "--runtime-env", str(REPO / "runtime_env.yaml"),
+                  "--working-dir", str(REPO), "--",
+                  "python", "pipelines/two_stage.py", "--demo-images-per-class", "6", "--image-size", "32",
+                  "--backbone", "resnet10t", "--batch-size", "8", "--num-epochs", "1", "--mode", "one_stage",
+                  "--num-workers", "2", "--cpus-per-worker", "0.5", "--run-name", "submitted",
+                  "--storage-path", str(storage), "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+        for _ in range(30):  # the node's dashboard agent comes up a little after the Jobs API
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+            if "No available agent" not in job.stderr + job.stdout:
+                break
+            time.sleep(2)
         assert job.returncode == 0, (job.stdout[-3000:], job.stderr[-3000:])
         assert "succeeded" in (job.stdout + job.stderr).lower()
         result = json.loads((storage / "submitted" / "result.json").read_text())
         assert isinstance(result["test_pearson_v"], float)
-        assert "two_stage two_stage / single" in job.stdout  # the driver's summary table reached the client
+        assert "two_stage one_stage / single" in job.stdout  # the driver's summary table reached the client
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
         try:
+            os.killpg(head.pid, signal.SIGTERM)
             head.wait(timeout=60)
+        except ProcessLookupError:
+            pass
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -16,6 +16,7 @@ from pipelines.specs import read_meta
 from pipelines.tracking import Tracker, resolve_tracking_uri
 from pipelines.train_loop import RunOptions
 from tuning import report
+from tuning.cleanup import ReleaseStoppedTrials, settle
 from tuning.sweep import STATE_FILE, SweepConfig, default_concurrency
 from tuning.trial import TrialContext, run_trial, train_tracked
 
@@ -89,20 +90,22 @@ def _trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def _search_algorithm(cfg: SweepConfig):
+def _search_algorithm(cfg: SweepConfig, max_concurrent: int):
+    """The searcher, with the concurrency limit built in (Tune ignores ``max_concurrent_trials`` for a
+    ``BasicVariantGenerator`` instance, so it gets its own ``max_concurrent``)."""
     seed = cfg.args.seed
     if cfg.search == "optuna":
         try:
-            import optuna  # noqa: F401
+            from optuna.samplers import TPESampler
         except ImportError:
             raise cli.UsageError("--search optuna needs optuna: pip install 'emotion-ray[optuna]'") from None
-        from optuna.samplers import TPESampler
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(sampler=TPESampler(seed=seed))
+        return ConcurrencyLimiter(OptunaSearch(sampler=TPESampler(seed=seed)), max_concurrent=max_concurrent)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=seed)
+    return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=seed)
 
 
 def _tuner(cfg: SweepConfig, ctx: TrialContext, sweep_dir: Path, max_concurrent: int):
@@ -115,14 +118,18 @@ def _tuner(cfg: SweepConfig, ctx: TrialContext, sweep_dir: Path, max_concurrent:
     tune_dir = sweep_dir / "tune"
     if tune.Tuner.can_restore(str(tune_dir)):
         return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
+    # stop_last_trials=False: a trial that reaches max_t ends by itself (and closes its MLflow run)
+    # instead of being stopped at its last report.
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.max_t, grace_period=cfg.grace_period,
-                              reduction_factor=2) if cfg.scheduler == "asha" else FIFOScheduler()
+                              reduction_factor=2, stop_last_trials=False) if cfg.scheduler == "asha" \
+        else FIFOScheduler()
     return tune.Tuner(
         trainable, param_space=cfg.param_space(),
-        tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, search_alg=_search_algorithm(cfg),
+        tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, search_alg=_search_algorithm(cfg, max_concurrent),
                                     scheduler=scheduler, num_samples=cfg.num_samples,
-                                    max_concurrent_trials=max_concurrent, trial_dirname_creator=_trial_dirname),
-        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1))
+                                    trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
+                                  callbacks=[ReleaseStoppedTrials()]))
 
 
 def run_sweep(cfg: SweepConfig) -> SweepOutcome:
@@ -151,6 +158,7 @@ def run_sweep(cfg: SweepConfig) -> SweepOutcome:
         results = tuner.get_results()
     else:
         results = tuner.fit()
+        settle()
     return _report(cfg, tracker, parent, state, sweep_dir, results)
 
 
