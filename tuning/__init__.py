@@ -21,11 +21,12 @@ ASHA's ``max_t`` is the trial's epochs, rungs at ``grace``, ``2 x grace``, ...).
 the test splits: selection uses validation data only. ASHA-stopped trials have their MLflow runs
 closed by the driver (KILLED, ``stopped_by_scheduler=true``, last reported metrics).
 
-Resources: the trial function only drives, so it holds a token 0.01 CPU (``tune.with_resources``;
-Tune refuses zero); each trial's trainer takes ``--num-workers x --cpus-per-worker``. By default as
-many trials run at once as fit in half the cluster's CPUs (and, with ``--use-gpu``, in its GPUs), at
-least one, the other half being left to Ray Data. On a 2-core machine: one trial of 2 workers x 0.5
-CPU at a time.
+Resources: the trial function only drives, so it reserves no CPU, only 256 MiB of memory
+(``tune.with_resources``: Tune refuses an empty request, and a CPU share would leave Ray Data less
+than the whole core each of its tasks needs); each trial's trainer takes ``--num-workers x
+--cpus-per-worker`` CPUs. By default as many trials run at once as fit in half the cluster's CPUs
+(and, with ``--use-gpu``, in its GPUs), at least one, the other half being left to Ray Data. On a
+2-core machine: one trial of 2 workers x 0.5 CPU at a time.
 
 ``--space FILE``: extra or overriding dimensions, see :mod:`tuning.space`.
 

@@ -9,7 +9,7 @@ a core. The sweep driver therefore removes this job's placement groups whose cre
 (never those created by the driver itself, such as Tune's own trial reservations).
 
 It reads the GCS placement-group table through Ray's private ``global_state_accessor`` (public
-``placement_group_table()`` does not show the creator); on any mismatch with an other Ray version
+``placement_group_table()`` does not show the creator); on any mismatch with another Ray version
 it warns once and does nothing.
 """
 from __future__ import annotations
@@ -51,7 +51,10 @@ def release_orphaned_placement_groups() -> int:
             release_orphaned_placement_groups.warned = True  # type: ignore[attr-defined]
         return 0
     for pg_id in orphans:
-        remove_placement_group(PlacementGroup(pg_id))
+        try:
+            remove_placement_group(PlacementGroup(pg_id))
+        except Exception as exc:  # noqa: BLE001 - e.g. Ray Train's own cleaner removed it first
+            logger.debug("placement group %s: %s", pg_id.hex(), exc)
     return len(orphans)
 
 

@@ -8,8 +8,10 @@ checkpoint, and they keep their MLflow runs). A sweep that already finished only
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 from pipelines import cli
 from pipelines.specs import read_meta
@@ -20,7 +22,7 @@ from tuning.cleanup import ReleaseStoppedTrials, settle
 from tuning.sweep import STATE_FILE, SweepConfig, default_concurrency
 from tuning.trial import TrialContext, run_trial, train_tracked
 
-TRIAL_DRIVER_CPU = 0.01
+TRIAL_DRIVER_MEMORY = 256 * 1024 ** 2  # bytes
 
 
 @dataclass
@@ -54,7 +56,7 @@ def _parent_run(cfg: SweepConfig, tracker: Tracker, state: SweepState) -> str:
     if parent and tracker.run_exists(parent):
         print(f"resuming sweep {cfg.name!r} (MLflow parent run {parent})")
         return parent
-    base = {k: v for k, v in vars(cfg.args).items() if k not in ("explicit", "fault", "config")}
+    base = {k: v for k, v in vars(cfg.args).items() if k not in ("explicit", "fault", "config") and v is not None}
     params = {**{f"space.{k}": d.describe() for k, d in cfg.dims.items()}, **{f"base.{k}": v for k, v in base.items()},
               "search": cfg.search, "scheduler": cfg.scheduler, "num_samples": cfg.num_samples,
               "metric": cfg.metric, "mode": cfg.mode, "grace_period": cfg.grace_period}
@@ -76,8 +78,7 @@ def _stage_one(cfg: SweepConfig, tracker: Tracker, parent: str, state: SweepStat
         return done
     spec, datasets = cfg.target.stage1(cfg.target.make_plan(cfg.args))
     print(f"[stage1] training stage one once for the sweep ({spec['epochs']} epochs, base flags)")
-    outcome = train_tracked(tracker, parent, "stage1", spec, datasets, RunOptions(**{**run.__dict__,
-                                                                                  "storage_path": str(sweep_dir)}),
+    outcome = train_tracked(tracker, parent, "stage1", spec, datasets, replace(run, storage_path=str(sweep_dir)),
                             params={}, tags={"pipeline": cfg.target.name}, metric=f"val_{spec['monitor']}",
                             mode=spec.get("monitor_mode", "max"))
     if not outcome.best_checkpoint:
@@ -112,9 +113,10 @@ def _tuner(cfg: SweepConfig, ctx: TrialContext, sweep_dir: Path, max_concurrent:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    # The trial function only drives Ray Train: the trainer's workers hold the CPUs. Tune refuses
-    # a request of zero, hence a token share.
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": TRIAL_DRIVER_CPU})
+    # The trial function only drives Ray Train: the trainer's workers hold the CPUs. Tune refuses an
+    # empty request and any CPU share would leave Ray Data less than the whole core its tasks need,
+    # so the trial reserves only some memory.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"memory": TRIAL_DRIVER_MEMORY})
     tune_dir = sweep_dir / "tune"
     if tune.Tuner.can_restore(str(tune_dir)):
         return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
@@ -125,14 +127,15 @@ def _tuner(cfg: SweepConfig, ctx: TrialContext, sweep_dir: Path, max_concurrent:
         else FIFOScheduler()
     return tune.Tuner(
         trainable, param_space=cfg.param_space(),
-        tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, search_alg=_search_algorithm(cfg, max_concurrent),
-                                    scheduler=scheduler, num_samples=cfg.num_samples,
+        tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, scheduler=scheduler,
+                                    search_alg=_search_algorithm(cfg, max_concurrent), num_samples=cfg.num_samples,
                                     trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
                                   callbacks=[ReleaseStoppedTrials()]))
 
 
-def run_sweep(cfg: SweepConfig) -> SweepOutcome:
+def run_sweep(cfg: SweepConfig) -> Optional[SweepOutcome]:
+    """The whole sweep; ``None`` when it was interrupted (its state is kept for a resume)."""
     import ray
 
     a = cfg.args
@@ -158,8 +161,17 @@ def run_sweep(cfg: SweepConfig) -> SweepOutcome:
         results = tuner.get_results()
     else:
         results = tuner.fit()
+        if _interrupted(cfg, results):  # Ctrl+C: Tune saved its state and returned early
+            print(f"sweep {cfg.name!r} interrupted: run the same command again to resume it")
+            return None
         settle()
     return _report(cfg, tracker, parent, state, sweep_dir, results)
+
+
+def _interrupted(cfg: SweepConfig, results) -> bool:
+    """Fewer trials than the search makes (``num_samples`` x grid points), or some not ended."""
+    expected = cfg.num_samples * math.prod(len(d.values) for d in cfg.dims.values() if d.kind == "grid")
+    return len(results) < expected or results.num_terminated + results.num_errors < len(results)
 
 
 def _report(cfg: SweepConfig, tracker: Tracker, parent: str, state: SweepState, sweep_dir: Path,

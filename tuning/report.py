@@ -73,8 +73,9 @@ def table(rows: list[TrialRow], metric: str) -> str:
     header = ["rank", "trial", *dims, metric, "epochs", "status"]
     body = [[str(r.rank), r.trial_id, *(_fmt(r.config.get(d)) for d in dims),
              "-" if r.best is None else f"{r.best:.4f}", str(r.epochs), r.status] for r in rows]
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *body])
+    lines = [header, *body]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines)
 
 
 def write_csv(rows: list[TrialRow], metric: str, path: Path) -> None:

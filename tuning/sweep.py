@@ -17,7 +17,6 @@ import hashlib
 import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 from pipelines import cli
@@ -47,12 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
                "workers), --experiment, --address, ... With no data flags the embedded demo is swept.")
     p.add_argument("--pipeline", choices=sorted(TARGETS), default="two_stage", help="default: %(default)s")
     s = p.add_argument_group("search")
-    s.add_argument("--num-samples", type=int, default=8, help="trials (with grid dimensions: per grid point); default %(default)s")
+    s.add_argument("--num-samples", type=int, default=8,
+                   help="trials (with grid dimensions: per grid point); default %(default)s")
     s.add_argument("--search", choices=["random", "optuna"], default="random",
                    help="random (default): Tune's BasicVariantGenerator; optuna: TPE (the [optuna] extra)")
     s.add_argument("--scheduler", choices=["asha", "fifo"], default="asha",
                    help="asha (default) stops poor trials at epochs grace, 2 x grace, ...; fifo runs all to the end")
-    s.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs every trial runs before a stop; default %(default)s")
+    s.add_argument("--grace-period", type=int, default=1,
+                   help="ASHA: epochs every trial runs before a stop; default %(default)s")
     s.add_argument("--max-concurrent", type=int, default=None,
                    help="trials at once (default: as many as fit in half the CPUs, and in the GPUs; at least 1)")
     s.add_argument("--metric", default=None,
@@ -125,7 +126,7 @@ def parse(argv: Optional[Sequence[str]] = None) -> SweepConfig:
     if ns.stage1_checkpoint and not target.needs_stage1(args):
         raise cli.UsageError("--stage1-checkpoint applies to --pipeline two_stage --mode two_stage only")
     dims = search_dims(target, args, ns)
-    check_search_algorithm(dims, ns.search)
+    check_search_algorithm(dims, ns.search, ns.space or "--space")
     name = ns.sweep_name or default_sweep_name(ns.pipeline, argv)
     return SweepConfig(target=target, args=args, dims=dims, search=ns.search, scheduler=ns.scheduler,
                        num_samples=ns.num_samples, max_concurrent=ns.max_concurrent, grace_period=ns.grace_period,
@@ -157,8 +158,8 @@ def search_dims(target: Target, args: argparse.Namespace, ns: argparse.Namespace
         allowed = target.sweepable() | {"alpha"}
         bad = sorted(set(extra) - allowed)
         if bad:
-            raise cli.UsageError(f"{ns.space}: {', '.join(bad)} cannot be searched (not a training flag of "
-                                 f"{target.script}; epochs are ASHA's budget, set them with the pipeline flags)")
+            raise cli.UsageError(f"{ns.space}: {', '.join(bad)} cannot be searched: not a training hyperparameter "
+                                 f"of {target.script} (epochs are ASHA's budget: set them with the pipeline's flags)")
         dims.update(extra)
     return dims
 
@@ -179,7 +180,7 @@ def default_concurrency(resources: dict, num_workers: int, cpus_per_worker: floa
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run a sweep; 0 when it finished, 130 when it was interrupted (re-run to resume)."""
     from tuning.driver import run_sweep
 
-    run_sweep(parse(argv))
-    return 0
+    return 0 if run_sweep(parse(argv)) is not None else 130

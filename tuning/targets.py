@@ -91,8 +91,7 @@ class Target:
         skip = {"help", "config", "run_name", "fault", "eval", "checkpoint"}
         flags = {dest: getattr(base, dest) for dest in self.flag_dests()
                  if dest not in skip and getattr(base, dest, None) is not None}
-        flags.update(vars(self.trial_args(argparse.Namespace(**flags), config)))
-        return flags
+        return vars(self.trial_args(argparse.Namespace(**flags), config))
 
     # What each pipeline fills in.
     def alpha_dest(self, args) -> str:

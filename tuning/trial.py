@@ -1,16 +1,16 @@
 """One trial: a Ray Tune function that builds the pipeline's stage and fits it on Ray Train.
 
-Tune runs :func:`run_trial` in a small actor that only drives: it asks for no CPU of its own, the
-``TorchTrainer`` it starts takes ``num_workers x cpus_per_worker``, and
-``TuneReportCallback`` forwards every epoch's ``ray.train.report`` to Tune (one Tune iteration
-per epoch, which is what ASHA counts). Every trial (and the sweep's stage one) is an MLflow child
+Tune runs :func:`run_trial` in a small actor that only drives: it reserves no CPU of its own (only
+some memory), the ``TorchTrainer`` it starts takes ``num_workers x cpus_per_worker``, and
+``TuneReportCallback`` forwards every epoch's ``ray.train.report`` to Tune (one Tune iteration per
+epoch, which is what ASHA counts). Every trial (and the sweep's stage one) is an MLflow child
 run of the sweep's parent run, found again by a tag when a resumed sweep restarts it.
 """
 from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -108,8 +108,8 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     spec, datasets = ctx.target.trial_stage(ctx.target.make_plan(args), ctx.init_from)
     # The trial keeps (and stops early on) the best epoch by the sweep's metric.
     spec = {**spec, "monitor": ctx.metric[len("val_"):], "monitor_mode": ctx.mode}
-    run = RunOptions(**{**ctx.run.__dict__, "storage_path": str(Path(ctx.sweep_dir) / "trials" / trial_id),
-                        "callbacks": [TuneReportCallback()]})
+    run = replace(ctx.run, storage_path=str(Path(ctx.sweep_dir) / "trials" / trial_id),
+                  callbacks=[TuneReportCallback()])
     tracker = Tracker(ctx.tracking_uri, ctx.experiment)
     train_tracked(tracker, ctx.parent_run_id, trial_id, spec, datasets, run, params=trial_params(config),
                   tags={"pipeline": ctx.target.name}, metric=ctx.metric, mode=ctx.mode)
