@@ -253,3 +253,16 @@ def test_optuna_samples_inside_the_ranges_two_trials_at_a_time():
     for config in (first, second):
         assert 1e-4 <= config["lr"] <= 1e-3 and 1e-5 <= config["decay"] <= 1e-3 and 0.1 <= config["alpha"] <= 0.9
     assert first != second
+
+
+def test_summary_counts_epochs_by_their_number_and_skips_missing_values():
+    from tuning.trial import summarize
+
+    # A trial resumed after an interruption reports epochs 1 and 2 only; epoch 2 has no value.
+    resumed = [{"epoch": 1, "val_mse": 0.3}, {"epoch": 2, "val_mse": float("nan")}]
+    assert summarize(resumed, "val_mse", "min") == {"epochs_run": 3, "best_val_mse": 0.3, "best_epoch": 1,
+                                                    "last_val_mse": 0.3}
+    rows = [{"epoch": 0, "val_acc": 0.5}, {"epoch": 1, "val_acc": 0.7}, {"epoch": 2, "val_acc": 0.6}]
+    assert summarize(rows, "val_acc", "max")["best_epoch"] == 1
+    assert summarize(rows, "val_acc", "min")["best_epoch"] == 0
+    assert summarize([], "val_acc", "max") == {"epochs_run": 0}

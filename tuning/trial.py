@@ -44,12 +44,18 @@ def trial_params(config: dict) -> dict:
     return {**{k: config[k] for k in SWEPT if k in config}, **{k: v for k, v in config.items() if k not in SWEPT}}
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not math.isnan(value)
+
+
 def summarize(history: Iterable[dict], metric: str, mode: str) -> dict[str, float]:
     """``best_<metric>``, its 0-based ``best_epoch``, ``last_<metric>`` and ``epochs_run`` of a run's
-    per-epoch rows (the pipeline's history or Tune's results); missing values are skipped."""
+    per-epoch rows (the pipeline's history or Tune's results); missing values are skipped. Epochs are
+    counted by the rows' own ``epoch`` (a resumed trial reports only its epochs since the restart)."""
     history = list(history)
-    rows = [r for r in history if isinstance(r.get(metric), (int, float)) and not math.isnan(r[metric])]
-    out: dict[str, float] = {"epochs_run": len(history)}
+    rows = [r for r in history if _number(r.get(metric))]
+    epochs = [int(r["epoch"]) for r in history if _number(r.get("epoch"))]
+    out: dict[str, float] = {"epochs_run": max(epochs) + 1 if epochs else len(history)}
     if rows:
         pick = max if mode == "max" else min
         best = pick(rows, key=lambda r: r[metric])
