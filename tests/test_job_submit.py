@@ -38,10 +38,15 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="er-", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
     env = {**os.environ, "RAY_AUTH_MODE": "token", "EMOTION_RAY_HOME": str(tmp_path / "home"),
            "EMOTION_RAY_CACHE": str(tmp_path / "cache")}
+    # Every port of its own: the test session's Ray (started by other tests) holds the defaults, e.g.
+    # the dashboard agent's 52365, and a second agent on the same port never comes up.
+    own_ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "ray-client-server-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs_port),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port), "--include-dashboard", "true",
-         "--temp-dir", ray_tmp],
+         "--min-worker-port", "20000", "--max-worker-port", "20999", *own_ports, "--temp-dir", ray_tmp],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     address = f"http://127.0.0.1:{dash_port}"
     try:
