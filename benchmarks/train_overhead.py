@@ -1,6 +1,6 @@
 """What Ray Train costs: the same training core, model and data, through Ray Train or a bare loop.
 
-    python benchmarks/train_overhead.py [--shards DIR] [--epochs 3] [--num-workers 2] [--image-size 64]
+    python benchmarks/train_overhead.py [--shards DIR | --images-per-class 250] [--epochs 3] [--num-workers 2]
 
 (a) Ray Train: ``pipelines.train_loop.run_stage`` with ``--num-workers`` CPU workers (DDP over gloo),
     the shards streamed by Ray Data with decoding in ``map_batches``.
@@ -65,7 +65,7 @@ def ray_train(args, shards: Path, num_classes: int) -> float:
     from pipelines.train_loop import RunOptions, run_stage
 
     if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=os.cpu_count(), log_to_driver=False)  # dashboard on: Ray Train V2 needs it
     sets = data.training_datasets(shards, image_size=args.image_size, num_classes=num_classes, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         run = RunOptions(storage_path=tmp, num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker)
@@ -86,12 +86,18 @@ def main() -> None:
     p.add_argument("--backbone", default="resnet10t")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--images-per-class", type=int, default=250,
+                   help="size of the generated demo set (8 classes; about 70%% of it trains)")
     args = p.parse_args()
 
     import datasets_io
+    import ray
     from pipelines import data
 
-    shards = Path(args.shards) if args.shards else data.demo_shards(show_progress=False)["fi"]
+    # One quiet local Ray for the demo ingest and the Ray Train run (workers' lines stay in Ray's logs).
+    ray.init(num_cpus=os.cpu_count(), log_to_driver=False)  # dashboard on: Ray Train V2 needs it
+    shards = Path(args.shards) if args.shards else data.demo_shards(
+        images_per_class=args.images_per_class, show_progress=False)["fi"]
     num_classes = len(datasets_io.read_manifest(shards)["classes"])
     print(f"data {shards}, model {args.backbone} at {args.image_size} px, batch {args.batch_size}, "
           f"{args.epochs} epochs, {os.cpu_count()} cores")
