@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--early-stop", type=int, default=None, help="patience in epochs (0: off)")
     t.add_argument("--num-epochs", type=int, default=None)
     t.add_argument("--stage2-epochs", type=int, default=None, help="epochs of stage two (default: --num-epochs)")
+    t.add_argument("--stage2-lr", type=float, default=None, help="learning rate of stage two (default: --lr)")
+    t.add_argument("--stage2-decay", type=float, default=None, help="weight decay of stage two (default: --decay)")
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--backbone", default=None, help="any timm model name")
     t.add_argument("--image-size", type=int, default=None)
@@ -87,8 +89,9 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in (DEMO_DEFAULTS if args.demo else PAPER_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.stage2_epochs is None:
-        args.stage2_epochs = args.num_epochs
+    for stage2_key, key in (("stage2_epochs", "num_epochs"), ("stage2_lr", "lr"), ("stage2_decay", "decay")):
+        if getattr(args, stage2_key) is None:
+            setattr(args, stage2_key, getattr(args, key))
     if not args.demo:
         from pipelines.data import DATANAMES
 
@@ -99,7 +102,7 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
                                  "(or a path to a dataset folder)")
     if not args.demo and args.mode == "two_stage" and args.dimensional is None:
         raise cli.UsageError("--mode two_stage with real data needs --dimensional (the Emotion6 folder or shards)")
-    for key in ("lr", "batch_size", "num_epochs", "image_size"):
+    for key in ("lr", "stage2_lr", "batch_size", "num_epochs", "stage2_epochs", "image_size"):
         if getattr(args, key) <= 0:
             raise cli.UsageError(f"--{key.replace('_', '-')} must be positive, not {getattr(args, key)}")
     if not 0.0 <= args.alpha <= 1.0 or not 0.0 <= args.alpha2 <= 1.0:
@@ -115,7 +118,7 @@ def _fault(args, stage: str):
 
 
 def stage_spec(args, *, name: str, head_classes: list[str], classes: list[str], objective: dict, epochs: int,
-               monitor: str, init_from=None, freeze_until=None, mix=False) -> dict:
+               lr: float, decay: float, monitor: str, init_from=None, freeze_until=None, mix=False) -> dict:
     """The spec of one stage (see :mod:`pipelines.specs`)."""
     return {
         "name": name,
@@ -124,7 +127,7 @@ def stage_spec(args, *, name: str, head_classes: list[str], classes: list[str], 
         "objective": objective,
         "init_from": init_from,
         "freeze_until": freeze_until,
-        "optimizer": {"name": args.optimizer, "lr": args.lr, "weight_decay": args.decay},
+        "optimizer": {"name": args.optimizer, "lr": lr, "weight_decay": decay},
         "scheduler": {"name": "cosine", "warmup_epochs": args.warmup_epochs},
         "epochs": epochs,
         "early_stop": args.early_stop,
@@ -204,6 +207,7 @@ def stage1(plan: Plan) -> tuple[dict, dict, dict]:
     """Stage one: VA (and categories, multi) on the categorical set. Returns (spec, datasets, tests)."""
     a = plan.args
     spec = stage_spec(a, name="stage1", head_classes=plan.classes, classes=plan.classes, epochs=a.num_epochs,
+                      lr=a.lr, decay=a.decay,
                       monitor="pearson_mean" if a.task == "single" else "accuracy",
                       objective=va_objective(a.task, a.alpha, a.va_loss, plan.classes, plan.anchors,
                                              "anchors" if a.task == "single" else "logits"))
@@ -222,7 +226,8 @@ def stage2(plan: Plan, init_from: str) -> tuple[dict, dict, dict]:
 
     a = plan.args
     spec = stage_spec(a, name="stage2", head_classes=plan.classes, classes=plan.dim_classes,
-                      epochs=a.stage2_epochs, monitor="pearson_mean", init_from=init_from,
+                      epochs=a.stage2_epochs, lr=a.stage2_lr, decay=a.stage2_decay, monitor="pearson_mean",
+                      init_from=init_from,
                       freeze_until=a.freeze_until, mix=a.task == "multi", objective=_dimensional_objective(plan))
     datasets = {"train": plan.dim_sets["train"], "val": plan.dim_sets["val"]}
     if a.task == "multi":

@@ -82,7 +82,7 @@ def test_every_trial_is_a_child_run_with_lr_decay_alpha(swept):
         assert run.info.status != "RUNNING"
         assert float(run.data.params["alpha"]) == 0.9       # --task single: alpha2 kept at its flag value
         assert 1e-5 <= float(run.data.params["decay"]) <= 1e-3  # a decade either side of the demo's 1e-4
-        assert run.data.params["optimizer.lr"] == run.data.params["lr"]  # the spec the trial trained
+        assert run.data.params["optimizer.lr"] == run.data.params["lr"]  # the stage-two spec the trial trained
         if run.info.status == "FINISHED":  # a stopped trial's worker may log an epoch Tune never saw
             assert run.data.metrics["best_val_mse"] == pytest.approx(
                 min(m.value for m in client.get_metric_history(run.info.run_id, "val_mse")))
@@ -119,8 +119,10 @@ def test_ranked_table_trials_csv_and_best_config(swept):
     assert printed == [r["trial_id"] for r in swept.rows]
     assert str(swept.dir / "best_config.yaml") in swept.stdout and swept.parent in swept.stdout
     best = yaml.safe_load((swept.dir / "best_config.yaml").read_text())
-    assert best["lr"] == pytest.approx(float(swept.rows[0]["lr"]))
-    assert best["decay"] == pytest.approx(float(swept.rows[0]["decay"]))
+    # A trial is stage two: the searched lr and decay are stage two's; stage one keeps the base flags.
+    assert best["stage2_lr"] == pytest.approx(float(swept.rows[0]["lr"]))
+    assert best["stage2_decay"] == pytest.approx(float(swept.rows[0]["decay"]))
+    assert (best["lr"], best["decay"]) == (2e-3, 1e-4)  # the demo's, which trained the sweep's stage one
     assert (best["image_size"], best["batch_size"], best["backbone"]) == (32, 8, "resnet10t")
 
 
@@ -133,8 +135,14 @@ def test_best_config_retrains(swept):
     with contextlib.redirect_stdout(io.StringIO()):
         assert two_stage.main(argv) == 0
     result = json.loads((swept.tmp / "runs" / "retrain" / "result.json").read_text())
-    params = _client(swept.uri).get_run(result["mlflow_run_id"]).data.params
-    assert float(params["lr"]) == pytest.approx(float(swept.rows[0]["lr"]))
+    client = _client(swept.uri)
+    parent = client.get_run(result["mlflow_run_id"])
+    assert float(parent.data.params["stage2_lr"]) == pytest.approx(float(swept.rows[0]["lr"]))
+    stages = {r.data.tags["mlflow.runName"]: r.data.params for r in client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    # What each stage trained with: the best trial's lr for stage two, the base lr for stage one.
+    assert float(stages["stage2"]["optimizer.lr"]) == pytest.approx(float(swept.rows[0]["lr"]))
+    assert float(stages["stage1"]["optimizer.lr"]) == pytest.approx(2e-3)
 
 
 @pytest.mark.slow
@@ -223,8 +231,9 @@ def test_space_file_adds_and_overrides_dimensions(tmp_path):
     space = cfg.param_space()
     assert space["decay"] == {"grid_search": [0.0, 1e-4]} and space["optimizer"] == "sgd"
     assert cfg.args.num_epochs == 3 and cfg.args.stage2_epochs == 4  # explicit flag wins over the demo preset
-    flags = cfg.target.config_flags(cfg.args, {"lr": 2e-3, "batch_size": 16, "alpha": 0.7})
-    assert (flags["lr"], flags["batch_size"], flags["alpha2"], flags["num_epochs"]) == (2e-3, 16, 0.7, 3)
+    flags = cfg.target.config_flags(cfg.args, {"lr": 3e-3, "batch_size": 16, "alpha": 0.7})
+    assert (flags["stage2_lr"], flags["batch_size"], flags["alpha2"], flags["num_epochs"]) == (3e-3, 16, 0.7, 3)
+    assert flags["lr"] == cfg.args.lr == 2e-3  # stage one's, which a two-stage trial does not train
     assert set(flags) <= set(cfg.target.flag_dests())
 
 

@@ -156,6 +156,7 @@ def test_rerun_with_same_name_resumes_instead_of_restarting(ray_session, workdir
     (["--dataname", "FI", "--mode", "one_stage"], "not ingested yet"),
     (["--dataname", "FI"], "--dimensional"),
     (["--lr", "-1"], "--lr must be positive"),
+    (["--stage2-lr", "0"], "--stage2-lr must be positive"),
 ])
 def test_bad_configuration_fails_before_training_with_one_line(tmp_path, argv, message):
     proc = subprocess.run([sys.executable, "pipelines/two_stage.py", *argv, "--storage-path", str(tmp_path)],
@@ -207,3 +208,15 @@ def test_predict_on_a_trained_checkpoint(frameworks, workdir, tmp_path):
         assert r["nearest_category"] in classes
         assert r["head_category"]  # the multi-task head's category (stage-one classes)
     assert np.isfinite([float(r["arousal_sam"]) for r in rows]).all()
+
+
+def test_stage_two_flags_default_to_stage_ones():
+    from pipelines import cli, two_stage
+
+    def parsed(*argv):
+        return two_stage.apply_defaults(cli.parse_args(two_stage.build_parser(), list(argv)))
+
+    args = parsed("--lr", "3e-3", "--decay", "0.01")
+    assert (args.stage2_lr, args.stage2_decay) == (3e-3, 0.01)
+    args = parsed("--lr", "3e-3", "--stage2-lr", "1e-4", "--stage2-decay", "0")
+    assert (args.lr, args.stage2_lr, args.decay, args.stage2_decay) == (3e-3, 1e-4, 1e-4, 0.0)

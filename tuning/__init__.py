@@ -8,8 +8,8 @@ What a trial covers:
 
 - ``two_stage``: stage two from one fixed stage-one checkpoint. Stage one is trained once at the
   start with the base flags (into the sweep folder, reused when the sweep resumes), or given with
-  ``--stage1-checkpoint DIR``; alpha is the stage-two multi-task weight (``--alpha2``, swept with
-  ``--task multi`` only). With ``--mode one_stage`` a trial is stage one and alpha is ``--alpha``.
+  ``--stage1-checkpoint DIR``; lr and decay are stage two's (``--stage2-lr``, ``--stage2-decay``)
+  and alpha is the stage-two multi-task weight (``--alpha2``, swept with ``--task multi`` only). With ``--mode one_stage`` a trial is stage one and alpha is ``--alpha``.
   Default metric ``val_pearson_mean``.
 - ``sticker``: the LORA / LORA-V training run; alpha is LORA's integer token multiplier.
   Default metric ``val_accuracy``.

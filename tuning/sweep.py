@@ -140,13 +140,13 @@ def _decade(value: float) -> tuple[float, float]:
 def search_dims(target: Target, args: argparse.Namespace, ns: argparse.Namespace) -> dict[str, Dim]:
     """lr, decay and alpha from their ranges (or the defaults), then the ``--space`` file on top."""
     positive = Limits(positive=True)
-    dims = {"lr": range_dim("lr", ns.lr_range or _decade(args.lr), "loguniform", positive, "--lr-range")}
-    if ns.decay_range or args.decay > 0:
-        dims["decay"] = range_dim("decay", ns.decay_range or _decade(args.decay), "loguniform", positive,
+    lr, decay, alpha = (getattr(args, target.dest(args, key)) for key in ("lr", "decay", "alpha"))
+    dims = {"lr": range_dim("lr", ns.lr_range or _decade(lr), "loguniform", positive, "--lr-range")}
+    if ns.decay_range or decay > 0:
+        dims["decay"] = range_dim("decay", ns.decay_range or _decade(decay), "loguniform", positive,
                                   "--decay-range")
     else:  # no decay to centre a log range on: kept fixed unless a range is given
-        dims["decay"] = Dim("decay", "const", (args.decay,))
-    alpha = getattr(args, target.alpha_dest(args))
+        dims["decay"] = Dim("decay", "const", (decay,))
     if ns.alpha_range or target.alpha_acts(args):
         dims["alpha"] = range_dim("alpha", ns.alpha_range or target.alpha_range, target.alpha_kind,
                                   target.alpha_limits, "--alpha-range")

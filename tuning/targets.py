@@ -5,8 +5,8 @@ A :class:`Target` wraps a pipeline module's own functions (``build_parser``, ``a
 ``python pipelines/<name>.py`` would, with the trial's lr, decay, alpha and extras set on a copy of
 the base flags:
 
-- ``two_stage``: a trial is stage two, started from one fixed stage-one checkpoint; alpha is the
-  stage-two multi-task weight (``--alpha2``). With ``--mode one_stage`` a trial is stage one and
+- ``two_stage``: a trial is stage two, started from one fixed stage-one checkpoint; lr, decay and
+  alpha are stage two's (``--stage2-lr``, ``--stage2-decay``, and ``--alpha2``, the multi-task weight). With ``--mode one_stage`` a trial is stage one and
   alpha is ``--alpha``. Alpha only acts with ``--task multi``; with ``--task single`` it is not swept.
 - ``sticker``: a trial is the one LORA / LORA-V training run; alpha is LORA's integer token
   multiplier (``--alpha``).
@@ -80,11 +80,16 @@ class Target:
         return set(self.flag_dests()) - NOT_SWEEPABLE - EPOCH_DESTS
 
     def trial_args(self, base: argparse.Namespace, config: dict) -> argparse.Namespace:
-        """A copy of the base flags with one trial's values set (``alpha`` goes to :meth:`alpha_dest`)."""
+        """A copy of the base flags with one trial's values set (each at the flag :meth:`dest` names)."""
         args = copy.deepcopy(base)
         for key, value in config.items():
-            setattr(args, self.alpha_dest(base) if key == "alpha" else key, value)
+            setattr(args, self.dest(base, key), value)
         return args
+
+    def dest(self, args, key: str) -> str:
+        """The pipeline flag a searched name sets: ``alpha`` is the pipeline's own alpha, other names
+        are flags as they are."""
+        return self.alpha_dest(args) if key == "alpha" else key
 
     def config_flags(self, base: argparse.Namespace, config: dict) -> dict[str, Any]:
         """Flag dests of the pipeline for a retrain: the base flags plus a trial's values."""
@@ -128,6 +133,12 @@ class TwoStage(Target):
 
     def alpha_dest(self, args) -> str:
         return "alpha2" if self.needs_stage1(args) else "alpha"
+
+    def dest(self, args, key: str) -> str:
+        # A trial is stage two: its lr and decay are stage two's, stage one keeps the base flags.
+        if key in ("lr", "decay") and self.needs_stage1(args):
+            return f"stage2_{key}"
+        return super().dest(args, key)
 
     def alpha_acts(self, args) -> bool:
         return args.task == "multi"
