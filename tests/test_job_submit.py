@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -20,10 +21,25 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+_taken: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range (32768+) and above Ray's worker ports
+    (10002-19999; this test's head uses 20000-20999): ports that bind(0) hands out are ephemeral, so
+    any process's next outgoing connection could take one before the head binds it."""
+    rng = random.Random()
+    while True:
+        port = rng.randint(21000, 32000)
+        if port in _taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _taken.add(port)
+        return port
 
 
 def test_runtime_env_excludes_data_caches_and_mlruns():

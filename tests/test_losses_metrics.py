@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import socket
 
 import numpy as np
 import pytest
@@ -260,11 +259,11 @@ def _gather_worker(rank: int, world_size: int, init_method: str, out_dir: str) -
 
 
 def test_accumulator_gathers_uneven_shards_from_every_rank(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # A file rendezvous, not a TCP port picked in advance: the session's Ray processes open ports all the
+    # time and could take it between the pick and the bind.
     world_size = len(SHARD_SIZES)
-    torch.multiprocessing.spawn(_gather_worker, args=(world_size, f"tcp://127.0.0.1:{port}", str(tmp_path)),
+    init_method = f"file://{tmp_path / 'rendezvous'}"
+    torch.multiprocessing.spawn(_gather_worker, args=(world_size, init_method, str(tmp_path)),
                                 nprocs=world_size, join=True)
     whole = {k: np.concatenate([_shard(r)[k] for r in range(world_size)]) for k in ("id", "va")}
     for rank in range(world_size):
