@@ -143,6 +143,11 @@ def _maybe_inject_fault(fault: Optional[dict], epoch: int, step: int) -> None:
     if marker.exists():
         return
     marker.write_text(f"killed at epoch {epoch} step {step}\n")
+    # Ray Train V2's controller collects reports by polling the workers every health-check interval
+    # (2 s by default); a report still queued in a dying worker is lost, and the run would resume from
+    # the checkpoint before it. Dying a few intervals after the last report makes the test measure the
+    # resume from that report's checkpoint, whatever the machine's load.
+    time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)))
     os._exit(1)
 
 
