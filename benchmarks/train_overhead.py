@@ -59,13 +59,9 @@ def bare_loop(args, shards: Path, num_classes: int) -> float:
 
 
 def ray_train(args, shards: Path, num_classes: int) -> float:
-    import ray
-
     from pipelines import data
     from pipelines.train_loop import RunOptions, run_stage
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count(), log_to_driver=False)  # dashboard on: Ray Train V2 needs it
     sets = data.training_datasets(shards, image_size=args.image_size, num_classes=num_classes, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         run = RunOptions(storage_path=tmp, num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker)

@@ -36,15 +36,17 @@ class TokenizeText:
 
     def __init__(self, encoder: str | None, max_len: int):
         self.encoder, self.max_len = encoder, max_len
+        self._tokenizer = None  # built on first use in the Ray task, once, not per batch (BERT's loads files)
 
     def __call__(self, batch: dict) -> dict:
         from emotion_models.text import make_tokenizer
 
         batch = dict(batch)
         texts = [str(t) if t is not None else "" for t in batch.pop("text")]
-        tokenizer = make_tokenizer(self.encoder, self.max_len)
-        if tokenizer is not None:
-            batch["text_ids"], batch["text_mask"] = tokenizer(texts)
+        if self._tokenizer is None and self.encoder is not None:
+            self._tokenizer = make_tokenizer(self.encoder, self.max_len)
+        if self._tokenizer is not None:
+            batch["text_ids"], batch["text_mask"] = self._tokenizer(texts)
         return batch
 
 

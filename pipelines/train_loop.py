@@ -280,7 +280,7 @@ def _test_best(spec: dict, model, best_epoch: int, precision, batch_size: int, s
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Rank 0 reaches this only after its last report() returned, i.e. its checkpoint is persisted.
         torch.distributed.barrier()
-    best_dir = Path(spec["checkpoint_root"]) / checkpoint_name(best_epoch)
+    best_dir = checkpoint_dir(spec, best_epoch)
     core.unwrap(model).load_state_dict(core.load_checkpoint(checkpoint_state_path(best_dir))["model"])
     results = {}
     for name, override in spec["tests"].items():
@@ -296,6 +296,11 @@ def _test_best(spec: dict, model, best_epoch: int, precision, batch_size: int, s
 
 def checkpoint_name(epoch: int) -> str:
     return f"epoch_{epoch:04d}"
+
+
+def checkpoint_dir(spec: dict, epoch: int) -> Path:
+    """Where Ray Train keeps ``epoch``'s checkpoint of a stage: the workers and the driver agree on it."""
+    return Path(spec["checkpoint_root"]) / checkpoint_name(epoch)
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -343,7 +348,7 @@ def run_stage(spec: dict, datasets: dict, run: RunOptions, tests: Optional[dict]
         raise RuntimeError(f"stage {name} failed: {result.error}")
     info = result.return_value or {}
     best_epoch = info.get("best_epoch", -1)
-    best = Path(spec["checkpoint_root"]) / checkpoint_name(best_epoch) if best_epoch >= 0 else None
+    best = checkpoint_dir(spec, best_epoch) if best_epoch >= 0 else None
     best_metrics = next((m for c, m in (result.best_checkpoints or []) if best and Path(c.path) == best), {})
     return StageOutcome(name=name, path=str(result.path), best_checkpoint=str(best) if best else None,
                         best_metrics=best_metrics, history=info.get("history", []), info=info)

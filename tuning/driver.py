@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -65,8 +65,7 @@ def _parent_run(cfg: SweepConfig, tracker: Tracker, state: SweepState) -> str:
     return parent
 
 
-def _stage_one(cfg: SweepConfig, tracker: Tracker, parent: str, state: SweepState, sweep_dir: Path,
-               run: RunOptions) -> str:
+def _stage_one(cfg: SweepConfig, plan, tracker: Tracker, parent: str, state: SweepState, run: RunOptions) -> str:
     """Stage one's best checkpoint: the one given, the one trained earlier in this sweep, or a new one."""
     if cfg.stage1_checkpoint:
         path = Path(cfg.stage1_checkpoint).expanduser().resolve()
@@ -76,9 +75,9 @@ def _stage_one(cfg: SweepConfig, tracker: Tracker, parent: str, state: SweepStat
     if done and Path(done).is_dir():
         print(f"[stage1] reusing this sweep's stage one: {done}")
         return done
-    spec, datasets = cfg.target.stage1(cfg.target.make_plan(cfg.args))
+    spec, datasets = cfg.target.stage1(plan)
     print(f"[stage1] training stage one once for the sweep ({spec['epochs']} epochs, base flags)")
-    outcome = train_tracked(tracker, parent, "stage1", spec, datasets, replace(run, storage_path=str(sweep_dir)),
+    outcome = train_tracked(tracker, parent, "stage1", spec, datasets, run,
                             params={}, tags={"pipeline": cfg.target.name}, metric=f"val_{spec['monitor']}",
                             mode=spec.get("monitor_mode", "max"))
     if not outcome.best_checkpoint:
@@ -147,11 +146,14 @@ def run_sweep(cfg: SweepConfig) -> Optional[SweepOutcome]:
                      cpus_per_worker=cli.cpus_per_worker(a), max_failures=a.max_failures)
     max_concurrent = cfg.max_concurrent or default_concurrency(ray.cluster_resources(), run.num_workers,
                                                                run.cpus_per_worker, run.use_gpu)
+    # The data once, before any MLflow run or trial: a wrong path stops here with one line, and a raw
+    # folder is ingested once rather than by every concurrent trial (trials find it ingested).
+    plan = cfg.target.make_plan(a)
     tracker = Tracker(resolve_tracking_uri(a.mlflow_uri), a.experiment)
     parent = _parent_run(cfg, tracker, state)
     print(f"sweep {cfg.name}: {sweep_dir} ({cfg.num_samples} samples, {cfg.search} search, {cfg.scheduler}, "
           f"{max_concurrent} trial(s) at once x {run.num_workers} workers x {run.cpus_per_worker} CPU)")
-    init_from = _stage_one(cfg, tracker, parent, state, sweep_dir, run) if cfg.target.needs_stage1(a) else None
+    init_from = _stage_one(cfg, plan, tracker, parent, state, run) if cfg.target.needs_stage1(a) else None
     ctx = TrialContext(target=cfg.target, base_args=a, sweep_dir=str(sweep_dir), tracking_uri=tracker.uri,
                        experiment=a.experiment, parent_run_id=parent, metric=cfg.metric, mode=cfg.mode, run=run,
                        init_from=init_from)
