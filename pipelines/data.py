@@ -46,6 +46,16 @@ def detect_layout(root: Path) -> str:
     return "folder"
 
 
+def check_dataname(name: str, flag: str = "") -> None:
+    """A known dataset name or an existing path; anything else stops with one line (before any work)."""
+    if name in DATANAMES or Path(name).expanduser().exists():
+        return
+    where = f" ({flag})" if flag else ""
+    if os.sep in name or name.startswith("."):
+        raise FileNotFoundError(f"{name}: no such dataset folder{where}")
+    raise ValueError(f"unknown dataset {name!r}; known names: {_known()} (or a path to a dataset folder){where}")
+
+
 def resolve_shards(name_or_path: str, *, data_root: Optional[str] = None, max_side: int = 512,
                    lexicon: Optional[str] = None, seed: int = 42, show_progress: bool = True) -> Path:
     """The ingested shard folder for a dataset name or path, ingesting it first when needed.
@@ -63,10 +73,7 @@ def resolve_shards(name_or_path: str, *, data_root: Optional[str] = None, max_si
             raise ValueError(f"{path}: neither an ingested shard folder nor a raw dataset folder")
         layout = detect_layout(path)
         return _ingest_once(layout, path, data_dir() / path.name, {"seed": seed}, max_side, lexicon, show_progress)
-    if name_or_path not in DATANAMES:
-        if os.sep in name_or_path or name_or_path.startswith("."):
-            raise FileNotFoundError(f"{name_or_path}: no such dataset folder")
-        raise ValueError(f"unknown dataset {name_or_path!r}; known names: {_known()} (or a path to a dataset folder)")
+    check_dataname(name_or_path)
     layout, options = DATANAMES[name_or_path]
     out = data_dir() / name_or_path
     if datasets_io.is_ingested(out):

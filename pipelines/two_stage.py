@@ -93,13 +93,9 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, stage2_key) is None:
             setattr(args, stage2_key, getattr(args, key))
     if not args.demo:
-        from pipelines.data import DATANAMES
+        from pipelines.data import check_dataname
 
-        if args.dataname not in DATANAMES and not Path(args.dataname).expanduser().exists():
-            if "/" in args.dataname or args.dataname.startswith("."):
-                raise FileNotFoundError(f"{args.dataname}: no such dataset folder (--dataname)")
-            raise cli.UsageError(f"unknown dataset {args.dataname!r}; known names: {', '.join(DATANAMES)} "
-                                 "(or a path to a dataset folder)")
+        check_dataname(args.dataname, "--dataname")
     if not args.demo and args.mode == "two_stage" and args.dimensional is None:
         raise cli.UsageError("--mode two_stage with real data needs --dimensional (the Emotion6 folder or shards)")
     for key in ("lr", "stage2_lr", "batch_size", "num_epochs", "stage2_epochs", "image_size"):
