@@ -19,9 +19,10 @@ from emotion_models.metrics import Accumulator
 class VAObjective:
     """Valence-arousal regression, optionally with a category head (the two-stage paper).
 
-    ``task="single"``: VA loss on the rows that carry VA. ``task="multi"``:
-    ``alpha * category + (1 - alpha) * VA`` over masks (rows with a label distribution train the
-    category head with KL, rows with a hard label with cross-entropy).
+    The loss follows the model's outputs: a single-task model (no ``logits``) gets the VA loss on
+    the rows that carry VA; a multi-task one ``alpha * category + (1 - alpha) * VA`` over masks (rows
+    with a label distribution train the category head with KL, rows with a hard label with
+    cross-entropy). ``task`` records which the spec asked for (checkpoint metadata); nothing reads it.
     Accuracy (``accuracy_from``): ``"logits"`` scores the category head; ``"anchors"`` decodes the
     predicted VA to the nearest of ``anchors`` (C x 2, canonical scale) — how a single-task model,
     or any model on a dataset whose classes differ from its head's (Emotion6), is scored.
