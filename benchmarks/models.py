@@ -10,11 +10,11 @@ and peak memory of those steps.
 Precisions: ``fp32`` and ``bf16+cl`` (``torch.autocast(bfloat16)`` with the model and the input in
 ``channels_last``). The GPU goal is bf16+cl >= 2.5x fp32 for resnet101 at 448 px.
 
-Table 2: local re-attention selection for every re-attending LORA stage at the given image size,
-on random attention maps of the real shapes: :func:`query_rollout` (query row only, vector-matrix
-products) against :func:`naive_rollout` (full token x token products); peak memory and time of the
-rollout alone (the attention maps are inputs of both), and the size of one ``(1+N)^2`` matrix that
-the naive path forms (for the whole batch, capped at 8 images here).
+Table 2: local re-attention selection for every selecting LORA stage at the given image size, on
+random attention maps of the real shapes: :func:`selection_scores` (the cls row only, vector-matrix
+products in float64) against :func:`naive_selection_scores` (the published token x token products);
+peak memory and time of the selection alone (the attention maps are inputs of both), and the size
+of one ``(1+N)^2`` matrix that the published path forms (for the whole batch, capped at 8 images).
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` above the allocation before the measured code.
 On CPU the peak resident-set growth: the kernel's high-water mark ``VmHWM`` is reset through
@@ -45,9 +45,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from emotion_models import create_model  # noqa: E402
-from emotion_models.lora import QueryStage, stage_feature_sizes  # noqa: E402
-from emotion_models.reattention import naive_rollout, query_rollout  # noqa: E402
-from emotion_models.text import tokenize  # noqa: E402
+from emotion_models.pvt import stage_grids  # noqa: E402
+from emotion_models.reattention import naive_selection_scores, selection_scores  # noqa: E402
+from emotion_models.text import TEXT_LEN, tokenize  # noqa: E402
 
 MODELS: dict[str, tuple[str, dict]] = {
     "resnet101_va": ("va", {"backbone": "resnet101"}),
@@ -121,7 +121,7 @@ def _inputs(name: str, batch: int, size: int, device: torch.device, channels_las
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     if name == "lora":
-        ids, mask = tokenize(["so happy today"] * batch, 32)
+        ids, mask = tokenize(["so happy today"] * batch, TEXT_LEN)
         return images, ids.to(device), mask.to(device)
     return (images,)
 
@@ -169,23 +169,24 @@ def _timed(fn: Callable[[], T], device: torch.device) -> tuple[T, int, float]:
 
 def bench_reattention(size: int, batch: int, device: torch.device) -> Iterator[list[str]]:
     """Table rows, one per re-attending stage of the default LORA (columns: see ``main``)."""
-    lora = create_model("lora_v", img_size=size)
+    trunk = create_model("lora_v", img_size=size).vision_model
     generator = torch.Generator(device=device).manual_seed(0)
-    for stage, (height, width) in zip(lora.stages, stage_feature_sizes(size, len(lora.stages))):
-        if not isinstance(stage, QueryStage):
-            continue
-        sr, heads = stage.sr_ratio, stage.blocks[0].attn.num_heads
-        keys = 1 + (height // sr) * (width // sr)
+    grids = stage_grids(size, trunk.patch_size, trunk.num_stages)
+    for stage in trunk.selecting_stages():
+        (height, width), sr, heads = grids[stage], trunk.sr_ratios[stage], trunk.num_heads[stage]
+        last = stage == trunk.num_stages - 1
+        depth = len(getattr(trunk, f"block{stage + 1}"))
         tokens = 1 + height * width
+        keys = 1 + (height // sr) * (width // sr)
         attns = [torch.rand(batch, heads, tokens, keys, device=device, generator=generator).softmax(-1)
-                 for _ in stage.blocks]
-        fast_fn = functools.partial(query_rollout, attns, (height, width), sr)
-        naive_fn = functools.partial(naive_rollout, attns, (height, width), sr)
-        fast_fn(), naive_fn()  # warm-up
+                 for _ in range(depth)]
+        fast_fn = functools.partial(selection_scores, attns, last)
+        naive_fn = functools.partial(naive_selection_scores, [a.float() for a in attns], last)
+        fast_fn()  # warm-up
         fast, fast_peak, fast_s = _timed(fast_fn, device)
         naive, naive_peak, naive_s = _timed(naive_fn, device)
-        one_matrix = batch * heads * tokens ** 2 * 4  # fp32 bytes of one rolled (1+N) x (1+N) map
-        yield [f"{height}x{width} sr{sr} h{heads} d{len(attns)}", tokens - 1,
+        one_matrix = batch * heads * tokens ** 2 * 4  # fp32 bytes of one (1+N) x (1+N) product
+        yield [f"{stage + 1}: {height}x{width} sr{sr} h{heads} d{depth}", tokens - 1,
                f"{fast_peak / MiB:.1f}", f"{naive_peak / MiB:.1f}", f"{one_matrix / MiB:.1f}",
                f"{fast_s * 1e3:.1f}", f"{naive_s * 1e3:.1f}", f"{(fast - naive).abs().max().item():.1e}"]
 
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         _print_table(["model", "precision", "img/s (fwd+bwd)", "vs fp32", "img/cpu-s", "peak MiB"], rows)
 
     batch = min(batch, 8)  # the naive product at 448 px is ~630 MB per image and matrix
-    print(f"\nlocal re-attention rollout, default LORA stages at {size}px, batch {batch}:")
+    print(f"\nlocal re-attention selection, default LORA stages at {size}px, batch {batch}:")
     header = ["stage", "tokens", "fast MiB", "naive MiB", "one NxN MiB", "fast ms", "naive ms", "max |diff|"]
     _print_table(header, list(bench_reattention(size, batch, device)))
 

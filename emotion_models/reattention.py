@@ -1,135 +1,100 @@
-"""Local re-attention (LORA, ACM MM'22): which patch tokens a stage's query token looks at.
+"""Local re-attention (LORA, ACM MM'22): which tokens a PVT stage keeps for the fusion block.
 
-Every re-attending LORA stage runs its blocks over ``[query, patch_1 .. patch_N]`` and keeps each
-block's attention probabilities ``A_b`` of shape ``(B, heads, 1+N, 1+M)``. PVT attention is
-*spatial-reduction* attention: the keys are ``[query, cell_1 .. cell_M]`` where a cell is an
-``sr x sr`` patch of tokens reduced by a strided conv (``M = N / sr**2``; ``sr = 1`` means keys are
-the tokens themselves). To roll attention through blocks the key space is mapped back to token
-space: :func:`spread_keys` gives each token ``1 / sr**2`` of its cell's attention (uniform spread,
-mass preserving). That is why a stage selects ``k = alpha * sr**2`` tokens per head: one cell's
-worth of attention covers ``sr**2`` tokens. Tokens on a right/bottom border that the strided conv
-drops (when ``sr`` does not divide the feature map) belong to no cell and receive zero attention.
+A re-attending stage runs its blocks over ``[cls, patch_1 .. patch_N]`` and keeps each block's
+attention probabilities ``A_b`` of shape ``(B, heads, 1+N, 1+M)``: PVT attention is
+spatial-reduction attention, so the keys are ``[cls, cell_1 .. cell_M]`` with ``M = N / sr**2``
+(``sr = 1``: the keys are the tokens themselves, ``M = N``).
 
-Rollout rule (Abnar & Zuidema, 2020), with ``S`` the spread: ``Â_b = rownorm((S(A_b) + I) / 2)``
-and ``R = Â_L · ... · Â_1`` (last block leftmost). Only the query's row of ``R`` is needed, so
-:func:`query_rollout` computes ``e_0ᵀ Â_L Â_{L-1} ... Â_1`` as vector-matrix products starting
-from the last block, costing ``O(N·M)`` memory per block instead of the ``(1+N)^2`` matrices that
-:func:`naive_rollout` (and the original implementation) forms: at 448 px stage 1 has 12,545
-tokens, i.e. 630 MB per image and head per matrix. The original code rolls with a different,
-ad-hoc product of (transposed) maps; the rule here is the standard one, written out exactly.
+The published selection (``Local_ReAttention`` in nku-shengzheliu/SER30K) multiplies the maps of
+a stage's ``L`` blocks in a fixed alternating pattern and reads the cls row of the product:
 
-The selection is not differentiable (top-k indices); gradients flow into the gathered tokens.
+* the last stage (``sr = 1``, square maps): ``P = A_{L-1} ... A_1 A_0``;
+* an earlier stage: ``P = F_{L-1} ... F_1 F_0`` with ``F_b = A_bᵀ`` for even ``b`` and ``F_b = A_b``
+  for odd ``b`` (``A_2ᵀ A_1 A_0ᵀ`` for three blocks; the transposes make the rectangular maps
+  chain). A single block's ``P`` is ``A_0``.
+
+Row 0 of ``P`` without its first entry scores the ``N`` patch tokens; each head keeps its
+``k = alpha * sr**2`` best (``alpha * (1+N) // M`` in the original, equal wherever the model's
+token counts are defined), in descending order of score. The original forms ``P`` itself: at
+448 px stage 1 that is a ``12545 x 12545`` matrix per image and head (630 MB in fp32), twice.
+:func:`selection_scores` computes the same row as a chain of vector-matrix products, ``O(N·M)``
+memory, in float64 whatever the autocast dtype. At random initialisation the scores of a stage are
+nearly tied, so any two ways of computing them (the published code itself at batch 1 and batch 2)
+order a few tokens differently; float64 keeps this implementation's share of that noise negligible. :func:`naive_selection_scores` forms ``P`` as published; tests compare the two on small maps.
+
+Selection is not differentiable (top-k indices); gradients reach the trunk through the gathered
+tokens, as in the original.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["spread_keys", "query_rollout", "naive_rollout", "select_topk", "gather_tokens"]
+__all__ = ["selection_scores", "naive_selection_scores", "select_tokens", "CHAIN_DTYPE"]
 
-
-def spread_keys(
-        key_attn: torch.Tensor,
-        feat_size: tuple[int, int],
-        sr_ratio: int,
-        num_prefix: int = 1,
-) -> torch.Tensor:
-    """Map attention over keys ``[prefix, cells]`` (``..., P+M``) to tokens ``(..., P+H*W)``.
-
-    Prefix (query) keys are kept as they are; each reduced cell's value is divided by ``sr**2`` and
-    copied to the ``sr x sr`` tokens it was reduced from; border tokens outside every cell get 0.
-    """
-    if sr_ratio == 1:
-        return key_attn
-    height, width = feat_size
-    cells_h, cells_w = height // sr_ratio, width // sr_ratio
-    prefix, cells = key_attn[..., :num_prefix], key_attn[..., num_prefix:]
-    if cells.shape[-1] != cells_h * cells_w:
-        raise ValueError(
-            f"attention has {cells.shape[-1]} reduced keys; feature map {height}x{width} with "
-            f"sr={sr_ratio} gives {cells_h * cells_w}")
-    lead = cells.shape[:-1]
-    cells = cells.reshape(-1, cells_h, cells_w) / sr_ratio ** 2
-    cells = cells.repeat_interleave(sr_ratio, dim=-2).repeat_interleave(sr_ratio, dim=-1)
-    cells = F.pad(cells, (0, width - cells_w * sr_ratio, 0, height - cells_h * sr_ratio))
-    return torch.cat([prefix, cells.reshape(*lead, height * width)], dim=-1)
+# The chain is a few vector-matrix products: float64 costs little and keeps our own rounding far
+# below the published float32 product's, so the top-k order is as close to it as any order can be.
+CHAIN_DTYPE = torch.float64
 
 
-def _as_float(attn: torch.Tensor) -> torch.Tensor:
-    # Low-precision (autocast) maps are rolled in fp32; fp64 inputs stay fp64.
-    return attn.to(torch.promote_types(attn.dtype, torch.float32))
+def _check(attns: Sequence[torch.Tensor], last: bool) -> None:
+    if not attns:
+        raise ValueError("local re-attention needs the attention maps of at least one block")
+    rows, cols = attns[0].shape[-2:]
+    if last and rows != cols:
+        raise ValueError(f"the last stage's attention maps must be square, got {rows}x{cols}")
 
 
 @torch.no_grad()
-def query_rollout(
-        attn_list: Sequence[torch.Tensor],
-        feat_size: tuple[int, int],
-        sr_ratio: int,
-        num_prefix: int = 1,
-) -> torch.Tensor:
-    """Query row of the attention rollout, without forming any token x token matrix.
+def selection_scores(attns: Sequence[torch.Tensor], last: bool) -> torch.Tensor:
+    """Row 0 of the published product, without its cls entry: ``(B, heads, tokens)`` in :data:`CHAIN_DTYPE`.
 
-    Args:
-        attn_list: per block (first to last) attention probabilities ``(B, heads, P+N, P+M)``.
-        feat_size: the stage's feature map ``(H, W)`` with ``H * W = N``.
-        sr_ratio: the stage's spatial-reduction ratio.
-        num_prefix: number of prefix tokens; the query is token 0.
-
-    Returns:
-        ``(B, heads, N)``: rolled attention from the query to each patch token.
-
-    With ``d = rowsum(Â_b)`` before normalisation (``= (rowsum(A_b) + 1) / 2``, the spread keeps row
-    sums) each step is ``w = v / d; v = (S(w · A_b) + w) / 2``, which equals ``v · Â_b`` exactly.
+    ``attns``: the stage's per-block probabilities, ``(B, heads, 1+N, 1+M)`` each.
     """
-    if not attn_list:
-        raise ValueError("query_rollout needs the attention of at least one block")
-    first = attn_list[-1]
-    batch, heads, tokens = first.shape[0], first.shape[1], first.shape[2]
-    v = first.new_zeros((batch, heads, 1, tokens), dtype=_as_float(first).dtype)
-    v[..., 0] = 1.0
-    for attn in reversed(attn_list):
-        attn = _as_float(attn)
-        w = v / ((attn.sum(-1) + 1.0) / 2.0).unsqueeze(-2)
-        v = (spread_keys(w @ attn, feat_size, sr_ratio, num_prefix) + w) / 2.0
-    return v[..., 0, num_prefix:]
+    _check(attns, last)
+    maps = list(attns)
+    depth = len(maps)
+
+    def factor(b: int) -> torch.Tensor:
+        # Published chain: F_b = A_bᵀ for even b, A_b for odd b (the last stage: A_b throughout).
+        a = maps[b].to(CHAIN_DTYPE)
+        return a if last or b % 2 else a.transpose(-2, -1)
+
+    if depth == 1 and not last:                         # the product is A_0 itself
+        return maps[0][..., 0, 1:].to(CHAIN_DTYPE)
+    top = maps[-1]                                      # e_0ᵀ F_{L-1}: its cls row, or its cls column
+    row = (top[..., :1, :] if last or (depth - 1) % 2 else top[..., :, :1].transpose(-2, -1)).to(CHAIN_DTYPE)
+    for b in range(depth - 2, -1, -1):
+        row = row @ factor(b)
+    return row[..., 0, 1:]
 
 
 @torch.no_grad()
-def naive_rollout(
-        attn_list: Sequence[torch.Tensor],
-        feat_size: tuple[int, int],
-        sr_ratio: int,
-        num_prefix: int = 1,
-) -> torch.Tensor:
-    """Reference rollout forming the full ``(P+N) x (P+N)`` products (tests and benchmarks only)."""
-    if not attn_list:
-        raise ValueError("naive_rollout needs the attention of at least one block")
-    result = None
-    for attn in attn_list:
-        mixed = spread_keys(_as_float(attn), feat_size, sr_ratio, num_prefix)
-        mixed = mixed + torch.eye(mixed.shape[-1], dtype=mixed.dtype, device=mixed.device)
-        mixed = mixed / mixed.sum(-1, keepdim=True)  # rownorm((S(A) + I) / 2)
-        result = mixed if result is None else mixed @ result
-    return result[..., 0, num_prefix:]
+def naive_selection_scores(attns: Sequence[torch.Tensor], last: bool) -> torch.Tensor:
+    """The published product formed matrix by matrix, in the maps' dtype (tests and small maps only)."""
+    _check(attns, last)
+    maps = list(attns)
+    product = maps[0]
+    for b in range(1, len(maps)):
+        if last:
+            product = maps[b] @ product
+        elif b == 1:
+            product = maps[1] @ product.transpose(-2, -1)
+        elif b % 2 == 0:
+            product = maps[b].transpose(-2, -1) @ product
+        else:
+            product = maps[b] @ product
+    return product[..., 0, 1:]
 
 
-@torch.no_grad()
-def select_topk(rollout_row: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices ``(B, heads, k')`` of the ``k' = min(k, N)`` most attended tokens per head.
+def select_tokens(tokens: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Gather each head's ``k`` best-scoring patch tokens: ``(B, heads * k, C)``.
 
-    ``k`` is capped at the number of tokens ``N`` (small images: a stage then keeps every token).
+    ``tokens``: ``(B, 1+N, C)`` with the cls token first; ``scores``: ``(B, heads, N)``. Heads come
+    in order, each head's tokens in descending score (``torch.topk``'s order), as published.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    return rollout_row.topk(min(k, rollout_row.shape[-1]), dim=-1).indices
-
-
-def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Gather ``tokens (B, N, C)`` at ``indices (B, heads, k)`` -> ``(B, heads*k, C)``, head-major.
-
-    The same token picked by several heads appears several times (as in the paper's code).
-    """
-    flat = indices.flatten(1).unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
-    return tokens.gather(1, flat)
+    if k > scores.shape[-1]:
+        raise ValueError(f"cannot keep {k} tokens per head out of {scores.shape[-1]}")
+    index = scores.topk(k, dim=-1).indices.flatten(1) + 1   # skip the cls token
+    return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))

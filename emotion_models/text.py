@@ -1,12 +1,16 @@
-"""Text branch for LORA: a byte-level tokenizer and encoder, or a local Hugging Face BERT.
+"""Text branch for LORA: a local BERT-base-uncased as published, or a byte-level encoder offline.
 
-Sticker texts (SER30K's OCR'd captions) are short and multilingual, so the default is byte-level:
-UTF-8 bytes need no vocabulary file and never meet an unknown token. Ids are ``byte + 3`` with
-``PAD_ID = 0``, ``CLS_ID = 1``, ``EOS_ID = 2``; a sequence is ``[CLS] bytes... [EOS] [PAD]...``
-truncated (bytes dropped, CLS/EOS kept) and padded to ``max_len``; the mask is 1 on real tokens.
+Published (nku-shengzheliu/SER30K ``dataset.py`` / ``model.py``): the sticker text is lower-cased,
+WordPiece-tokenized by BERT's uncased vocabulary into ``[CLS] tokens[:28] [SEP]``, zero-padded to 30
+ids with a mask of 1 on real tokens; the features are the mean of BERT's last four encoder layers,
+computed without gradient (BERT is frozen). The Hugging Face ``BertModel`` has the published
+``pytorch_pretrained_bert`` parameter names, so a LORA checkpoint's ``text_model.*`` loads into it.
+``transformers`` is imported lazily and only ever reads a local folder (``bert:PATH``).
 
-``BertTextEncoder`` (the paper's choice) loads ``transformers`` lazily from a local directory only,
-so the package imports with torch + timm + numpy alone.
+Offline (the demo and tests, ``"bytes"``): UTF-8 bytes need no vocabulary file and never meet an
+unknown token. Ids are ``byte + 3`` with ``PAD_ID = 0``, ``CLS_ID = 1``, ``EOS_ID = 2``; a sequence is
+``[CLS] bytes... [EOS] [PAD]...`` truncated (bytes dropped, CLS/EOS kept) and padded to ``max_len``;
+a small transformer trained from scratch encodes it.
 """
 from __future__ import annotations
 
@@ -21,11 +25,13 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
 __all__ = [
-    "PAD_ID", "CLS_ID", "EOS_ID", "VOCAB_SIZE", "tokenize", "tokenize_numpy", "key_padding_mask",
-    "ByteTextEncoder", "BertTextEncoder", "build_text_encoder", "make_tokenizer",
+    "PAD_ID", "CLS_ID", "EOS_ID", "VOCAB_SIZE", "TEXT_LEN", "BYTE_TEXT_DIM", "tokenize", "tokenize_numpy",
+    "key_padding_mask", "ByteTextEncoder", "build_text_model", "text_features", "make_tokenizer",
 ]
 
 PAD_ID, CLS_ID, EOS_ID = 0, 1, 2
+TEXT_LEN = 30           # the published query length
+BYTE_TEXT_DIM = 128     # width of the offline byte encoder
 _BYTE_OFFSET = 3
 VOCAB_SIZE = 256 + _BYTE_OFFSET
 
@@ -99,62 +105,39 @@ class ByteTextEncoder(nn.Module):
         return make_tokenizer("bytes", self.max_len)
 
 
-class _BertTokenizer:
-    """Picklable texts -> numpy ``(ids, mask)`` with a local Hugging Face tokenizer (loaded lazily)."""
+class BertTokenizeText:
+    """Picklable texts -> numpy ``(ids, mask)`` as published: lower-cased, ``[CLS] .. [SEP]``, zero-padded."""
 
-    def __init__(self, path: str, max_len: int) -> None:
+    def __init__(self, path: str, max_len: int = TEXT_LEN) -> None:
         self.path, self.max_len = path, max_len
         self._tokenizer = None
 
     def __call__(self, texts: Sequence[Optional[str]]) -> tuple[np.ndarray, np.ndarray]:
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-            self._tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        out = self._tokenizer([t or "" for t in texts], padding="max_length", truncation=True,
-                              max_length=self.max_len, return_tensors="np")
+            from transformers import BertTokenizer
+
+            self._tokenizer = BertTokenizer.from_pretrained(self.path, do_lower_case=True, local_files_only=True)
+        out = self._tokenizer([(t or "").lower().strip() for t in texts], padding="max_length", truncation=True,
+                              max_length=self.max_len, return_tensors="np", return_token_type_ids=False)
         return out["input_ids"].astype(np.int64), out["attention_mask"].astype(np.int64)
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "max_len": self.max_len, "_tokenizer": None}
 
 
-def _require_local_dir(path: str) -> None:
+def _require_bert_dir(path: str) -> None:
     try:
         import transformers  # noqa: F401
     except ImportError:
-        raise ImportError("text_encoder='bert:PATH' needs the transformers package: "
+        raise ImportError("--text-encoder bert:PATH needs the transformers package: "
                           "pip install 'emotion-ray[bert]'") from None
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"{path}: BERT model directory not found (only local files are used)")
-
-
-class BertTextEncoder(nn.Module):
-    """Hugging Face BERT from a local directory; mean of the last ``num_layers`` hidden states.
-
-    As in the paper's code the average of the last four layers is used and BERT is frozen by
-    default (``freeze=True``): only the projection after it trains.
-    """
-
-    def __init__(self, path: str, max_len: int = 32, num_layers: int = 4, freeze: bool = True) -> None:
-        super().__init__()
-        _require_local_dir(path)
-        from transformers import AutoModel
-
-        self.path, self.max_len, self.num_layers = path, max_len, num_layers
-        self.bert = AutoModel.from_pretrained(path, local_files_only=True)
-        self.dim = self.bert.config.hidden_size
-        self.freeze = freeze
-        self.bert.requires_grad_(not freeze)
-
-    def forward(self, ids: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if mask is None:
-            mask = torch.ones_like(ids)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):  # frozen: keep no graph
-            out = self.bert(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        return torch.stack(out.hidden_states[-self.num_layers:]).mean(0)
-
-    def tokenizer(self) -> TokenizeFn:
-        return _BertTokenizer(self.path, self.max_len)
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{path}: BERT folder not found (--text-encoder bert:PATH reads a local "
+                                f"bert-base-uncased folder; nothing is downloaded)")
+    if not (folder / "vocab.txt").is_file():
+        raise FileNotFoundError(f"{folder / 'vocab.txt'}: missing; --text-encoder bert:PATH needs a Hugging Face "
+                                f"bert-base-uncased folder (config.json, vocab.txt, weights)")
 
 
 def _parse_spec(spec: Optional[str]) -> tuple[Optional[str], Optional[str]]:
@@ -164,28 +147,39 @@ def _parse_spec(spec: Optional[str]) -> tuple[Optional[str], Optional[str]]:
         return "bytes", None
     if spec.startswith("bert:") and len(spec) > len("bert:"):
         return "bert", spec[len("bert:"):]
-    raise ValueError(f"unknown text encoder {spec!r}; use 'bytes', 'bert:PATH' or None")
+    raise ValueError(f"unknown text encoder {spec!r}; use 'bert:PATH' (a local BERT folder) or 'bytes'")
 
 
-def build_text_encoder(spec: Optional[str], dim: int, max_len: int) -> Optional[nn.Module]:
-    """``"bytes"`` -> :class:`ByteTextEncoder` (width ``dim``), ``"bert:PATH"`` -> :class:`BertTextEncoder`,
-    ``None`` -> ``None``. Every encoder has ``.dim`` (output width) and ``.tokenizer()``."""
+def build_text_model(spec: str, max_len: int = TEXT_LEN) -> tuple[str, nn.Module, int]:
+    """``(kind, module, feature width)``: ``"bert:PATH"`` -> Hugging Face ``BertModel`` from the folder;
+    ``"bytes"`` -> :class:`ByteTextEncoder` of width :data:`BYTE_TEXT_DIM`."""
     kind, path = _parse_spec(spec)
     if kind == "bytes":
-        return ByteTextEncoder(dim, max_len=max_len)
+        return kind, ByteTextEncoder(BYTE_TEXT_DIM, max_len=max_len), BYTE_TEXT_DIM
+    if kind != "bert":
+        raise ValueError("a text model needs a spec ('bert:PATH' or 'bytes')")
+    _require_bert_dir(path)
+    from transformers import BertModel
+
+    bert = BertModel.from_pretrained(path, local_files_only=True)
+    return kind, bert, bert.config.hidden_size
+
+
+def text_features(kind: str, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                  num_layers: int = 4) -> torch.Tensor:
+    """``(B, L, D)`` text tokens: BERT's last ``num_layers`` encoder layers averaged, or the byte encoder's."""
     if kind == "bert":
-        return BertTextEncoder(path, max_len=max_len)
-    return None
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        return torch.stack(out.hidden_states[-num_layers:]).mean(0)
+    return model(ids, mask)
 
 
-def make_tokenizer(spec: Optional[str], max_len: int) -> Optional[TokenizeFn]:
-    """The tokenizer matching ``build_text_encoder(spec, ...)`` without building the encoder
-    (for Ray Data batch transforms); ``None`` for ``spec=None``."""
+def make_tokenizer(spec: Optional[str], max_len: int = TEXT_LEN) -> Optional[TokenizeFn]:
+    """The tokenizer for ``spec`` without building the model (for Ray Data batch transforms)."""
     kind, path = _parse_spec(spec)
     if kind == "bytes":
         return functools.partial(tokenize_numpy, max_len=max_len)
     if kind == "bert":
-        _require_local_dir(path)
-        return _BertTokenizer(path, max_len)
+        _require_bert_dir(path)
+        return BertTokenizeText(path, max_len)
     return None
-

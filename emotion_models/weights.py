@@ -1,59 +1,73 @@
-"""Load a local state dict into a module, forgivingly (the timm ``load_checkpoint`` idea).
+"""Load local weights into a model by name, all or nothing.
 
-Nothing is ever downloaded: pretrained backbones come from a file the user brings (a timm or
-torchvision ``state_dict``, a DDP / Lightning checkpoint, or this project's own checkpoint).
-Key prefixes such as DDP's ``module.`` are stripped when that makes more keys match, tensors
-whose shape differs (e.g. a classifier's ``fc`` for another class count) are dropped and
-reported, and the rest is loaded with ``strict=False``. A file that matches *nothing* is an
-error: silently training from random weights is the failure this module exists to prevent.
+Nothing is ever downloaded: pretrained trunks and published checkpoints come from files the user
+brings. Files are read with ``torch.load(..., weights_only=True)``; the one non-tensor type a
+published format needs, ``argparse.Namespace`` (the ``args`` of SER30K's ``checkpoint.pth``), is
+allowlisted and nothing else is ever unpickled.
+
+:func:`load_weights` accepts a whole-model file (this project's, or a published checkpoint in the
+same names) or a pretrained *trunk* file for a part the model declares in ``weight_targets()``
+(LORA's ``vision_model`` takes ImageNet ``pvt_small.pth``). It picks the target that the file's
+names fit best, strips wrapper prefixes such as DDP's ``module.``, and then loads only if the file
+fits: every tensor of the target comes from the file, except
+
+* a classifier head of another size or absent from the target (``head``, ``fc``, ``classifier``,
+  ``head_dist``): skipped, and the report says so;
+* the tensors the target declares as new (e.g. LORA's per-stage cls tokens and projections, which
+  no ImageNet trunk has) and BatchNorm's ``num_batches_tracked`` counters.
+
+Anything else missing, unexpected or of another shape stops with one ``ValueError`` naming the file
+and listing what did not fit: no silent partial loads.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-__all__ = ["LoadReport", "load_weights", "read_state_dict"]
+__all__ = ["LoadReport", "load_weights", "read_checkpoint", "read_state_dict", "HEAD_PATTERN"]
 
 _log = logging.getLogger(__name__)
 
-# Where common checkpoint formats keep the weights, tried in order.
+# Where checkpoint formats keep the weights, tried in order (SER30K's main.py: "model").
 _CONTAINER_KEYS = ("state_dict", "model", "model_state", "model_state_dict")
-DEFAULT_PREFIXES = ("", "module.", "model.", "backbone.")
+_PREFIXES = ("", "module.", "model.", "backbone.")
+# A classifier's final layer: may be skipped when its size differs or the target has none.
+HEAD_PATTERN = re.compile(r"^(head|head_dist|fc|classifier|last_linear)\.(weight|bias)$")
+_ALWAYS_OPTIONAL = re.compile(r"(^|\.)num_batches_tracked$")
+# The one non-tensor type a published checkpoint needs (SER30K's main.py saves its argparse args).
+SAFE_GLOBALS = [argparse.Namespace]
 
 
 @dataclass
 class LoadReport:
-    """What :func:`load_weights` did: key names that were missing, unexpected, or shape-mismatched."""
+    """What :func:`load_weights` loaded: into which target, how many tensors, what it skipped."""
 
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
+    target: str = ""
     loaded: int = 0
+    in_file: int = 0
+    skipped_head: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
 
-    def summary(self, limit: int = 3) -> str:
-        """One line with the counts and the first ``limit`` names of each kind."""
+    def summary(self) -> str:
+        where = f" into {self.target}" if self.target else ""
+        text = f"used {self.loaded} of the file's {self.in_file} tensors{where}"
+        if self.skipped_head:
+            text += f"; skipped the classifier head ({', '.join(self.skipped_head)}: another size or none here)"
+        if self.new:
+            text += f"; {len(self.new)} tensors are new in this model and keep their initialisation"
+        return text
 
-        def part(label: str, names: list[str]) -> str:
-            more = ", ..." if len(names) > limit else ""
-            return f"{len(names)} {label}" + (f" ({', '.join(names[:limit])}{more})" if names else "")
 
-        return "; ".join([f"loaded {self.loaded} tensors", part("missing", self.missing),
-                          part("unexpected", self.unexpected), part("shape-mismatched", self.mismatched)])
-
-
-def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
-    """Read the tensors of a checkpoint file on CPU (``weights_only=True``; ``.safetensors`` too).
-
-    Accepts a raw state dict or a dict that keeps it under ``state_dict`` / ``model`` /
-    ``model_state`` / ``model_state_dict``. Raises FileNotFoundError or a one-line ValueError
-    naming the file.
-    """
+def read_checkpoint(path: Union[str, Path]) -> Any:
+    """The whole object in a checkpoint file, read with ``weights_only=True`` (``.safetensors`` too)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found")
@@ -62,13 +76,18 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
         except ImportError:
             raise ValueError(f"{path}: reading .safetensors needs the 'safetensors' package") from None
-        obj = load_file(str(path), device="cpu")
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"{path}: not a readable weights file ({reason})") from None
+        return load_file(str(path), device="cpu")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: not a readable weights file ({reason})") from None
+
+
+def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint: a bare state dict or one kept under ``model`` / ``state_dict`` / ..."""
+    obj = read_checkpoint(path)
     for key in _CONTAINER_KEYS:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
@@ -87,43 +106,68 @@ def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
 
 
-def _best_prefix(state: Mapping[str, torch.Tensor], target: set[str], candidates: Sequence[str]) -> str:
-    """The prefix (or pair, e.g. ``module.backbone.``) whose removal makes the most keys match."""
-    options = dict.fromkeys(a + b for a in candidates for b in candidates)  # ordered, unique
-    return max(options, key=lambda p: len(target.intersection(_strip(state, p))))
+def _fit(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> tuple[str, dict]:
+    """The prefix (or prefix pair, e.g. ``module.model.``) whose removal makes the most names match."""
+    options = dict.fromkeys(a + b for a in _PREFIXES for b in _PREFIXES)
+    prefix = max(options, key=lambda p: len(own.keys() & _strip(state, p).keys()))
+    return prefix, _strip(state, prefix)
 
 
-def load_weights(
-    module: nn.Module,
-    path: Union[str, Path],
-    *,
-    strict: bool = False,
-    prefix_candidates: Sequence[str] = DEFAULT_PREFIXES,
-) -> LoadReport:
-    """Load the weights in ``path`` into ``module`` and report what matched.
+def _targets(model: nn.Module) -> dict[str, tuple[nn.Module, Sequence[str]]]:
+    targets = {"": (model, ())}
+    declared = getattr(model, "weight_targets", None)
+    if callable(declared):
+        targets.update(declared())
+    return targets
 
-    ``strict=True`` turns any missing, unexpected or shape-mismatched key into a ValueError;
-    by default they are only reported (a classifier checkpoint's ``fc.*`` keys are simply
-    unexpected for a headless backbone). Loading nothing at all is always a ValueError.
+
+def _names(names: list[str], limit: int = 6) -> str:
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def load_weights(model: nn.Module, path: Union[str, Path]) -> LoadReport:
+    """Load ``path`` into ``model`` (or the declared part it fits) if and only if it fits; see module doc.
+
+    ``model.weight_targets()`` may return ``{name: (submodule, new_patterns)}``: a trunk file for
+    ``submodule``, where parameters whose names match one of the regex ``new_patterns`` are expected
+    to be absent from such a file.
     """
     state = read_state_dict(path)
-    own = module.state_dict()
-    state = _strip(state, _best_prefix(state, set(own), prefix_candidates))
+    candidates = []
+    for name, (module, new_patterns) in _targets(model).items():
+        own = module.state_dict()
+        _, stripped = _fit(state, own)
+        candidates.append((len(own.keys() & stripped.keys()), name == "", name, module, new_patterns, stripped))
+    matched, _, name, module, new_patterns, state = max(candidates, key=lambda c: (c[0], c[1]))
+    if matched == 0:
+        raise ValueError(f"{path}: matches no parameter of {type(model).__name__} "
+                         f"(file has e.g. {_names(sorted(state), 3)})")
 
-    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    usable = {k: v for k, v in state.items() if k in own and k not in mismatched}
-    report = LoadReport(
-        missing=[k for k in own if k not in usable],
-        unexpected=[k for k in state if k not in own],
-        mismatched=mismatched,
-        loaded=len(usable),
-    )
-    if report.loaded == 0:
-        raise ValueError(f"{path}: matches no parameter of {type(module).__name__} ({report.summary()})")
-    if strict and (report.missing or report.unexpected or report.mismatched):
-        raise ValueError(f"{path}: does not fit {type(module).__name__} exactly ({report.summary()})")
+    own = module.state_dict()
+    new = [re.compile(p) for p in new_patterns]
+    skipped = sorted(k for k in state if HEAD_PATTERN.match(k) and (k not in own or own[k].shape != state[k].shape))
+    usable = {k: v for k, v in state.items() if k in own and k not in skipped}
+    wrong_shape = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in usable.items()
+                   if v.shape != own[k].shape]
+    unexpected = sorted(k for k in state if k not in own and k not in skipped)
+    absent = [k for k in own if k not in usable]
+    optional = [k for k in absent if _ALWAYS_OPTIONAL.search(k) or HEAD_PATTERN.match(k)
+                or any(p.search(k) for p in new)]
+    missing = [k for k in absent if k not in optional]
+    label = f"{type(model).__name__}{'.' + name if name else ''}"
+    if wrong_shape or unexpected or missing:
+        problems = []
+        if missing:
+            problems.append(f"missing {len(missing)}: {_names(missing)}")
+        if unexpected:
+            problems.append(f"unexpected {len(unexpected)}: {_names(unexpected)}")
+        if wrong_shape:
+            problems.append(f"other shape {len(wrong_shape)}: {_names(wrong_shape, 3)}")
+        raise ValueError(f"{path}: does not fit {label} ({'; '.join(problems)})")
+
     module.load_state_dict(usable, strict=False)
-    # Missing or mismatched tensors mean part of the model stays random: say so loudly.
-    level = logging.WARNING if report.missing or report.mismatched else logging.INFO
-    _log.log(level, "%s -> %s: %s", path, type(module).__name__, report.summary())
+    report = LoadReport(target=name, loaded=len(usable), in_file=len(state), skipped_head=skipped,
+                        new=[k for k in optional if not _ALWAYS_OPTIONAL.search(k)])
+    _log.info("%s -> %s: %s", path, label, report.summary())
     return report

@@ -1,223 +1,376 @@
-"""LORA / LORA-V, local re-attention and the text branch (tiny models at 64 px, CPU, seconds)."""
+"""LORA / LORA-V as published (nku-shengzheliu/SER30K): names, shapes, token order, selection, loading.
+
+The expectations are read off the published code: ``pvt_local_final.py`` (trunk, Local_ReAttention),
+``block.py`` (FuseBlock), ``model.py`` / ``model_V.py`` (fusion, position embedding, head) and
+``main.py`` (the checkpoint format). Tiny trunks keep most tests to milliseconds.
+"""
 from __future__ import annotations
 
+import argparse
+import functools
+import subprocess
 import sys
+import textwrap
 
-import numpy as np
 import pytest
-import timm
 import torch
-from timm.models.pvt_v2 import PyramidVisionTransformerStage
 
 from emotion_models import create_model
-from emotion_models.lora import QueryStage
-from emotion_models.reattention import gather_tokens, naive_rollout, query_rollout, select_topk
-from emotion_models.text import (
-    CLS_ID, EOS_ID, PAD_ID, ByteTextEncoder, build_text_encoder, make_tokenizer, tokenize, tokenize_numpy,
-)
-from emotion_models.weights import load_weights
+from emotion_models.lora import FuseBlock
+from emotion_models.reattention import naive_selection_scores, select_tokens, selection_scores
+from emotion_models.text import TEXT_LEN, make_tokenizer
+from emotion_models.weights import load_weights, read_checkpoint
 
-# 64 px: stage feature maps 16x16, 8x8, 4x4, 2x2 with the default sr_ratios (8, 4, 2, 1).
-TINY = dict(img_size=64, embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 4),
-            fusion_dim=32, fusion_heads=2, max_text_len=32, drop_path_rate=0.0)
-TEXTS = ["so happy today", "grr ваш 😠"]
+# 64 px: grids 16, 8, 4, 2 with reduction ratios 8, 4, 2, 1; alpha 1 keeps 64, 16, 4, 1 per head.
+TINY_TRUNK = dict(embed_dims=(8, 16, 24, 32), num_heads=(1, 2, 3, 4), depths=(2, 2, 3, 2), mlp_ratios=(2, 2, 2, 2))
+TINY = dict(img_size=64, alpha=1, trunk=TINY_TRUNK, hidden_dim=16, fuse_heads=2, fuse_mlp_dim=32,
+            drop_path_rate=0.0, fuse_dropout=0.0)
 
 
-@pytest.fixture
-def images() -> torch.Tensor:
-    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+def _tiny(name: str = "lora_v", seed: int = 0, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return create_model(name, **{**TINY, **kwargs}).eval()
 
 
-def _model(name: str, **kwargs) -> torch.nn.Module:
+def _images(n: int = 2, size: int = 64) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+# --- the published architecture ---------------------------------------------------------------
+
+def test_lora_v_has_the_published_names_and_shapes():
+    shapes = {k: tuple(v.shape) for k, v in create_model("lora_v", num_classes=7, img_size=448).state_dict().items()}
+    expected = {
+        "pos_embed": (1, 996, 768),                       # 1 + 3 globals + 8 * (64 + 32 + 20 + 8) locals
+        "v_proj.weight": (768, 512),
+        "head.weight": (7, 768),
+        "vision_model.patch_embed1.proj.weight": (64, 3, 4, 4),
+        "vision_model.patch_embed2.proj.weight": (128, 64, 2, 2),
+        "vision_model.pos_embed1": (1, 56 * 56, 64),      # laid out for 224 px, as pvt_small.pth
+        "vision_model.pos_embed3": (1, 14 * 14, 320),
+        "vision_model.pos_embed4": (1, 7 * 7 + 1, 512),   # + the last stage's cls token
+        "vision_model.cls_token": (1, 1, 512),
+        "vision_model.cls_token1": (1, 1, 64),
+        "vision_model.cls_token3": (1, 1, 320),
+        "vision_model.local_proj1.0.weight": (64, 64),
+        "vision_model.local_proj1.2.weight": (512, 64),
+        "vision_model.global_proj2.2.weight": (512, 128),
+        "vision_model.block1.2.attn.sr.weight": (64, 64, 8, 8),
+        "vision_model.block1.0.attn.norm.weight": (64,),
+        "vision_model.block3.5.attn.kv.weight": (640, 320),
+        "vision_model.block2.3.mlp.fc1.weight": (1024, 128),  # MLP ratio 8
+        "vision_model.block4.2.mlp.fc1.weight": (2048, 512),  # MLP ratio 4
+        "vision_model.norm.weight": (512,),
+        "fusion_model.attention_norm.weight": (768,),
+        "fusion_model.attn.query.weight": (768, 768),
+        "fusion_model.attn.out.weight": (768, 768),
+        "fusion_model.ffn.fc1.weight": (3072, 768),
+        "fusion_model.ffn_norm.bias": (768,),
+    }
+    assert {k: shapes.get(k) for k in expected} == expected
+    # The last stage reduces nothing; no stage 4 cls token / projections; no block4 sr conv; no text.
+    assert not [k for k in shapes if k.startswith(("vision_model.cls_token4", "vision_model.local_proj4",
+                                                   "vision_model.block4.0.attn.sr", "text_model", "l_proj"))]
+    assert sum(k.startswith("vision_model.block1.") and k.endswith("attn.q.weight") for k in shapes) == 3
+    assert sum(k.startswith("vision_model.block3.") and k.endswith("attn.q.weight") for k in shapes) == 6
+
+
+@pytest.mark.parametrize("locals_, alpha, tokens", [((1, 1, 1, 0), 8, 996), ((0, 1, 1, 0), 8, 483),
+                                                    ((0, 0, 1, 0), 8, 226), ((0, 0, 0, 0), 8, 65),
+                                                    ((1, 1, 1, 0), 4, 500)])
+def test_token_counts_follow_the_published_formula(locals_, alpha, tokens):
+    # model.py: 1 + sum(locals) + alpha * (8 + sum of [64, 32, 20] over the selecting stages).
+    model = create_model("lora_v", img_size=224, alpha=alpha, locals=locals_)
+    assert model.num_visual_tokens == tokens
+    assert model.pos_embed.shape == (1, tokens, 768)
+
+
+def test_trunk_output_at_448_px_has_996_tokens():
     torch.manual_seed(0)
-    return create_model(name, **{**TINY, **kwargs})
-
-
-@pytest.mark.parametrize("name", ["lora", "lora_v"])
-def test_forward_shapes_and_every_parameter_gets_a_gradient(name, images):
-    model = _model(name).train()
-    ids, mask = tokenize(TEXTS, 16)
-    logits = model(images, ids, mask)["logits"]
-    assert logits.shape == (2, 7)
-    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 3])).backward()
-
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    assert [n for n, p in trainable if p.grad is None or not p.grad.any()] == []
-    names = {n.split(".")[0] for n, _ in model.named_parameters()}
-    assert {"query_proj", "local_proj", "fusion", "head"} <= names
-    assert sum(n.endswith("query_token") for n, _ in model.named_parameters()) == 4
-    assert ("text_encoder" in names) == (name == "lora")
-
-
-def test_text_is_used_by_lora_and_ignored_by_lora_v(images):
-    lora, lora_v = _model("lora").eval(), _model("lora_v").eval()
+    trunk = create_model("lora_v", img_size=448).vision_model.eval()
     with torch.no_grad():
-        a, b = (lora(images, *tokenize([t, t], 16))["logits"] for t in TEXTS)
-        assert not torch.allclose(a, b)
-        torch.testing.assert_close(lora_v(images, *tokenize(TEXTS, 16))["logits"], lora_v(images)["logits"])
+        assert trunk(torch.randn(1, 3, 448, 448)).shape == (1, 996, 512)
 
 
-@pytest.mark.parametrize("feat_size, sr", [((6, 6), 1), ((8, 8), 2), ((16, 16), 4), ((11, 10), 4)])
-def test_fast_rollout_selects_the_same_tokens_as_the_naive_product(feat_size, sr):
-    gen = torch.Generator().manual_seed(sr)
-    height, width = feat_size
-    keys = 1 + (height // sr) * (width // sr)
-    attns = [torch.randn(2, 3, 1 + height * width, keys, generator=gen).mul(3).softmax(-1) for _ in range(4)]
-
-    fast, naive = query_rollout(attns, feat_size, sr), naive_rollout(attns, feat_size, sr)
-    assert fast.shape == (2, 3, height * width)
-    torch.testing.assert_close(fast, naive, atol=1e-5, rtol=0)
-    k = min(3 * sr * sr, height * width // 2)
-    assert torch.equal(select_topk(fast, k).sort(-1).values, select_topk(naive, k).sort(-1).values)
+def test_image_too_small_for_the_selection_is_refused():
+    with pytest.raises(ValueError, match="img_size=32"):
+        create_model("lora_v", img_size=32)            # stage 1: 8x8 tokens, one 8x8 reduced cell
+    with pytest.raises(ValueError, match="smaller alpha"):
+        create_model("lora_v", img_size=64, alpha=8)   # stage 1: 256 tokens < 8 * 64
 
 
-def test_rollout_of_a_real_stage_with_spatial_reduction(images):
-    model = _model("lora_v")
-    stage = model.stages[0]  # 16x16 tokens, sr 8: 1 query + 2x2 reduced keys
-    fmap, tokens, attns = stage(model.patch_embed(images))
-    assert fmap.shape == (2, 16, 16, 16) and tokens.shape == (2, 1 + 256, 16)
-    assert attns[0].shape == (2, 1, 257, 5) and not attns[0].requires_grad
-    torch.testing.assert_close(query_rollout(attns, (16, 16), 8), naive_rollout(attns, (16, 16), 8),
-                               atol=1e-5, rtol=0)
+def test_locals_must_leave_the_last_stage_to_its_cls_token_and_need_two_blocks():
+    with pytest.raises(ValueError, match="locals"):
+        create_model("lora_v", locals=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="two blocks"):
+        create_model("lora_v", img_size=64, alpha=1, trunk={"depths": (1, 2, 2, 2)})
 
 
-def test_gathered_tokens_carry_gradient_and_topk_is_capped():
-    tokens = torch.randn(2, 10, 4, requires_grad=True)
-    row = torch.arange(20.0).reshape(2, 1, 10).expand(2, 3, 10)
-    idx = select_topk(row, 3)
-    assert idx.shape == (2, 3, 3) and idx[0, 0].tolist() == [9, 8, 7]
-    assert select_topk(row, 50).shape == (2, 3, 10)  # capped at the token count
-    picked = gather_tokens(tokens, idx)
-    assert picked.shape == (2, 9, 4)
-    torch.testing.assert_close(picked[1, 3], tokens[1, 9])
-    picked.sum().backward()
-    assert tokens.grad[:, 9].eq(3).all() and tokens.grad[:, :7].eq(0).all()  # 3 heads picked token 9
+# --- local re-attention ------------------------------------------------------------------------
+
+def _maps(depth: int, rows: int, cols: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 3, rows, cols, generator=g).mul(3).softmax(-1) for _ in range(depth)]
 
 
-@pytest.mark.parametrize("alpha, locals_, per_stage", [
-    # heads x min(alpha * sr^2, tokens) with tokens 256, 64, 16, 4 and sr 8, 4, 2, 1
-    (1, (1, 1, 1, 0), [1 * 64, 2 * 16, 3 * 4, 4 * 1]),
-    (8, (1, 1, 1, 0), [1 * 256, 2 * 64, 3 * 16, 4 * 4]),   # alpha * sr^2 exceeds every stage: capped
-    (2, (0, 1, 0, 0), [2 * 32, 4 * 2]),                     # the last stage always re-attends
-])
-def test_local_token_count_is_alpha_sr2_per_head_capped(alpha, locals_, per_stage, images):
-    model = _model("lora_v", alpha=alpha, locals=locals_)
-    reattending = [isinstance(s, QueryStage) for s in model.stages]
-    assert reattending == [bool(f) or i == 3 for i, f in enumerate(locals_)]
-    plain = [s for s, r in zip(model.stages, reattending) if not r]
-    assert all(isinstance(s, PyramidVisionTransformerStage) for s in plain)  # timm's own, fused SDPA
-    tokens = model.forward_features(images)
-    assert tokens.shape == (2, len(per_stage) + sum(per_stage), 32)
+def test_selection_rule_by_hand_for_two_and_three_blocks():
+    a0, a1, a2 = _maps(3, 9, 4)
+    # Published: i=1 -> A1 @ A0ᵀ; i=2 (even) -> A2ᵀ @ previous. Row 0, cls column dropped.
+    torch.testing.assert_close(selection_scores([a0, a1], last=False),
+                               (a1 @ a0.transpose(-2, -1))[..., 0, 1:].double())
+    torch.testing.assert_close(selection_scores([a0, a1, a2], last=False),
+                               (a2.transpose(-2, -1) @ a1 @ a0.transpose(-2, -1))[..., 0, 1:].double())
+    b0, b1, b2 = _maps(3, 5, 5)
+    torch.testing.assert_close(selection_scores([b0, b1, b2], last=True), (b2 @ b1 @ b0)[..., 0, 1:].double())
+    torch.testing.assert_close(selection_scores([a0], last=False), a0[..., 0, 1:].double())
 
 
-def test_tokenizer_pads_truncates_and_keeps_utf8():
-    ids, mask = tokenize(["ab", "abcdef", None], 5)
-    assert ids.dtype == mask.dtype == torch.long
-    assert ids[0].tolist() == [CLS_ID, ord("a") + 3, ord("b") + 3, EOS_ID, PAD_ID]
-    assert mask[0].tolist() == [1, 1, 1, 1, 0]
-    assert ids[1].tolist() == [CLS_ID, ord("a") + 3, ord("b") + 3, ord("c") + 3, EOS_ID]
-    assert ids[2].tolist()[:3] == [CLS_ID, EOS_ID, PAD_ID]
-
-    text = "naïve 😀 ваш"
-    ids, mask = tokenize([text], 40)
-    body = ids[0][mask[0].bool()][1:-1] - 3
-    assert bytes(body.tolist()).decode("utf-8") == text and len(body) > len(text)
-    np_ids, np_mask = tokenize_numpy([text], 40)
-    assert np.array_equal(np_ids, ids.numpy()) and np.array_equal(np_mask, mask.numpy())
-    assert np.array_equal(make_tokenizer("bytes", 40)([text])[0], np_ids)
-    with pytest.raises(ValueError, match="max_len"):
-        tokenize(["x"], 1)
+@pytest.mark.parametrize("depth", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("last", [False, True])
+def test_vector_chain_equals_the_published_product(depth, last):
+    maps = [m.double() for m in _maps(depth, 17, 17 if last else 5, seed=depth)]
+    torch.testing.assert_close(selection_scores(maps, last), naive_selection_scores(maps, last))
 
 
-def test_padded_positions_never_change_the_output(images):
-    model = _model("lora").eval()
-    short_ids, short_mask = tokenize(TEXTS, 18)  # fits both texts: no truncation
-    long_ids, long_mask = tokenize(TEXTS, 32)
-    garbage = long_ids.clone()
-    garbage[long_mask == 0] = torch.randint(3, 259, (int((long_mask == 0).sum()),))
+def test_select_tokens_keeps_each_heads_top_k_in_descending_order():
+    tokens = torch.arange(1 + 6, dtype=torch.float32).view(1, 7, 1).expand(1, 7, 2)  # token i carries value i
+    scores = torch.tensor([[[0.1, 0.9, 0.3, 0.8, 0.0, 0.2], [0.5, 0.4, 0.3, 0.2, 0.1, 0.6]]])
+    picked = select_tokens(tokens, scores, 2)
+    # head 0: patches 1 (0.9) then 3 (0.8); head 1: 5 then 0; +1 for the cls token in front.
+    assert picked[0, :, 0].tolist() == [2.0, 4.0, 6.0, 1.0]
+
+
+def test_trunk_token_order_globals_reversed_then_locals_flipped():
+    """Rebuild the published output from each stage's tokens: [cls4, g3, g2, g1] + flip(l1, l2, l3, l4)."""
+    model = _tiny()
+    trunk = model.vision_model
+    after = {}
+    for n in range(1, 5):
+        last_block = getattr(trunk, f"block{n}")[-1]
+        last_block.register_forward_hook(functools.partial(lambda n, mod, inp, out: after.__setitem__(n, out), n))
+    images = _images(1)
     with torch.no_grad():
-        reference = model(images, short_ids, short_mask)["logits"]
-        torch.testing.assert_close(model(images, long_ids, long_mask)["logits"], reference, atol=1e-5, rtol=0)
-        torch.testing.assert_close(model(images, garbage, long_mask)["logits"], reference, atol=1e-5, rtol=0)
+        out = trunk(images)
+        globals_, locals_ = [], []
+        for n in range(1, 5):
+            x, probs = after[n]
+            blocks = getattr(trunk, f"block{n}")
+            maps = _stage_maps(trunk, images, n)   # every block's attention map of stage n
+            scores = naive_selection_scores([m.double() for m in maps], last=n == 4)
+            k = trunk.selected_per_head(n - 1)
+            picked = select_tokens(x, scores, k)
+            if n < 4:
+                picked = getattr(trunk, f"local_proj{n}")(picked)
+                globals_.append(getattr(trunk, f"global_proj{n}")(x[:, 0]))
+            else:
+                globals_.append(x[:, 0])
+            locals_.append(picked)
+            assert len(blocks) == len(maps)
+        expected = trunk.norm(torch.cat([torch.stack(globals_[::-1], 1), torch.cat(locals_, 1).flip(1)], 1))
+    torch.testing.assert_close(out, expected)
+    assert out.shape == (1, model.num_visual_tokens, 32)
 
-    encoder = ByteTextEncoder(16, max_len=32).eval()
+
+def _stage_maps(trunk, images: torch.Tensor, stage: int) -> list[torch.Tensor]:
+    maps: list[torch.Tensor] = []
+    hooks = [block.attn.register_forward_hook(lambda mod, inp, out: maps.append(out[1]))
+             for block in getattr(trunk, f"block{stage}")]
+    try:
+        trunk(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    return maps
+
+
+def test_forward_peak_memory_at_448_px_stays_small():
+    """LORA-V's forward at 448 px never forms a 12545 x 12545 product (630 MB per map in fp32)."""
+    code = textwrap.dedent("""
+        import resource, torch
+        from emotion_models import create_model
+        torch.manual_seed(0)
+        model = create_model("lora_v", img_size=448).eval()
+        x = torch.randn(2, 3, 448, 448)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with torch.no_grad():
+            model(x)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    growth_gib = float(out.stdout.strip().splitlines()[-1])
+    assert growth_gib < 1.0, f"forward grew the peak RSS by {growth_gib:.2f} GiB"
+
+
+# --- fusion ------------------------------------------------------------------------------------
+
+def test_fuse_block_returns_token_zero_and_attends_to_every_token():
+    torch.manual_seed(0)
+    block = FuseBlock(dim=16, heads=2, mlp_dim=32, drop=0.0).eval()
+    x = torch.randn(2, 5, 16)
+    y = x.clone()
+    y[:, -1] = torch.randn(2, 16)  # a padded text position still takes part (the published block has no mask)
     with torch.no_grad():
-        out_short, out_long = encoder(short_ids, short_mask), encoder(garbage, long_mask)
-    torch.testing.assert_close(out_long[:, :18][short_mask.bool()], out_short[short_mask.bool()],
-                               atol=1e-5, rtol=0)
-
-
-def test_lora_state_dict_round_trip_reproduces_outputs(tmp_path, images):
-    ids, mask = tokenize(TEXTS, 16)
-    source = _model("lora").eval()
-    path = tmp_path / "lora.pt"
-    torch.save(source.state_dict(), path)
-    torch.manual_seed(1)
-    fresh = create_model("lora", **TINY).eval()
+        a, b = block(x), block(y)
+    assert a.shape == (2, 16)
+    assert not torch.allclose(a, b)
+    # By hand: pre-norm attention, residual, pre-norm MLP, residual; token 0 out.
     with torch.no_grad():
-        expected = source(images, ids, mask)["logits"]
-        assert not torch.allclose(fresh(images, ids, mask)["logits"], expected)
-        torch.manual_seed(1)
-        loaded = create_model("lora", weights=str(path), **TINY).eval()
-        torch.testing.assert_close(loaded(images, ids, mask)["logits"], expected)
+        h = block.attention_norm(x)
+        q, k, v = (m(h).view(2, 5, 2, 8).transpose(1, 2) for m in (block.attn.query, block.attn.key, block.attn.value))
+        att = ((q @ k.transpose(-2, -1)) / 8 ** 0.5).softmax(-1) @ v
+        x1 = x + block.attn.out(att.transpose(1, 2).reshape(2, 5, 16))
+        x2 = x1 + block.ffn.fc2(torch.nn.functional.gelu(block.ffn.fc1(block.ffn_norm(x1))))
+    torch.testing.assert_close(a, x2[:, 0])
 
 
-def test_timm_pvt_v2_trunk_loads_into_the_visual_part(tmp_path, images):
-    timm_model = timm.create_model("pvt_v2_b0", pretrained=False, num_classes=0).eval()
-    path = tmp_path / "pvt_v2_b0.pth"
-    torch.save(timm_model.state_dict(), path)
-    b0 = dict(TINY, embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2), num_heads=(1, 2, 5, 8))
-    model = _model("lora", **b0).eval()
+def test_no_weight_decay_names_position_embeddings_and_cls_tokens():
+    model = _tiny()
+    names = dict(model.named_parameters())
+    exempt = model.no_weight_decay()
+    assert exempt <= names.keys()
+    assert {"pos_embed", "vision_model.cls_token", "vision_model.cls_token1", "vision_model.pos_embed4"} <= exempt
+    assert not [n for n in exempt if n.endswith("weight")]
 
-    report = load_weights(model, path)
-    assert report.unexpected == [] and report.mismatched == []
-    assert report.loaded == len(timm_model.state_dict())
-    new = ("query_proj.", "local_proj.", "fusion.", "norm.", "head.", "text_encoder.", "text_proj.")
-    assert all(k.startswith(new) or k in ("pos_embed", "type_embed") or k.endswith(".query_token")
-               for k in report.missing)
-    # A stage without re-attention is timm's own: same output as pvt_v2_b0's first stage.
-    plain = _model("lora_v", **b0, locals=(0, 0, 0, 0), weights=str(path)).eval()
+
+# --- checkpoints and weights -------------------------------------------------------------------
+
+def _published_checkpoint(model: torch.nn.Module, path, **extra) -> None:
+    """What SER30K's main.py saves every epoch."""
+    args = argparse.Namespace(alpha=1, locals=[1, 1, 1, 0], input_size=64, nb_classes=7, lr=3e-5, model="pvt_small")
+    torch.save({"model": model.state_dict(), "optimizer": {"state": {}, "param_groups": [{"lr": 1e-5}]},
+                "lr_scheduler": {"t_initial": 50}, "epoch": 49, "scaler": {"scale": 65536.0}, "args": args,
+                **extra}, path)
+
+
+def test_published_checkpoint_format_loads_whole_and_reproduces_logits(tmp_path):
+    source, target = _tiny(seed=1), _tiny(seed=2)
+    path = tmp_path / "checkpoint_v.pth"
+    _published_checkpoint(source, path)
+    report = load_weights(target, path)
+    assert report.target == "" and report.loaded == len(source.state_dict()) == report.in_file
+    assert not report.skipped_head and not report.new
     with torch.no_grad():
-        torch.testing.assert_close(plain.stages[0](plain.patch_embed(images)),
-                                   timm_model.stages[0](timm_model.patch_embed(images)))
+        torch.testing.assert_close(target(_images())["logits"], source(_images())["logits"])
+    assert read_checkpoint(path)["args"].alpha == 1  # the one allowlisted type comes back as itself
 
 
-def test_bad_configurations_raise_clear_errors(images):
-    with pytest.raises(ValueError, match="unknown text encoder"):
-        build_text_encoder("gpt", 16, 8)
+def test_checkpoint_with_other_pickled_objects_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": _tiny().state_dict(), "hook": functools.partial(print, "hi")}, path)
+    with pytest.raises(ValueError, match="evil.pth: not a readable weights file"):
+        load_weights(_tiny(), path)
+
+
+def test_imagenet_pvt_small_file_initialises_the_whole_trunk(tmp_path):
+    """pvt_small.pth: the trunk's names without LORA's additions, plus a 1000-class head."""
+    source = _tiny(seed=3).vision_model
+    lora_only = ("cls_token1", "cls_token2", "cls_token3", "local_proj", "global_proj")
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith(lora_only)}
+    state |= {"head.weight": torch.randn(1000, 32), "head.bias": torch.zeros(1000)}
+    torch.save({"model": state}, tmp_path / "pvt_small.pth")
+
+    model = _tiny(seed=4)
+    report = load_weights(model, tmp_path / "pvt_small.pth")
+    assert report.target == "vision_model"
+    assert report.loaded == len(state) - 2
+    assert report.skipped_head == ["head.bias", "head.weight"]
+    assert report.new and all(k.startswith(lora_only) for k in report.new)
+    own = model.vision_model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in state.items() if not k.startswith("head"))
+
+
+def test_partial_fit_stops_with_what_is_missing_and_unexpected(tmp_path):
+    state = _tiny().state_dict()
+    state.pop("vision_model.block2.1.attn.q.weight")
+    state["vision_model.extra.weight"] = torch.zeros(3)
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(ValueError) as err:
+        load_weights(_tiny(), tmp_path / "partial.pth")
+    message = str(err.value)
+    assert "partial.pth: does not fit" in message and "\n" not in message
+    assert "missing 1: vision_model.block2.1.attn.q.weight" in message
+    assert "unexpected 1: vision_model.extra.weight" in message
+
+
+def test_a_head_of_another_size_is_skipped_and_said(tmp_path):
+    torch.save(_tiny(num_classes=5).state_dict(), tmp_path / "five.pth")
+    model = _tiny(num_classes=7)
+    head = model.head.weight.clone()
+    report = load_weights(model, tmp_path / "five.pth")
+    assert report.skipped_head == ["head.bias", "head.weight"]
+    assert "skipped the classifier head" in report.summary()
+    assert torch.equal(model.head.weight, head)
+
+
+def test_other_trunk_widths_do_not_fit(tmp_path):
+    torch.save(_tiny().state_dict(), tmp_path / "tiny.pth")
+    with pytest.raises(ValueError, match="other shape"):
+        load_weights(_tiny(trunk={**TINY_TRUNK, "mlp_ratios": (4, 2, 2, 2)}), tmp_path / "tiny.pth")
+
+
+# --- the text branch ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    """A tiny random BERT in the Hugging Face folder layout (no download)."""
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("bert")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "so", "happy", "today", "grr", "!", "hap", "##py"]
+    (path / "vocab.txt").write_text("\n".join(words) + "\n")
+    config = transformers.BertConfig(vocab_size=len(words), hidden_size=24, num_hidden_layers=5, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=40)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(path)
+    return path
+
+
+def test_bert_tokenizer_as_published(bert_dir):
+    ids, mask = make_tokenizer(f"bert:{bert_dir}")(["So HAPPY today!", None])
+    assert ids.shape == mask.shape == (2, TEXT_LEN)
+    # [CLS]=2 so happy today ! [SEP]=3, zero-padded; lower-cased first.
+    assert ids[0, :6].tolist() == [2, 5, 6, 7, 9, 3] and not ids[0, 6:].any()
+    assert mask[0].tolist() == [1] * 6 + [0] * (TEXT_LEN - 6)
+    assert ids[1, :2].tolist() == [2, 3] and mask[1].sum() == 2
+
+
+def test_lora_with_bert_uses_its_last_four_layers_frozen(bert_dir):
+    torch.manual_seed(0)
+    model = create_model("lora", text_encoder=f"bert:{bert_dir}", **TINY).eval()
+    names = dict(model.named_parameters())
+    assert "text_model.embeddings.word_embeddings.weight" in names
+    assert "text_model.encoder.layer.4.output.LayerNorm.weight" in names and "text_model.pooler.dense.weight" in names
+    assert names["l_proj.weight"].shape == (16, 24)
+    assert model.pos_embed.shape == (1, model.num_visual_tokens + TEXT_LEN, 16)
+    assert not any(p.requires_grad for n, p in names.items() if n.startswith("text_model."))
+
+    ids, mask = (torch.from_numpy(a) for a in make_tokenizer(f"bert:{bert_dir}")(["so happy", "grr !"]))
+    with torch.no_grad():
+        hidden = model.text_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        features = (hidden[-1] + hidden[-2] + hidden[-3] + hidden[-4]) / 4
+        fused = torch.cat([model.v_proj(model.vision_model(_images())), model.l_proj(features)], 1)
+        expected = model.head(model.fusion_model(fused + model.pos_embed))
+        torch.testing.assert_close(model(_images(), ids, mask)["logits"], expected)
+
+    model.train()
+    loss = model(_images(), ids, mask)["logits"].sum()
+    loss.backward()
+    assert names["l_proj.weight"].grad is not None
+    assert all(p.grad is None for n, p in names.items() if n.startswith("text_model."))
+
+
+def test_missing_bert_folder_names_the_flag(tmp_path):
+    pytest.importorskip("transformers")
+    with pytest.raises(FileNotFoundError, match="--text-encoder bert:PATH"):
+        create_model("lora", text_encoder=f"bert:{tmp_path / 'nowhere'}", **TINY)
+
+
+def test_lora_with_byte_text_uses_the_text_and_lora_v_refuses_it():
+    model = _tiny("lora", text_encoder="bytes")
+    tokenize = make_tokenizer("bytes", TEXT_LEN)
+    images = _images()
+    with torch.no_grad():
+        a = model(images, *(torch.from_numpy(t) for t in tokenize(["so happy", "so happy"])))["logits"]
+        b = model(images, *(torch.from_numpy(t) for t in tokenize(["grr", "grr"])))["logits"]
+    assert not torch.allclose(a, b)
     with pytest.raises(ValueError, match="no text branch"):
         create_model("lora_v", text_encoder="bytes", **TINY)
-    with pytest.raises(ValueError, match="width 48 is not divisible by its 5"):
-        create_model("lora_v", **dict(TINY, num_heads=(1, 2, 5, 8)))
-    with pytest.raises(ValueError, match="too small"):
-        create_model("lora_v", **dict(TINY, img_size=16))
-    with pytest.raises(ValueError, match="built for img_size=96"):
-        _model("lora_v", img_size=96)(images)  # 64 px has fewer tokens than k at 96 px
-    model = _model("lora")
-    with pytest.raises(ValueError, match="max_text_len=32"):
-        model(images, *tokenize(TEXTS, 40))
-
-
-def test_bert_encoder_needs_transformers_and_a_local_directory(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "transformers", None)
-    with pytest.raises(ImportError, match="transformers"):
-        build_text_encoder(f"bert:{tmp_path}", 16, 8)
-
-
-def test_bert_encoder_from_a_local_directory(tmp_path, images):
-    transformers = pytest.importorskip("transformers")
-    with pytest.raises(FileNotFoundError, match="not found"):
-        build_text_encoder(f"bert:{tmp_path / 'missing'}", 16, 8)
-    config = transformers.BertConfig(vocab_size=300, hidden_size=24, num_hidden_layers=4,
-                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
-    transformers.BertModel(config).save_pretrained(tmp_path)
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "so", "happy", "today"]) + "\n")
-    transformers.BertTokenizer(str(vocab))  # v4: vocab_file, v5: vocab.save_pretrained(tmp_path)
-    model = _model("lora", text_encoder=f"bert:{tmp_path}").eval()
-    ids, mask = model.text_encoder.tokenizer()(TEXTS)
-    assert ids.shape == mask.shape == (2, TINY["max_text_len"]) and ids[0, 1:4].tolist() == [5, 6, 7]
-    with torch.no_grad():
-        logits = model(images, torch.from_numpy(ids), torch.from_numpy(mask))["logits"]
-    assert logits.shape == (2, 7) and torch.isfinite(logits).all()
-    assert not any(p.requires_grad for p in model.text_encoder.parameters())  # frozen as in the paper
