@@ -157,8 +157,7 @@ def test_weights_round_trip_strips_prefix_and_reports_head_keys(tmp_path, wrap):
     target = build_va(TINY)
     assert not torch.allclose(_features(target), _features(source))
     report = load_weights(target.backbone, path)
-    assert report.unexpected == ["fc.weight"]
-    assert report.missing == [] and report.mismatched == []
+    assert report.skipped_head == ["fc.weight"]  # an ImageNet classifier: said, not loaded
     assert report.loaded == len(source.backbone.state_dict())
     torch.testing.assert_close(_features(target), _features(source))
 
@@ -166,19 +165,27 @@ def test_weights_round_trip_strips_prefix_and_reports_head_keys(tmp_path, wrap):
     torch.testing.assert_close(_features(via_builder), _features(source))
 
 
-def test_weights_mismatched_shapes_are_dropped_and_reported(tmp_path):
+def test_weights_of_another_shape_stop_the_load_and_change_nothing(tmp_path):
     source = build_va(TINY)
     state = dict(source.backbone.state_dict())
     state["conv1.0.weight"] = torch.zeros(1, 1, 1, 1)
     path = tmp_path / "odd.pth"
     torch.save(state, path)
     target = build_va(TINY)
-    before = target.backbone.conv1[0].weight.clone()
-    report = load_weights(target.backbone, path)
-    assert report.mismatched == ["conv1.0.weight"] and report.missing == ["conv1.0.weight"]
-    assert torch.equal(target.backbone.conv1[0].weight, before)
-    with pytest.raises(ValueError, match="odd.pth"):
-        load_weights(target.backbone, path, strict=True)
+    before = {k: v.clone() for k, v in target.backbone.state_dict().items()}
+    with pytest.raises(ValueError, match=r"odd\.pth: does not fit .*other shape 1: conv1\.0\.weight"):
+        load_weights(target.backbone, path)
+    assert all(torch.equal(v, before[k]) for k, v in target.backbone.state_dict().items())
+
+
+def test_weights_missing_part_of_the_backbone_stop_the_load(tmp_path):
+    state = dict(build_va(TINY).backbone.state_dict())
+    dropped = sorted(k for k in state if k.startswith("layer4."))
+    for key in dropped:
+        state.pop(key)
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=rf"partial\.pth: does not fit .*missing {len(dropped) - sum('num_batches' in k for k in dropped)}"):
+        build_va(TINY, weights=str(tmp_path / "partial.pth"))
 
 
 def test_weights_that_match_nothing_or_do_not_exist_name_the_file(tmp_path):
