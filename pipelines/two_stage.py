@@ -3,11 +3,15 @@
 Stage one trains a CNN to predict VA on a categorical set (FI, Flickr, Instagram, FlickrLDL,
 TwitterLDL), each category mapped to VA through the NRC-VAD lexicon; stage two starts from stage
 one's *best* checkpoint, freezes the early layers and fine-tunes on a small dimensional set
-(Emotion6). Four frameworks: ``--task {single,multi}`` x ``--mode {one_stage,two_stage}``.
+(Emotion6). Four frameworks: ``--task {single,multi}`` x ``--mode {one_stage,two_stage}``, plus the
+baseline ``--mode dimensional`` (the backbone fine-tuned on the dimensional set alone).
+``--frameworks all`` runs all five in one MLflow parent run, each task's stage one trained once, and
+ends with a comparison table; ``--seeds 42 43 44`` repeats it and reports mean +- std.
 
 With no arguments it runs the embedded demo end to end on CPU::
 
     python pipelines/two_stage.py
+    python pipelines/two_stage.py --frameworks all
 
 On a cluster::
 
@@ -322,6 +326,8 @@ def stage1(plan: Plan, *, task: Optional[str] = None, seed: Optional[int] = None
     a one-stage model's VA is learned from categories only.
     """
     a = plan.args
+    if plan.cat_sets is None:
+        raise ValueError("stage one needs a categorical set (--dataname); --mode dimensional has none")
     task = task or a.task
     spec = stage_spec(a, name=name, head_classes=plan.classes, classes=plan.classes, epochs=a.num_epochs,
                       lr=a.lr, decay=a.decay, task=task, seed=seed, image=plan.image,
