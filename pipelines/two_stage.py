@@ -133,6 +133,13 @@ def parse_frameworks(values: list[str]) -> list[str]:
     return [f for f in FRAMEWORKS if f in wanted]
 
 
+def _stage2_freeze(args):
+    """What stage two freezes (``--freeze-until``, default the published cut); for args not from apply_defaults too."""
+    if hasattr(args, "stage2_freeze"):
+        return args.stage2_freeze
+    return _freeze_value(args.freeze_until if args.freeze_until is not None else DEFAULT_FREEZE)
+
+
 def _freeze_value(value):
     if value is None or str(value).lower() == "none":
         return None
@@ -148,27 +155,29 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
     for stage2_key, key in (("stage2_epochs", "num_epochs"), ("stage2_lr", "lr"), ("stage2_decay", "decay")):
         if getattr(args, stage2_key) is None:
             setattr(args, stage2_key, getattr(args, key))
+    # The flags keep what was given (a retrain from a sweep's best_config.yaml stays a single run);
+    # what runs is resolved into run_frameworks / run_seeds / stage2_freeze.
     args.grid = args.frameworks is not None
     if args.grid:
-        args.frameworks = parse_frameworks(args.frameworks)
+        args.run_frameworks = parse_frameworks(args.frameworks)
     elif args.mode == "dimensional":
         if args.task == "multi" and "task" in explicit:
             raise cli.UsageError("--mode dimensional trains the VA head on the dimensional set only; "
                                  "it takes no --task multi")
         args.task = "single"
-        args.frameworks = ["dimensional"]
+        args.run_frameworks = ["dimensional"]
     else:
-        args.frameworks = [f"{args.mode}-{args.task}"]
-    args.seeds = list(dict.fromkeys(args.seeds)) if args.seeds else [args.seed]
-    args.seed = args.seeds[0]
-    args.needs_categorical = any(f != "dimensional" for f in args.frameworks)
-    needs_dimensional = any(f.startswith("two_stage") or f == "dimensional" for f in args.frameworks)
+        args.run_frameworks = [f"{args.mode}-{args.task}"]
+    args.run_seeds = list(dict.fromkeys(args.seeds)) if args.seeds else [args.seed]
+    args.seed = args.run_seeds[0]
+    args.needs_categorical = any(f != "dimensional" for f in args.run_frameworks)
+    needs_dimensional = any(f.startswith("two_stage") or f == "dimensional" for f in args.run_frameworks)
     if not args.demo and args.dataname is not None:
         from pipelines.data import check_dataname
 
         check_dataname(args.dataname, "--dataname")
     if not args.demo and args.needs_categorical and args.dataname is None:
-        raise cli.UsageError(f"{', '.join(f for f in args.frameworks if f != 'dimensional')} with real data "
+        raise cli.UsageError(f"{', '.join(f for f in args.run_frameworks if f != 'dimensional')} with real data "
                              "needs --dataname (the categorical set)")
     if not args.demo and needs_dimensional and args.dimensional is None:
         raise cli.UsageError("--mode two_stage / dimensional with real data needs --dimensional "
@@ -181,9 +190,9 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.va_loss_scale <= 0:
         raise cli.UsageError(f"--va-loss-scale must be positive, not {args.va_loss_scale}")
     explicit_freeze = args.freeze_until is not None
-    args.freeze_until = _freeze_value(args.freeze_until if explicit_freeze else DEFAULT_FREEZE)
+    args.stage2_freeze = _freeze_value(args.freeze_until if explicit_freeze else DEFAULT_FREEZE)
     # The baseline fine-tunes the whole backbone unless a cut is asked for.
-    args.dimensional_freeze = args.freeze_until if explicit_freeze else None
+    args.dimensional_freeze = args.stage2_freeze if explicit_freeze else None
     return args
 
 
@@ -353,7 +362,8 @@ def stage2(plan: Plan, init_from: str, *, task: Optional[str] = None, seed: Opti
     spec = stage_spec(a, name=name, head_classes=plan.classes, classes=plan.dim_classes,
                       epochs=a.stage2_epochs, lr=a.stage2_lr, decay=a.stage2_decay, monitor="pearson_mean",
                       init_from=init_from, task=task, seed=seed, image=plan.image,
-                      freeze_until=a.freeze_until, mix=task == "multi", objective=_dimensional_objective(plan, task))
+                      freeze_until=_stage2_freeze(a), mix=task == "multi",
+                      objective=_dimensional_objective(plan, task))
     datasets = {"train": plan.dim_sets["train"], "val": plan.dim_sets["val"]}
     if task == "multi":
         datasets[MIX_KEY] = plan.cat_sets["train"]
@@ -492,14 +502,14 @@ def main(argv=None) -> int:
     prefix = f"two_stage-grid" if args.grid else f"two_stage-{args.mode}-{args.task}"
     pipeline = PipelineRun.from_args(args, pipeline="two_stage", run_name_prefix=prefix,
                                      tags={"mode": mode, "task": args.task, "dataname": plan.dataname,
-                                           "demo": str(args.demo), "frameworks": ",".join(args.frameworks)})
+                                           "demo": str(args.demo), "frameworks": ",".join(args.run_frameworks)})
     rows = []
-    for seed in args.seeds:
-        tag = f"-s{seed}" if len(args.seeds) > 1 else ""
-        rows += run_frameworks(plan, pipeline, args.frameworks, seed, tag)
+    for seed in args.run_seeds:
+        tag = f"-s{seed}" if len(args.run_seeds) > 1 else ""
+        rows += run_frameworks(plan, pipeline, args.run_frameworks, seed, tag)
     best = {n: st["outcome"]["best_checkpoint"] for n, st in pipeline.state["stages"].items()}
 
-    if not args.grid and len(args.seeds) == 1:
+    if not args.grid and len(args.run_seeds) == 1:
         # One framework, one seed: its test metrics at the top level, as always.
         result = {k: v for k, v in rows[0].items() if k.startswith("test_")}
         result.update(pipeline="two_stage", mode=args.mode, task=args.task, dataname=plan.dataname,
@@ -510,8 +520,8 @@ def main(argv=None) -> int:
 
     summary = summarize(rows)
     table = comparison_table(summary)
-    title = (f"{plan.dataname}: {len(args.frameworks)} frameworks x {len(args.seeds)} seed(s) "
-             f"({', '.join(map(str, args.seeds))}), {args.backbone} {args.image_size}px")
+    title = (f"{plan.dataname}: {len(args.run_frameworks)} frameworks x {len(args.run_seeds)} seed(s) "
+             f"({', '.join(map(str, args.run_seeds))}), {args.backbone} {args.image_size}px")
     tracker = pipeline.tracker
     tracker.client.log_text(pipeline.parent_id, f"{title}\n\n{table}\n", "comparison.md")
     tracker.client.log_table(pipeline.parent_id, data={k: [r.get(k) for r in rows]
@@ -521,7 +531,7 @@ def main(argv=None) -> int:
     flat = {f"{f}.{k}_{stat}": v[stat] for f, metrics in summary.items() for k, v in metrics.items()
             for stat in ("mean", "std")}
     tracker.log_metrics(pipeline.parent_id, flat)
-    result = {"pipeline": "two_stage", "mode": mode, "frameworks": args.frameworks, "seeds": args.seeds,
+    result = {"pipeline": "two_stage", "mode": mode, "frameworks": args.run_frameworks, "seeds": args.run_seeds,
               "dataname": plan.dataname, "rows": rows, "summary": summary, "table": table,
               "best_checkpoints": best}
     path = pipeline.finish(result)

@@ -99,12 +99,13 @@ def test_summary_over_seeds_is_mean_and_sample_std():
 
 def test_frameworks_and_seeds_flags():
     args = _parsed("--frameworks", "two_stage/multi", "dimensional", "--seeds", "42", "43", "42")
-    assert args.frameworks == ["two_stage-multi", "dimensional"] and args.seeds == [42, 43] and args.grid
-    assert _parsed("--frameworks", "all").frameworks == list(two_stage.FRAMEWORKS)
+    assert args.run_frameworks == ["two_stage-multi", "dimensional"] and args.run_seeds == [42, 43] and args.grid
+    assert _parsed("--frameworks", "all").run_frameworks == list(two_stage.FRAMEWORKS)
     args = _parsed("--mode", "dimensional")
-    assert args.frameworks == ["dimensional"] and not args.needs_categorical and args.dimensional_freeze is None
+    assert args.run_frameworks == ["dimensional"] and not args.needs_categorical and args.dimensional_freeze is None
+    assert args.stage2_freeze == "published" and args.frameworks is None and args.seeds is None  # flags untouched
     assert _parsed("--mode", "dimensional", "--freeze-until", "layer1").dimensional_freeze == "layer1"
-    assert _parsed("--freeze-until", "none").freeze_until is None and _parsed("--freeze-until", "3").freeze_until == 3
+    assert _parsed("--freeze-until", "none").stage2_freeze is None and _parsed("--freeze-until", "3").stage2_freeze == 3
     assert two_stage.PUBLISHED_VA_SCALE == pytest.approx(__import__("emotion_models.losses").losses.PUBLISHED_VA_SCALE)
     real = _parsed("--mode", "dimensional", "--dimensional", "/tmp")
     assert (real.lr, real.optimizer, real.backbone) == (1e-4, "adam", "resnet101")   # the published defaults
