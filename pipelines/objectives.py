@@ -90,6 +90,14 @@ class VAObjective:
             rows = arrays["has_dist"].astype(bool)
             if arrays["label_dist"].shape[1] == arrays["prob"].shape[1]:
                 out.update(metrics.distribution_metrics(arrays["label_dist"][rows], arrays["prob"][rows]))
+        elif self.accuracy_from == "anchors" and "has_dist" in arrays and arrays["has_dist"].any():
+            # A VA-only model on an LDL set: the published score with the nearest anchor as the prediction.
+            rows = arrays["has_dist"].astype(bool)
+            dist = arrays["label_dist"][rows]
+            if dist.shape[1] == len(self.anchors):
+                nearest = np.asarray(losses.nearest_anchor(arrays["va_pred"][rows], self.anchors))
+                out["ldl_jaccard"] = metrics.weighted_jaccard(metrics.dominant_labels(dist),
+                                                              np.eye(dist.shape[1], dtype=np.int64)[nearest])
         out["n"] = int(len(arrays["label"]))
         return out
 

@@ -275,6 +275,30 @@ def test_ldl_jaccard_is_the_published_weighted_jaccard_of_dominant_labels():
     assert 0.0 <= out["ldl_jaccard"] < 1.0
 
 
+def test_va_objective_reports_the_ldl_score_for_both_heads():
+    """Multi-task: from the predicted distribution; single-task: from the nearest anchor of the VA."""
+    skm = pytest.importorskip("sklearn.metrics")
+    from pipelines.objectives import VAObjective
+
+    rng = np.random.default_rng(6)
+    anchors = np.array([[0.8, 0.5], [-0.7, 0.6], [0.2, -0.6]], dtype=np.float32)
+    dist = rng.dirichlet(np.ones(3), 40).astype(np.float32)
+    va_pred = rng.uniform(-1, 1, (40, 2)).astype(np.float32)
+    prob = rng.dirichlet(np.ones(3), 40).astype(np.float32)
+    arrays = {"va_pred": va_pred, "va_true": np.zeros((40, 2), np.float32), "has_va": np.zeros(40, bool),
+              "label": dist.argmax(1), "has_dist": np.ones(40, bool), "label_dist": dist}
+    true_hot = metrics.dominant_labels(dist)
+    single = VAObjective(num_classes=3, anchors=anchors, accuracy_from="anchors").metrics(arrays)
+    nearest = losses.nearest_anchor(va_pred, anchors)
+    assert single["ldl_jaccard"] == pytest.approx(
+        skm.jaccard_score(true_hot, np.eye(3, dtype=int)[nearest], average="weighted", zero_division=0))
+    multi = VAObjective(task="multi", num_classes=3, anchors=anchors, accuracy_from="logits").metrics(
+        {**arrays, "prob": prob})
+    assert multi["ldl_jaccard"] == pytest.approx(
+        skm.jaccard_score(true_hot, metrics.dominant_labels(prob), average="weighted", zero_division=0))
+    assert "kl" in multi and "kl" not in single
+
+
 def test_accumulator_concatenates_torch_and_numpy_batches():
     acc = metrics.Accumulator()
     first = torch.tensor([[0.5, 0.1]], requires_grad=True) * 2
