@@ -187,6 +187,8 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
             raise cli.UsageError(f"--{key.replace('_', '-')} must be positive, not {getattr(args, key)}")
     if not 0.0 <= args.alpha <= 1.0 or not 0.0 <= args.alpha2 <= 1.0:
         raise cli.UsageError("--alpha and --alpha2 must lie in [0, 1]")
+    if args.weights and not Path(args.weights).expanduser().is_file():
+        raise FileNotFoundError(f"{args.weights}: no such weights file (--weights)")
     if args.va_loss_scale <= 0:
         raise cli.UsageError(f"--va-loss-scale must be positive, not {args.va_loss_scale}")
     explicit_freeze = args.freeze_until is not None
@@ -283,6 +285,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
             if args.dimensional else None
         source = args.dataname if cat_path is not None else args.dimensional
         dataname = source if "/" not in source else Path(source).name
+    import timm
+
+    if not timm.is_model(args.backbone):
+        raise ValueError(f"--backbone {args.backbone}: not a timm model name")
     # Images are prepared as the backbone's pretrained_cfg says (mean, std, interpolation, crop).
     image_cfg = data_config(args.backbone)
     plan = Plan(args=args, dataname=dataname, classes=None, anchors=None, manifests={}, cat_sets=None)

@@ -114,6 +114,8 @@ def test_frameworks_and_seeds_flags():
                           (["--dimensional", "/tmp", "--frameworks", "all"], "needs --dataname")):
         with pytest.raises(cli.UsageError, match=message):
             _parsed(*argv)
+    with pytest.raises(FileNotFoundError, match="absent.pth.*--weights"):
+        _parsed("--mode", "dimensional", "--weights", "/nonexistent/absent.pth")
 
 
 def test_dimensional_mode_on_real_emotion6_needs_no_categorical_set(ray_session, emotion6_sample, tmp_path,
