@@ -38,6 +38,8 @@ __all__ = ["load_split", "split_folder", "ImageTransform", "to_tensors", "iter_l
 
 AUGMENTATIONS = ("basic", "randaugment", "none")
 RANDAUGMENT_POLICY = "rand-m9-mstd0.5"
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+             "nearest": Image.Resampling.NEAREST}
 
 
 # ----------------------------------------------------------------------------- the output folder
@@ -77,7 +79,7 @@ class ImageTransform:
 
     Train: ``basic`` = RandomResizedCrop(scale=(0.5, 1)) + horizontal flip;
     ``randaugment`` adds timm's ``rand-m9-mstd0.5`` on top; ``none`` = the eval path.
-    Eval: resize the shorter side to ``floor(S / 0.875)`` (timm's crop_pct), centre crop S.
+    Eval: resize the shorter side to ``floor(S / crop_pct)`` (timm's, 0.875 by default), centre crop S.
 
     Randomness: each image draws from its own ``np.random.default_rng``. With ``seed``
     it is seeded by ``(seed, crc32(image_id))``, so results do not depend on batching or
@@ -87,9 +89,13 @@ class ImageTransform:
 
     def __init__(self, image_size: int, train: bool, num_classes: int, augment: str = "basic",
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-                 seed: Optional[int] = None, keep_text: bool = False) -> None:
+                 seed: Optional[int] = None, keep_text: bool = False, interpolation: str = "bicubic",
+                 crop_pct: Optional[float] = None) -> None:
         """``mean`` / ``std`` default to timm's ImageNet values (imported here, not at module
-        import, so Ray workers running the eval/basic path never import torch)."""
+        import, so Ray workers running the eval/basic path never import torch); ``interpolation``
+        (``bicubic``, ``bilinear``, ``nearest``) and ``crop_pct`` (eval resize = ``S / crop_pct``,
+        default timm's 0.875) follow the backbone's ``pretrained_cfg`` when the caller passes them
+        (``emotion_models.va.data_config``)."""
         from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         from timm.data.auto_augment import rand_augment_transform
 
@@ -104,7 +110,12 @@ class ImageTransform:
         mean = IMAGENET_DEFAULT_MEAN if mean is None else mean
         self.mean = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
         self.std = np.asarray(IMAGENET_DEFAULT_STD if std is None else std, dtype=np.float32).reshape(1, 3, 1, 1)
-        self.crop_pct = DEFAULT_CROP_PCT
+        self.crop_pct = DEFAULT_CROP_PCT if crop_pct is None else float(crop_pct)
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must lie in (0, 1], got {crop_pct}")
+        if interpolation not in _RESAMPLE:
+            raise ValueError(f"unknown interpolation {interpolation!r}; expected one of {sorted(_RESAMPLE)}")
+        self.interpolation = interpolation
         self.seed = seed
         self.keep_text = keep_text
         self._randaugment = None
@@ -145,11 +156,11 @@ class ImageTransform:
             if self.augment == "none":
                 short = math.floor(size / self.crop_pct)
                 img.draft("RGB", (short, short))  # JPEG: decode at a reduced scale when possible
-                img = _resize_center_crop(img.convert("RGB"), short, size)
+                img = _resize_center_crop(img.convert("RGB"), short, size, _RESAMPLE[self.interpolation])
             else:
                 img = img.convert("RGB")
                 box = _random_resized_crop_box(img.size, rng)
-                img = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+                img = img.resize((size, size), _RESAMPLE[self.interpolation], box=box)
                 if rng.random() < 0.5:
                     img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
                 if self._randaugment is not None:
@@ -218,12 +229,13 @@ def _random_resized_crop_box(size: tuple[int, int], rng: np.random.Generator,
     return left, top, left + w, top + h
 
 
-def _resize_center_crop(img: Image.Image, short: int, size: int) -> Image.Image:
+def _resize_center_crop(img: Image.Image, short: int, size: int,
+                        resample: int = Image.Resampling.BICUBIC) -> Image.Image:
     """Resize the shorter side to ``short`` (aspect kept), then take the centred size x size."""
     width, height = img.size
     scale = short / min(width, height)
     resized = (max(size, round(width * scale)), max(size, round(height * scale)))
-    img = img.resize(resized, Image.Resampling.BICUBIC)
+    img = img.resize(resized, resample)
     left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
     return img.crop((left, top, left + size, top + size))
 

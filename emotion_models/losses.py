@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["va_mse", "ccc", "va_ccc_loss", "va_loss", "category_loss", "distribution_loss",
-           "multitask_loss", "nearest_anchor", "VA_LOSSES"]
+           "multitask_loss", "nearest_anchor", "VA_LOSSES",
+           "PUBLISHED_VA_SCALE"]
 
 VA_LOSSES = ("mse", "ccc", "mse+ccc")
 
@@ -111,15 +112,28 @@ def va_targets(batch: Mapping[str, Any]) -> torch.Tensor:
     return torch.stack([batch["valence"], batch["arousal"]], dim=1).float()
 
 
+# The published code takes its VA MSE on the SAM 1..9 scale; the project keeps VA on [-1, 1]. The
+# scales differ by a factor (9 - 1) / (1 - (-1)) = 4, so an MSE on 1..9 is 16 x the MSE on [-1, 1].
+# Multiplying the canonical VA term by this factor reproduces the published balance of the terms.
+PUBLISHED_VA_SCALE = ((9.0 - 1.0) / (1.0 - (-1.0))) ** 2
+
+
 def multitask_loss(outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any], alpha: float = 0.5,
-                   va_kind: str = "mse", label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """``alpha * category + (1 - alpha) * VA`` over a mixed batch; returns ``(total, parts)``.
+                   va_kind: str = "mse", label_smoothing: float = 0.0,
+                   va_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """``(1 - alpha) * category + alpha * va_scale * VA`` over a mixed batch; returns ``(total, parts)``.
+
+    ``alpha`` is the **VA weight**, as in the published code (``ce * (1 - alpha) + mse * alpha``;
+    0.5 in stage one, 0.9 in stage two). ``va_scale`` multiplies the VA term:
+    :data:`PUBLISHED_VA_SCALE` (16) makes a canonical-scale MSE equal the published 1..9-scale MSE,
+    1 keeps the canonical MSE.
 
     VA term: rows with ``has_va``. Category term: rows with ``has_dist`` use
     :func:`distribution_loss` (LDL sets train the category head on the distribution), rows with a
     label but no distribution use :func:`category_loss`; the two are averaged weighted by their
-    row counts. Without ``"logits"`` in ``outputs`` (single task) the total is the plain VA term.
-    ``parts`` holds floats: ``loss, loss_va, loss_cat, n_va, n_cat``.
+    row counts. Without ``"logits"`` in ``outputs`` (single task) the total is ``va_scale * VA``
+    (the published single-task loss: the MSE alone). ``parts`` holds floats: ``loss`` (the total),
+    ``loss_va`` (the unscaled, canonical-scale VA term), ``loss_cat``, ``n_va``, ``n_cat``.
     """
     va = outputs["va"]
     n, device = va.shape[0], va.device
@@ -129,7 +143,7 @@ def multitask_loss(outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any]
 
     logits = outputs.get("logits")
     if logits is None:
-        total, loss_cat, n_cat = loss_va, _zero(va), 0
+        total, loss_cat, n_cat = va_scale * loss_va, _zero(va), 0
     else:
         labels = batch["label"].to(device).long()
         has_dist = batch_mask(batch, "has_dist", n, device)
@@ -142,7 +156,7 @@ def multitask_loss(outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any]
             loss_cat = loss_cat + n_dist / n_cat * distribution_loss(logits, batch["label_dist"].to(device), has_dist)
         if n_label:
             loss_cat = loss_cat + n_label / n_cat * category_loss(logits, labels, has_label, label_smoothing)
-        total = alpha * loss_cat + (1 - alpha) * loss_va
+        total = (1 - alpha) * loss_cat + alpha * va_scale * loss_va
 
     parts = {"loss": float(total.detach()), "loss_va": float(loss_va.detach()),
              "loss_cat": float(loss_cat.detach()), "n_va": float(has_va.sum()), "n_cat": float(n_cat)}

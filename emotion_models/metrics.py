@@ -19,7 +19,7 @@ import torch
 from emotion_models.losses import ccc as _ccc
 
 __all__ = ["pearson", "spearman", "ccc", "r2", "mse", "regression_metrics", "classification_metrics",
-           "distribution_metrics", "Accumulator", "to_numpy"]
+           "distribution_metrics", "weighted_jaccard", "dominant_labels", "Accumulator", "to_numpy"]
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -126,13 +126,41 @@ def classification_metrics(y_true, y_pred, num_classes: int) -> dict[str, Any]:
 
 
 def distribution_metrics(p_true, p_pred, eps: float = 1e-8) -> dict[str, float]:
-    """Mean ``KL(p_true || p_pred)`` (0·log0 = 0, ``p_pred`` floored at ``eps``) and mean Chebyshev distance."""
+    """Mean ``KL(p_true || p_pred)`` (0·log0 = 0, ``p_pred`` floored at ``eps``), mean Chebyshev distance,
+    and ``ldl_jaccard``: the published score (weighted Jaccard of the dominant-label multi-hots)."""
     p, q = to_numpy(p_true).astype(np.float64), to_numpy(p_pred).astype(np.float64)
     if p.shape != q.shape or p.ndim != 2:
         raise ValueError(f"distribution_metrics: expected two (N, C) arrays, got {p.shape} and {q.shape}")
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p > 0, p * (np.log(p) - np.log(np.maximum(q, eps))), 0.0)
-    return {"kl": float(terms.sum(axis=1).mean()), "chebyshev": float(np.abs(p - q).max(axis=1).mean())}
+    return {"kl": float(terms.sum(axis=1).mean()), "chebyshev": float(np.abs(p - q).max(axis=1).mean()),
+            "ldl_jaccard": weighted_jaccard(dominant_labels(p), dominant_labels(q))}
+
+
+def dominant_labels(dist, tol: float = 1e-6) -> np.ndarray:
+    """Multi-hot (N, C) of each row's top-scoring classes, ties (within ``tol``) all set.
+
+    The published code turns an LDL vote distribution into labels this way (every emotion with the
+    maximum vote); a predicted distribution gets the same rule, so the score compares like with like.
+    """
+    d = to_numpy(dist).astype(np.float64)
+    return (d >= d.max(axis=1, keepdims=True) - tol).astype(np.int64)
+
+
+def weighted_jaccard(y_true, y_pred) -> float:
+    """Support-weighted mean over labels of the Jaccard index of multi-hot (N, C) arrays.
+
+    As ``sklearn.metrics.jaccard_score(y_true, y_pred, average="weighted")`` (a label with no true
+    and no predicted sample scores 0), the published score for FlickrLDL / TwitterLDL.
+    """
+    t, p = to_numpy(y_true).astype(bool), to_numpy(y_pred).astype(bool)
+    if t.shape != p.shape or t.ndim != 2:
+        raise ValueError(f"weighted_jaccard: expected two (N, C) multi-hot arrays, got {t.shape} and {p.shape}")
+    inter, union, support = (t & p).sum(axis=0), (t | p).sum(axis=0), t.sum(axis=0)
+    if support.sum() == 0:
+        return 0.0
+    per_label = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+    return float((per_label * support).sum() / support.sum())
 
 
 class Accumulator:

@@ -16,7 +16,7 @@ import torch.nn as nn
 from emotion_models.registry import register_model
 from emotion_models.weights import load_weights
 
-__all__ = ["VARegressor", "build_va", "backbone_stages"]
+__all__ = ["VARegressor", "build_va", "backbone_stages", "published_cut", "data_config"]
 
 FreezeSpec = Union[int, str, None]
 TASKS = ("single", "multi")
@@ -42,9 +42,39 @@ def backbone_stages(backbone: nn.Module) -> list[str]:
     return [name for name in entries if is_stage(name)] or entries
 
 
+def published_cut(backbone: nn.Module) -> str:
+    """The module that ends the published freeze: the last ``feature_info`` entry at stride <= 8.
+
+    ResNet: ``layer2`` (conv1, bn1, layer1, layer2 frozen, as in the published code). Backbones
+    whose ``feature_info`` has no stride-8 entry fall back to the second stage.
+    """
+    infos = list(getattr(backbone, "feature_info", []))
+    at8 = [info["module"] for info in infos if info.get("reduction", 0) <= 8]
+    stages = backbone_stages(backbone)
+    if at8 and any(info.get("reduction") == 8 for info in infos):
+        return at8[-1]
+    return stages[min(1, len(stages) - 1)]
+
+
+def data_config(backbone: str) -> dict:
+    """How images are prepared for ``backbone``: timm's ``resolve_data_config`` of its pretrained_cfg.
+
+    Returns ``{"mean", "std", "interpolation", "crop_pct"}`` (e.g. ``tf_efficientnet_lite0``:
+    mean = std = 0.5). No model is built and nothing is downloaded.
+    """
+    from timm.data import resolve_data_config
+
+    cfg = timm.get_pretrained_cfg(backbone)
+    resolved = resolve_data_config(pretrained_cfg=cfg.to_dict() if cfg is not None else {})
+    return {"mean": [float(v) for v in resolved["mean"]], "std": [float(v) for v in resolved["std"]],
+            "interpolation": str(resolved["interpolation"]), "crop_pct": float(resolved["crop_pct"])}
+
+
 def _freeze_end(backbone: nn.Module, names: list[str], until: Union[int, str]) -> int:
     """Index into ``names`` (``named_modules`` order) of the last module to freeze."""
     stages = backbone_stages(backbone)
+    if until == "published":
+        until = published_cut(backbone)
     if until == "all_but_last":
         until = len(stages) - 1
     if isinstance(until, bool) or not isinstance(until, (int, str)):
@@ -56,7 +86,7 @@ def _freeze_end(backbone: nn.Module, names: list[str], until: Union[int, str]) -
             return names.index(stages[0]) - 1
         until = stages[until - 1]
     if not until or until not in names:
-        raise ValueError(f"freeze: unknown stage {until!r}; valid: {', '.join(stages)}, 'all_but_last', "
+        raise ValueError(f"freeze: unknown stage {until!r}; valid: {', '.join(stages)}, 'published', 'all_but_last', "
                          f"0..{len(stages)} or any module name of the backbone")
     return max(i for i, n in enumerate(names) if n == until or n.startswith(until + "."))
 
@@ -83,7 +113,8 @@ class VARegressor(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.va_head = nn.Linear(num_features, 2)
         self.cls_head = nn.Linear(num_features, num_classes) if task == "multi" else None
-        self._frozen: list[str] = []  # backbone modules held in eval mode (see freeze)
+        self._frozen: list[str] = []  # fully frozen backbone modules (see freeze)
+        self._eval_frozen = True      # hold them in eval mode (BatchNorm statistics fixed)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features, (N, num_features)."""
@@ -97,19 +128,22 @@ class VARegressor(nn.Module):
             out["logits"] = self.cls_head(features)
         return out
 
-    def freeze(self, until: FreezeSpec) -> "VARegressor":
+    def freeze(self, until: FreezeSpec, freeze_bn: bool = True) -> "VARegressor":
         """Freeze the backbone up to and including ``until``; the rest and the heads stay trainable.
 
         ``until``: an int n (the stem and the first n stages; 0 = stem only), a stage or any
-        backbone module name (``"layer3"``: everything registered up to the end of it), or
+        backbone module name (``"layer3"``: everything registered up to the end of it),
+        ``"published"`` (the published fine-tune's cut, see :func:`published_cut`) or
         ``"all_but_last"`` (stem + every stage but the last). ``None`` unfreezes everything.
-        Frozen parameters get ``requires_grad=False`` and fully frozen modules stay in eval mode
-        through :meth:`train`, so their BatchNorm statistics do not move. Module registration
-        order is taken as execution order, which holds for timm's models.
+        Frozen parameters get ``requires_grad=False``. With ``freeze_bn`` fully frozen modules stay
+        in eval mode through :meth:`train`, so their BatchNorm statistics do not move; without it
+        (the published code: the whole model is in train mode) the statistics keep updating.
+        Module registration order is taken as execution order, which holds for timm's models.
         """
         for p in self.parameters():
             p.requires_grad_(True)
         self._frozen = []
+        self._eval_frozen = bool(freeze_bn)
         if until is not None:
             modules = list(self.backbone.named_modules())
             names = [n for n, _ in modules]
@@ -128,7 +162,7 @@ class VARegressor(nn.Module):
 
     def train(self, mode: bool = True) -> "VARegressor":
         super().train(mode)
-        for name in self._frozen:
+        for name in (self._frozen if getattr(self, "_eval_frozen", True) else []):
             self.backbone.get_submodule(name).eval()
         return self
 
@@ -144,6 +178,7 @@ def build_va(
     num_classes: int = 8,
     bounded: bool = True,
     freeze_until: FreezeSpec = None,
+    freeze_bn: bool = True,
     weights: Optional[str] = None,
     drop_rate: float = 0.0,
     **timm_kwargs,
@@ -161,5 +196,5 @@ def build_va(
     if weights:
         load_weights(model.backbone, weights)
     if freeze_until is not None:
-        model.freeze(freeze_until)
+        model.freeze(freeze_until, freeze_bn=freeze_bn)
     return model

@@ -132,15 +132,21 @@ def check_shards(path: Path, *, role: str, need_va: bool = False, need_labels: b
 
 
 def training_datasets(path: Path, *, image_size: int, num_classes: int, seed: int, augment: str = "basic",
-                      splits=("train", "val"), keep_text: bool = False) -> dict:
-    """Ray Datasets of decoded, normalised tensors per split (augmentation on ``train`` only)."""
+                      splits=("train", "val"), keep_text: bool = False, image_cfg: Optional[dict] = None) -> dict:
+    """Ray Datasets of decoded, normalised tensors per split (augmentation on ``train`` only).
+
+    ``image_cfg`` (``mean``, ``std``, ``interpolation``, ``crop_pct``; see
+    ``emotion_models.va.data_config``) prepares images as the backbone's pretrained_cfg says;
+    without it, timm's ImageNet defaults.
+    """
     out = {}
     for split in splits:
         # Training crops are drawn fresh each epoch (seed=None): a seeded transform would repeat the
         # same crop of an image every epoch. Evaluation has no randomness.
         transform = datasets_io.ImageTransform(image_size, train=split == "train", num_classes=num_classes,
                                                augment=augment if split == "train" else "none",
-                                               seed=None if split == "train" else seed, keep_text=keep_text)
+                                               seed=None if split == "train" else seed, keep_text=keep_text,
+                                               **(image_cfg or {}))
         ds = datasets_io.load_split(path, split).map_batches(transform, batch_format="numpy")
         # Training shows one line per epoch; Ray Data's per-operator bars, streamed from every
         # worker each epoch, would bury it (the ingest keeps its bars).

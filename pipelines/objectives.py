@@ -20,7 +20,9 @@ class VAObjective:
     """Valence-arousal regression, optionally with a category head (the two-stage paper).
 
     The loss follows the model's outputs: a single-task model (no ``logits``) gets the VA loss on
-    the rows that carry VA; a multi-task one ``alpha * category + (1 - alpha) * VA`` over masks (rows
+    the rows that carry VA; a multi-task one ``(1 - alpha) * category + alpha * va_scale * VA`` over masks
+    (``alpha`` is the VA weight, as published; ``va_scale`` 16 gives the published balance, see
+    :data:`emotion_models.losses.PUBLISHED_VA_SCALE`; rows
     with a label distribution train the category head with KL, rows with a hard label with
     cross-entropy). ``task`` records which the spec asked for (checkpoint metadata); nothing reads it.
     Accuracy (``accuracy_from``): ``"logits"`` scores the category head; ``"anchors"`` decodes the
@@ -31,6 +33,7 @@ class VAObjective:
     task: str = "single"
     alpha: float = 0.5
     va_loss: str = "mse"
+    va_scale: float = 1.0
     num_classes: int = 0
     anchors: Optional[np.ndarray] = None
     label_smoothing: float = 0.0
@@ -48,7 +51,7 @@ class VAObjective:
     def loss(self, outputs, batch):
         # Single-task models have no "logits": multitask_loss is then the plain masked VA loss.
         return losses.multitask_loss(outputs, batch, alpha=self.alpha, va_kind=self.va_loss,
-                                     label_smoothing=self.label_smoothing)
+                                     label_smoothing=self.label_smoothing, va_scale=self.va_scale)
 
     def collect(self, acc: Accumulator, outputs, batch):
         va = outputs["va"]
@@ -87,6 +90,14 @@ class VAObjective:
             rows = arrays["has_dist"].astype(bool)
             if arrays["label_dist"].shape[1] == arrays["prob"].shape[1]:
                 out.update(metrics.distribution_metrics(arrays["label_dist"][rows], arrays["prob"][rows]))
+        elif self.accuracy_from == "anchors" and "has_dist" in arrays and arrays["has_dist"].any():
+            # A VA-only model on an LDL set: the published score with the nearest anchor as the prediction.
+            rows = arrays["has_dist"].astype(bool)
+            dist = arrays["label_dist"][rows]
+            if dist.shape[1] == len(self.anchors):
+                nearest = np.asarray(losses.nearest_anchor(arrays["va_pred"][rows], self.anchors))
+                out["ldl_jaccard"] = metrics.weighted_jaccard(metrics.dominant_labels(dist),
+                                                              np.eye(dist.shape[1], dtype=np.int64)[nearest])
         out["n"] = int(len(arrays["label"]))
         return out
 

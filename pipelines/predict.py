@@ -2,10 +2,15 @@
 
     python -m pipelines.predict --checkpoint CKPT_OR_RUN_DIR IMAGE_OR_DIR [--out predictions.csv]
     python -m pipelines.predict --checkpoint STICKER_CKPT sticker.png --text "so happy today"
+    python -m pipelines.predict --checkpoint two_stage_multi_FI_rs_42.pt --backbone resnet101 photos/
 
-``CKPT_OR_RUN_DIR`` is a checkpoint folder (``meta.json`` + ``state.pt``) or a run folder holding
-``result.json`` (its last stage's best checkpoint is used). Unreadable images are reported on
-stderr, skipped, and counted.
+``CKPT_OR_RUN_DIR`` is a checkpoint folder (``meta.json`` + ``state.pt``), a run folder holding
+``result.json`` (its last stage's best checkpoint is used), or a checkpoint of the published code
+(a ``.pt`` file, imported on the fly by :mod:`pipelines.import_published`). Images are prepared
+exactly as evaluation prepared them in training: shrunk to the ingest's ``max_side`` and
+re-encoded (as the ingest did), then the backbone's eval transform (mean, std, interpolation,
+crop), all read from the checkpoint's spec. Unreadable images are reported on stderr, skipped,
+and counted.
 """
 from __future__ import annotations
 
@@ -37,6 +42,18 @@ def resolve_checkpoint(path: str) -> Path:
     raise FileNotFoundError(f"{p}: neither a checkpoint folder (meta.json) nor a run folder (result.json)")
 
 
+def load_any(checkpoint: str, *, backbone: str = "resnet101", dataname: str | None = None):
+    """``(model, meta)`` from a project checkpoint or run folder, or a published ``.pt`` file."""
+    p = Path(checkpoint).expanduser()
+    if p.is_file():
+        from pipelines.import_published import import_checkpoint
+
+        return import_checkpoint(p, backbone=backbone, dataname=dataname)
+    from pipelines.specs import load_model_from_checkpoint
+
+    return load_model_from_checkpoint(resolve_checkpoint(checkpoint))
+
+
 def list_images(target: str) -> list[Path]:
     p = Path(target).expanduser()
     if p.is_dir():
@@ -46,21 +63,33 @@ def list_images(target: str) -> list[Path]:
     raise FileNotFoundError(f"{p}: no such image or folder")
 
 
-def load_images(paths: list[Path], image_size: int) -> tuple[list[Path], torch.Tensor, list[tuple[Path, str]]]:
-    """Decode with the same validation and eval transform as training; returns (ok paths, batch, bad)."""
+# Checkpoints written before the spec recorded how images were prepared were ingested at this size.
+DEFAULT_MAX_SIDE = 512
+NO_SHRINK = 1 << 20
+
+
+def load_images(paths: list[Path], image_size: int, image: dict | None = None
+                ) -> tuple[list[Path], torch.Tensor, list[tuple[Path, str]]]:
+    """Decode with the same validation and eval transform as training; returns (ok paths, batch, bad).
+
+    ``image`` is the spec's ``image`` entry: ``max_side`` (the ingest's; ``None`` = no shrinking, as
+    for imported published checkpoints) and the eval transform's mean, std, interpolation, crop_pct.
+    """
     from datasets_io.images import BadImage, prepare_image
     from datasets_io.shards import ImageTransform
 
+    image = dict(image or {"max_side": DEFAULT_MAX_SIDE})
+    max_side = image.pop("max_side", DEFAULT_MAX_SIDE) or NO_SHRINK
     ok, jpegs, bad = [], [], []
     for path in paths:
         try:
-            jpegs.append(prepare_image(path.read_bytes(), max_side=max(2 * image_size, 64)))
+            jpegs.append(prepare_image(path.read_bytes(), max_side=max_side))
             ok.append(path)
         except (BadImage, OSError) as exc:
             bad.append((path, str(exc)))
     if not jpegs:
         return ok, torch.empty(0, 3, image_size, image_size), bad
-    transform = ImageTransform(image_size, train=False, num_classes=1)
+    transform = ImageTransform(image_size, train=False, num_classes=1, **image)
     images = transform({"image": np.array(jpegs, dtype=object)})["image"]
     return ok, torch.from_numpy(images), bad
 
@@ -107,17 +136,18 @@ def main(argv=None) -> int:
     p.add_argument("--text", default=None, help="the sticker's text (LORA models)")
     p.add_argument("--image-size", type=int, default=None, help="default: the size the model was trained at")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--backbone", default="resnet101", help="published .pt checkpoints: the timm backbone name")
+    p.add_argument("--dataname", default=None,
+                   help="published .pt checkpoints: the categorical set (default: from the file name)")
     args = p.parse_args(argv)
 
-    from pipelines.specs import load_model_from_checkpoint
-
-    ckpt = resolve_checkpoint(args.checkpoint)
-    model, meta = load_model_from_checkpoint(ckpt)
+    model, meta = load_any(args.checkpoint, backbone=args.backbone, dataname=args.dataname)
     image_size = args.image_size or meta["spec"].get("image_size") or 224
     paths = list_images(args.target)
     rows, bad = [], []
     for start in range(0, len(paths), args.batch_size):
-        ok, batch, bad_now = load_images(paths[start:start + args.batch_size], image_size)
+        ok, batch, bad_now = load_images(paths[start:start + args.batch_size], image_size,
+                                         meta["spec"].get("image"))
         bad += bad_now
         if ok:
             rows += [{"image": str(path), **row} for path, row in zip(ok, predict_rows(model, meta, batch, args.text))]

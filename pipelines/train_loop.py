@@ -183,7 +183,7 @@ def _build(spec: dict, device: torch.device):
         state = core.load_checkpoint(checkpoint_state_path(spec["init_from"]))
         model.load_state_dict(state["model"])
     if spec.get("freeze_until") is not None:
-        model.freeze(spec["freeze_until"])
+        model.freeze(spec["freeze_until"], freeze_bn=spec.get("freeze_bn", True))
     precision = core.Precision.for_device(device, amp=spec.get("amp"))
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)

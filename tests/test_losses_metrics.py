@@ -50,7 +50,7 @@ def test_multitask_all_categorical_batch_is_pure_cross_entropy():
     total, parts = losses.multitask_loss({"va": va, "logits": logits}, batch, alpha=ALPHA)
     total.backward()
     assert torch.isfinite(total) and parts["loss_va"] == 0.0 and parts["n_va"] == 0 and parts["n_cat"] == 6
-    torch.testing.assert_close(total, ALPHA * F.cross_entropy(logits, batch["label"]))
+    torch.testing.assert_close(total, (1 - ALPHA) * F.cross_entropy(logits, batch["label"]))
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
     assert torch.equal(va.grad, torch.zeros_like(va))  # connected, but no VA signal
 
@@ -60,7 +60,7 @@ def test_multitask_all_dimensional_batch_is_pure_va_loss():
     batch = _batch(5, va=True, label=False, dist=False)
     total, parts = losses.multitask_loss({"va": va, "logits": logits}, batch, alpha=ALPHA, va_kind="mse+ccc")
     total.backward()
-    expected = (1 - ALPHA) * (F.mse_loss(va, _target(batch)) + losses.va_ccc_loss(va, _target(batch)))
+    expected = ALPHA * (F.mse_loss(va, _target(batch)) + losses.va_ccc_loss(va, _target(batch)))
     torch.testing.assert_close(total, expected)
     assert parts["loss_cat"] == 0.0 and parts["n_cat"] == 0 and parts["n_va"] == 5
     assert math.isclose(parts["loss"], expected.item(), rel_tol=1e-6)
@@ -76,15 +76,46 @@ def test_multitask_weights_distribution_and_label_rows_by_count():
     ce = F.cross_entropy(logits[2:], batch["label"][2:])
     expected_cat = (2 * kl + 3 * ce) / 5
     assert parts["n_cat"] == 5 and math.isclose(parts["loss_cat"], expected_cat.item(), rel_tol=1e-6)
-    torch.testing.assert_close(total, ALPHA * expected_cat + (1 - ALPHA) * F.mse_loss(va, _target(batch)))
+    torch.testing.assert_close(total, (1 - ALPHA) * expected_cat + ALPHA * F.mse_loss(va, _target(batch)))
 
 
 def test_single_task_outputs_give_the_plain_va_loss():
     _, va = _logits_and_va(4)
     batch = _batch(4, va=True, label=True, dist=False)
     total, parts = losses.multitask_loss({"va": va}, batch, alpha=ALPHA)
-    torch.testing.assert_close(total, F.mse_loss(va, _target(batch)))  # not scaled by 1 - alpha
+    torch.testing.assert_close(total, F.mse_loss(va, _target(batch)))  # not scaled by alpha
     assert parts["loss_cat"] == 0.0 and parts["n_cat"] == 0
+    scaled, _ = losses.multitask_loss({"va": va}, batch, alpha=ALPHA, va_scale=losses.PUBLISHED_VA_SCALE)
+    torch.testing.assert_close(scaled, 16 * F.mse_loss(va, _target(batch)))
+
+
+def test_stage_two_batch_loss_equals_the_published_formula_by_hand():
+    """Published: ``ce * (1 - alpha) + mse * alpha`` with VA on SAM 1..9; alpha = 0.9 in stage two.
+
+    Two categorical rows (labels only) and two dimensional rows (VA only), numbers small enough to
+    check by hand. Canonical VA v maps to SAM 4 v + 5.
+    """
+    logits = torch.tensor([[0.0, 0.0], [0.0, 0.0], [5.0, -5.0], [1.0, 2.0]], requires_grad=True)
+    va = torch.tensor([[0.9, 0.9], [-0.9, 0.9], [0.5, 0.0], [0.0, -0.25]], requires_grad=True)
+    batch = {"label": torch.tensor([0, 1, -1, -1]), "has_label": torch.tensor([True, True, False, False]),
+             "valence": torch.tensor([0.0, 0.0, 0.25, 0.0]), "arousal": torch.tensor([0.0, 0.0, 0.0, 0.25]),
+             "has_va": torch.tensor([False, False, True, True]),
+             "label_dist": torch.zeros(4, 2), "has_dist": torch.zeros(4, dtype=torch.bool)}
+    # CE of two rows with equal logits: ln 2 each. SAM-scale errors: (0.5 - 0.25) * 4 = 1 and
+    # (-0.25 - 0.25) * 4 = -2 over 4 values with two zeros -> MSE_sam = (1 + 0 + 0 + 4) / 4 = 1.25.
+    expected = math.log(2) * (1 - 0.9) + 1.25 * 0.9
+    total, parts = losses.multitask_loss({"va": va, "logits": logits}, batch, alpha=0.9,
+                                         va_scale=losses.PUBLISHED_VA_SCALE)
+    assert math.isclose(total.item(), expected, rel_tol=1e-6)
+    assert math.isclose(parts["loss_va"], 1.25 / 16, rel_tol=1e-6)  # reported on the canonical scale
+    # The same with the published model's tensors on the SAM scale and torch's own losses.
+    published = F.cross_entropy(logits[:2], batch["label"][:2]) * (1 - 0.9) + \
+        F.mse_loss(va[2:] * 4 + 5, _target(batch)[2:] * 4 + 5) * 0.9
+    torch.testing.assert_close(total, published)
+    # alpha is the VA weight: raising it moves weight from the categories to VA.
+    more_va, _ = losses.multitask_loss({"va": va, "logits": logits}, batch, alpha=0.99,
+                                       va_scale=losses.PUBLISHED_VA_SCALE)
+    assert more_va.item() > total.item()  # MSE_sam 1.25 > CE ln 2
 
 
 def test_empty_masks_give_an_exact_zero_that_still_backpropagates():
@@ -223,6 +254,49 @@ def test_distribution_metrics_match_scipy():
     np.testing.assert_allclose(out["kl"], np.mean([stats.entropy(a, b) for a, b in zip(p, q)]), rtol=1e-6)
     np.testing.assert_allclose(out["chebyshev"], np.mean([distance.chebyshev(a, b) for a, b in zip(p, q)]),
                                rtol=1e-6)
+
+
+def test_ldl_jaccard_is_the_published_weighted_jaccard_of_dominant_labels():
+    skm = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(5)
+    votes = rng.integers(0, 4, (60, 8)).astype(float)   # integer votes: ties between top emotions happen
+    votes[votes.sum(axis=1) == 0, 0] = 1
+    p = votes / votes.sum(axis=1, keepdims=True)
+    q = rng.dirichlet(np.ones(8), 60)
+    true_hot = metrics.dominant_labels(p)
+    # The published labels: every emotion holding the maximum vote.
+    np.testing.assert_array_equal(true_hot, (votes == votes.max(axis=1, keepdims=True)).astype(int))
+    assert (true_hot.sum(axis=1) > 1).any(), "the fixture should contain ties"
+    pred_hot = metrics.dominant_labels(q)
+    expected = skm.jaccard_score(true_hot, pred_hot, average="weighted", zero_division=0)
+    out = metrics.distribution_metrics(p, q)
+    assert out["ldl_jaccard"] == pytest.approx(expected, rel=1e-9)
+    assert metrics.distribution_metrics(p, p)["ldl_jaccard"] == pytest.approx(1.0)
+    assert 0.0 <= out["ldl_jaccard"] < 1.0
+
+
+def test_va_objective_reports_the_ldl_score_for_both_heads():
+    """Multi-task: from the predicted distribution; single-task: from the nearest anchor of the VA."""
+    skm = pytest.importorskip("sklearn.metrics")
+    from pipelines.objectives import VAObjective
+
+    rng = np.random.default_rng(6)
+    anchors = np.array([[0.8, 0.5], [-0.7, 0.6], [0.2, -0.6]], dtype=np.float32)
+    dist = rng.dirichlet(np.ones(3), 40).astype(np.float32)
+    va_pred = rng.uniform(-1, 1, (40, 2)).astype(np.float32)
+    prob = rng.dirichlet(np.ones(3), 40).astype(np.float32)
+    arrays = {"va_pred": va_pred, "va_true": np.zeros((40, 2), np.float32), "has_va": np.zeros(40, bool),
+              "label": dist.argmax(1), "has_dist": np.ones(40, bool), "label_dist": dist}
+    true_hot = metrics.dominant_labels(dist)
+    single = VAObjective(num_classes=3, anchors=anchors, accuracy_from="anchors").metrics(arrays)
+    nearest = losses.nearest_anchor(va_pred, anchors)
+    assert single["ldl_jaccard"] == pytest.approx(
+        skm.jaccard_score(true_hot, np.eye(3, dtype=int)[nearest], average="weighted", zero_division=0))
+    multi = VAObjective(task="multi", num_classes=3, anchors=anchors, accuracy_from="logits").metrics(
+        {**arrays, "prob": prob})
+    assert multi["ldl_jaccard"] == pytest.approx(
+        skm.jaccard_score(true_hot, metrics.dominant_labels(prob), average="weighted", zero_division=0))
+    assert "kl" in multi and "kl" not in single
 
 
 def test_accumulator_concatenates_torch_and_numpy_batches():

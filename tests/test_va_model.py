@@ -95,6 +95,49 @@ def test_freeze_stage_two_trains_only_the_last_stage_and_heads():
     assert any(not torch.equal(p, last_params[n]) for n, p in model.backbone.layer4.named_parameters())
 
 
+@pytest.mark.parametrize("freeze_bn", [False, True])
+def test_published_freeze_trains_layer3_layer4_and_batchnorm_statistics_follow_the_flag(freeze_bn):
+    """The published fine-tune: conv1, bn1, layer1, layer2 frozen; layer3, layer4 and the heads train;
+    frozen BatchNorm statistics keep updating (the model is in train mode) unless ``freeze_bn``."""
+    torch.manual_seed(0)
+    model = build_va(TINY, task="multi", num_classes=4, freeze_until="published", freeze_bn=freeze_bn).train()
+    trainable = _trainable_names(model)
+    assert trainable == {n for n, _ in model.named_parameters()
+                         if n.startswith(("backbone.layer3.", "backbone.layer4.", "va_head.", "cls_head."))}
+    frozen = {n for n, _ in model.named_parameters()} - trainable
+    assert any(n.startswith("backbone.conv1.") for n in frozen) and any(n.startswith("backbone.bn1.") for n in frozen)
+    assert any(n.startswith("backbone.layer1.") for n in frozen) and any(n.startswith("backbone.layer2.") for n in frozen)
+    assert model.backbone.layer2.training is not freeze_bn and model.backbone.bn1.training is not freeze_bn
+    before = {m: _bn_stats(getattr(model.backbone, m)) for m in ("bn1", "layer1", "layer2", "layer3")}
+    stem_weight = model.backbone.layer1[0].conv1.weight.clone()
+    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
+    out = model(_images(4))
+    (out["va"].pow(2).sum() + out["logits"].sum()).backward()
+    optimizer.step()
+    assert torch.equal(model.backbone.layer1[0].conv1.weight, stem_weight)   # frozen weights do not move
+    for name in ("bn1", "layer1", "layer2"):
+        moved = any(not torch.equal(v, before[name][k]) for k, v in _bn_stats(getattr(model.backbone, name)).items())
+        assert moved is not freeze_bn, (name, freeze_bn)
+    assert any(not torch.equal(v, before["layer3"][k]) for k, v in _bn_stats(model.backbone.layer3).items())
+
+
+def test_published_cut_maps_by_stride_on_other_backbones():
+    from emotion_models.va import data_config, published_cut
+
+    eff = build_va("tf_efficientnet_lite0")
+    assert published_cut(eff.backbone) == "blocks.2"          # the stride-8 stage, like resnet's layer2
+    eff.freeze("published")
+    trainable = _trainable_names(eff)
+    assert not any(n.startswith(("backbone.conv_stem", "backbone.blocks.0.", "backbone.blocks.2."))
+                   for n in trainable)
+    assert any(n.startswith("backbone.blocks.3.") for n in trainable) and "va_head.weight" in trainable
+    assert published_cut(build_va(TINY).backbone) == "layer2"
+    # Image preparation follows the backbone's pretrained_cfg, not fixed ImageNet values.
+    cfg = data_config("tf_efficientnet_lite0")
+    assert cfg["mean"] == [0.5, 0.5, 0.5] and cfg["std"] == [0.5, 0.5, 0.5] and cfg["interpolation"] == "bicubic"
+    assert data_config("resnet101")["mean"] == pytest.approx([0.485, 0.456, 0.406])
+
+
 def test_freeze_forms_agree_and_none_unfreezes():
     model = build_va(TINY)
     assert backbone_stages(model.backbone) == ["layer1", "layer2", "layer3", "layer4"]

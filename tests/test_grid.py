@@ -1,0 +1,153 @@
+"""The paper's grid in one command, the dimensional baseline, and predict's train/serve parity.
+
+End-to-end on tiny demo data with 2 Ray Train workers (one epoch per stage): these tests check
+what runs, what is shared and what is reported, not accuracy.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines import cli, two_stage
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--demo-images-per-class", "6", "--image-size", "32", "--backbone", "resnet10t", "--batch-size", "8",
+        "--num-workers", "2", "--cpus-per-worker", "0.5", "--seed", "3", "--num-epochs", "1", "--stage2-epochs", "1",
+        "--early-stop", "0"]
+
+
+def _parsed(*argv):
+    return two_stage.apply_defaults(cli.parse_args(two_stage.build_parser(), list(argv)))
+
+
+@pytest.fixture(scope="module")
+def grid(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("grid")
+    argv = [*TINY, "--frameworks", "all", "--storage-path", str(tmp / "runs"),
+            "--mlflow-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--run-name", "grid"]
+    assert two_stage.main(argv) == 0
+    run_dir = tmp / "runs" / "grid"
+    return {"tmp": tmp, "result": json.loads((run_dir / "result.json").read_text()),
+            "state": json.loads((run_dir / "pipeline_state.json").read_text())}
+
+
+def test_grid_gives_five_rows_with_every_metric(grid):
+    result = grid["result"]
+    assert [r["framework"] for r in result["rows"]] == list(two_stage.FRAMEWORKS)
+    for row in result["rows"]:
+        for key in two_stage.COMPARE:
+            assert isinstance(row[key], float) and math.isfinite(row[key]), (row["framework"], key, row[key])
+    assert set(result["summary"]) == set(two_stage.FRAMEWORKS)
+    for framework in two_stage.FRAMEWORKS:
+        assert f"| {framework} |" in result["table"]
+        row = next(r for r in result["rows"] if r["framework"] == framework)
+        assert result["summary"][framework]["test_pearson_v"]["mean"] == pytest.approx(row["test_pearson_v"])
+
+
+def test_grid_trains_each_stage_one_once_and_two_stage_reuses_it(grid):
+    stages = grid["state"]["stages"]
+    assert set(stages) == {"single-stage1", "single-stage2", "multi-stage1", "multi-stage2", "dimensional"}
+    rows = {r["framework"]: r for r in grid["result"]["rows"]}
+    for task in ("single", "multi"):
+        s1_best = stages[f"{task}-stage1"]["outcome"]["best_checkpoint"]
+        assert rows[f"one_stage-{task}"]["best_checkpoint"] == s1_best      # the one_stage row is stage one
+        s2_meta = json.loads((Path(stages[f"{task}-stage2"]["outcome"]["best_checkpoint"]) / "meta.json").read_text())
+        assert s2_meta["spec"]["init_from"] == s1_best                   # ... and two_stage starts from it
+        assert s2_meta["spec"]["freeze_until"] == "published" and s2_meta["spec"]["freeze_bn"] is False
+        assert s2_meta["spec"]["objective"]["alpha"] == 0.9 and s2_meta["spec"]["objective"]["va_scale"] == 16
+    dim_meta = json.loads((Path(stages["dimensional"]["outcome"]["best_checkpoint"]) / "meta.json").read_text())
+    spec = dim_meta["spec"]
+    assert spec["init_from"] is None and spec["freeze_until"] is None and spec["model"]["task"] == "single"
+    assert spec["monitor"] == "pearson_mean" and not spec["mix_categorical"]
+    # Images are prepared as the backbone's pretrained_cfg says, and the ingest size is recorded for predict.
+    from emotion_models.va import data_config
+
+    cfg = data_config("resnet10t")
+    assert {k: spec["image"][k] for k in cfg} == cfg and spec["image"]["max_side"] >= 32
+
+
+def test_grid_logs_children_table_and_chart_to_one_parent(grid):
+    from mlflow import MlflowClient
+
+    result = grid["result"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{grid['tmp'] / 'mlflow.db'}")
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.data.tags["mode"] == "grid"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == sorted(grid["state"]["stages"])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"comparison.md", "comparison_table.json", "comparison.png", "result.json"} <= artifacts
+    assert parent.data.metrics["dimensional.test_pearson_v_mean"] == pytest.approx(
+        result["summary"]["dimensional"]["test_pearson_v"]["mean"])
+
+
+def test_summary_over_seeds_is_mean_and_sample_std():
+    rows = [{"framework": "dimensional", "seed": s, "test_pearson_v": v, "test_mse": m}
+            for s, v, m in ((42, 0.5, 0.1), (43, 0.7, 0.3), (44, 0.6, 0.2))]
+    summary = two_stage.summarize(rows)["dimensional"]
+    assert summary["test_pearson_v"]["mean"] == pytest.approx(0.6)
+    assert summary["test_pearson_v"]["std"] == pytest.approx(np.std([0.5, 0.7, 0.6], ddof=1))
+    assert summary["test_pearson_v"]["n"] == 3 and "test_ccc_v" not in summary
+    assert "0.600 ± 0.100" in two_stage.comparison_table({"dimensional": summary})
+
+
+def test_frameworks_and_seeds_flags():
+    args = _parsed("--frameworks", "two_stage/multi", "dimensional", "--seeds", "42", "43", "42")
+    assert args.run_frameworks == ["two_stage-multi", "dimensional"] and args.run_seeds == [42, 43] and args.grid
+    assert _parsed("--frameworks", "all").run_frameworks == list(two_stage.FRAMEWORKS)
+    args = _parsed("--mode", "dimensional")
+    assert args.run_frameworks == ["dimensional"] and not args.needs_categorical and args.dimensional_freeze is None
+    assert args.stage2_freeze == "published" and args.frameworks is None and args.seeds is None  # flags untouched
+    assert _parsed("--mode", "dimensional", "--freeze-until", "layer1").dimensional_freeze == "layer1"
+    assert _parsed("--freeze-until", "none").stage2_freeze is None and _parsed("--freeze-until", "3").stage2_freeze == 3
+    assert two_stage.PUBLISHED_VA_SCALE == pytest.approx(__import__("emotion_models.losses").losses.PUBLISHED_VA_SCALE)
+    real = _parsed("--mode", "dimensional", "--dimensional", "/tmp")
+    assert (real.lr, real.optimizer, real.backbone) == (1e-4, "adam", "resnet101")   # the published defaults
+    for argv, message in ((["--frameworks", "three_stage"], "--frameworks"),
+                          (["--mode", "dimensional", "--task", "multi"], "--task multi"),
+                          (["--dimensional", "/tmp", "--frameworks", "all"], "needs --dataname")):
+        with pytest.raises(cli.UsageError, match=message):
+            _parsed(*argv)
+    with pytest.raises(FileNotFoundError, match="absent.pth.*--weights"):
+        _parsed("--mode", "dimensional", "--weights", "/nonexistent/absent.pth")
+
+
+def test_dimensional_mode_on_real_emotion6_needs_no_categorical_set(ray_session, emotion6_sample, tmp_path,
+                                                                       monkeypatch):
+    """``--mode dimensional`` on the 48 real Emotion6 images, then predict prepares an image exactly
+    as training's evaluation did (same bytes as the ingest, same transform)."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from datasets_io.shards import ImageTransform
+    from pipelines import predict
+
+    monkeypatch.setenv("EMOTION_RAY_DATA", str(tmp_path / "data"))
+    argv = [*TINY, "--mode", "dimensional", "--dimensional", str(emotion6_sample), "--storage-path",
+            str(tmp_path / "runs"), "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}", "--run-name", "dim",
+            "--max-side", "96"]
+    assert two_stage.main(argv) == 0
+    result = json.loads((tmp_path / "runs" / "dim" / "result.json").read_text())
+    assert set(result["best_checkpoints"]) == {"dimensional"} and result["mode"] == "dimensional"
+    assert math.isfinite(result["test_pearson_v"]) and result["test_categorical_accuracy"] is None
+    ckpt = Path(result["best_checkpoints"]["dimensional"])
+    spec = json.loads((ckpt / "meta.json").read_text())["spec"]
+    assert spec["image"]["max_side"] == 96
+
+    # Train/serve parity: the raw image through predict == the ingested bytes through training's eval transform.
+    shard = tmp_path / "data" / emotion6_sample.name / "test"
+    table = pq.read_table(sorted(shard.glob("*.parquet"))[0]).slice(0, 1).to_pylist()[0]
+    raw = next(p for p in (emotion6_sample / table["image_id"], emotion6_sample / "images" / table["image_id"])
+               if p.exists())
+    _, served, bad = predict.load_images([raw], spec["image_size"], spec["image"])
+    image_cfg = {k: v for k, v in spec["image"].items() if k != "max_side"}
+    trained = ImageTransform(spec["image_size"], train=False, num_classes=1, **image_cfg)(
+        {"image": np.array([table["image"]], dtype=object)})["image"]
+    assert not bad
+    torch.testing.assert_close(served, torch.from_numpy(trained), rtol=0, atol=1e-6)
