@@ -261,3 +261,108 @@ def test_repeated_augmentation_dataset_each_image_three_times_fresh_subset_each_
         subsets.append(frozenset(counts))
     assert subsets[0] != subsets[1]   # a fresh third each epoch (same subset: probability 1 / C(30, 10))
     assert repeated_augmentation(ds, 1, n) is ds
+
+
+# ----------------------------------------------------------------------------- sticker presets and text
+
+def _sticker_args(*argv: str):
+    from pipelines import cli, sticker
+
+    return sticker.apply_defaults(cli.parse_args(sticker.build_parser(), list(argv)))
+
+
+def test_real_data_defaults_are_the_published_recipe(tmp_path):
+    from pipelines import sticker
+
+    args = _sticker_args("--data-root", str(tmp_path), "--model", "lora_v", "--num-workers", "2")
+    spec = sticker.sticker_spec(args, [f"c{i}" for i in range(7)])
+    assert spec["batch_size"] == 16 and spec["epochs"] == 50 and spec["image_size"] == 448
+    assert spec["optimizer"] == {"name": "adamw", "lr": pytest.approx(1e-3 * 16 * 2 / 512), "weight_decay": 0.05,
+                                 "filter_bias_and_bn": True}
+    assert spec["scheduler"] == {"name": "timm_cosine", "warmup_epochs": 5, "warmup_lr": 1e-5, "min_lr": 1e-5}
+    assert spec["objective"]["label_smoothing"] == 0.2 and spec["grad_clip"] is None
+    assert spec["augmentation"] == {"augment": "randaugment", "auto_augment": "rand-m9-mstd0.5-inc1",
+                                    "crop_scale": [0.08, 1.0], "repeated_aug": 3}
+    assert spec["model"]["drop_path_rate"] == 0.1 and spec["model"]["drop_rate"] == 0.0
+    assert spec["model"]["alpha"] == 8 and spec["model"]["locals"] == [1, 1, 1, 0]
+    assert spec["test_every_epoch"] is True
+    eight = _sticker_args("--data-root", str(tmp_path), "--model", "lora_v", "--num-workers", "8")
+    assert eight.lr == pytest.approx(2.5e-4)
+    demo = _sticker_args()
+    assert demo.image_size == 64 and demo.repeated_aug == 1 and demo.text_encoder == "bytes"
+
+
+def test_real_data_lora_without_bert_stops_with_one_line_naming_the_flag(tmp_path):
+    from pipelines import cli
+
+    with pytest.raises(cli.UsageError, match="--text-encoder bert:PATH"):
+        _sticker_args("--data-root", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"no such BERT folder \(--text-encoder bert:PATH\)"):
+        _sticker_args("--data-root", str(tmp_path), "--text-encoder", f"bert:{tmp_path / 'nope'}")
+    with pytest.raises(FileNotFoundError, match="vocab.txt"):
+        _sticker_args("--data-root", str(tmp_path), "--text-encoder", f"bert:{tmp_path}")
+    with pytest.raises(cli.UsageError, match="--repeated-aug"):
+        _sticker_args("--repeated-aug", "0")
+
+
+def test_bert_text_is_lowercased_cls_tokens_sep_zero_padded_to_30(tmp_path):
+    pytest.importorskip("transformers")
+    from pipelines.sticker import TokenizeText
+
+    words = ["so", "angry", "!", "hello", "wor", "##ld"]
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    args = _sticker_args("--data-root", str(tmp_path), "--text-encoder", f"bert:{tmp_path}")
+    assert args.max_text_len == 30
+    out = TokenizeText(args.text_encoder, args.max_text_len)(
+        {"text": np.array(["So ANGRY!", "hello world " * 20, None], dtype=object), "label": np.array([0, 1, 2])})
+    ids, mask = out["text_ids"], out["text_mask"]
+    assert ids.shape == mask.shape == (3, 30) and "text" not in out
+    assert ids[0, :5].tolist() == [2, 5, 6, 7, 3] and not ids[0, 5:].any()
+    assert mask[0].tolist() == [1] * 5 + [0] * 25
+    assert ids[1, 0] == 2 and ids[1, 29] == 3 and mask[1].all()          # truncated to 28 pieces + CLS/SEP
+    assert ids[2, :2].tolist() == [2, 3] and mask[2].sum() == 2
+
+
+def test_published_protocol_is_the_best_test_accuracy_over_epochs():
+    from pipelines.sticker import published_protocol
+    from pipelines.train_loop import EPOCH_TEST_KEY
+
+    history = [{"epoch": 0, EPOCH_TEST_KEY: 0.4}, {"epoch": 1, EPOCH_TEST_KEY: 0.7}, {"epoch": 2, EPOCH_TEST_KEY: 0.7},
+               {"epoch": 3, EPOCH_TEST_KEY: 0.5}]
+    assert published_protocol(history) == {"published_protocol_best_test_accuracy": 0.7,
+                                           "published_protocol_best_test_epoch": 2}
+    assert published_protocol([{"epoch": 0}]) == {}
+
+
+def _recipe_state(seed: int = 0) -> core.TrainState:
+    core.seed_everything(seed)
+    model = TinyViT()   # returns bare logits: the core wraps them as {"logits": ...}
+    opt = core.build_optimizer(model, "adamw", lr=5e-3, weight_decay=0.05, filter_bias_and_bn=True)
+    sched = core.build_scheduler(opt, epochs=4, warmup_epochs=2, name="timm_cosine", warmup_lr=1e-4, min_lr=1e-5)
+    return core.TrainState(model, opt, sched, core.EarlyStopping(patience=0))
+
+
+def _recipe_fit(state: core.TrainState, epochs: int) -> core.TrainState:
+    from pipelines.objectives import ClassificationObjective
+
+    g = torch.Generator().manual_seed(0)
+    batches = [{"image": torch.randn(8, 8, generator=g), "label": torch.randint(0, 3, (8,), generator=g)}
+               for _ in range(3)]
+    return core.fit(state, ClassificationObjective(num_classes=3, label_smoothing=0.2),
+                    core.Precision.for_device("cpu"), train_batches=lambda e: [batches[i] for i in torch.randperm(3)],
+                    val_batches=lambda e: batches, epochs=epochs, monitor="accuracy", log=lambda *_: None)
+
+
+def test_fit_with_the_recipe_schedule_resumes_exactly(tmp_path):
+    straight = _recipe_fit(_recipe_state(), epochs=4)
+    assert [h["lr"] for h in straight.history] == pytest.approx([1e-4, 1e-4 + (5e-3 - 1e-4) / 2,
+                                                                1e-5 + 0.5 * (5e-3 - 1e-5) * (1 + math.cos(math.pi / 2)),
+                                                                1e-5 + 0.5 * (5e-3 - 1e-5) * (1 + math.cos(math.pi * 3 / 4))])
+    first = _recipe_fit(_recipe_state(), epochs=2)
+    core.save_checkpoint(tmp_path / "state.pt", first.state_dict())
+    resumed = _recipe_state(seed=99)
+    resumed.load_state_dict(core.load_checkpoint(tmp_path / "state.pt"))
+    resumed = _recipe_fit(resumed, epochs=4)
+    assert [h["lr"] for h in resumed.history] == pytest.approx([h["lr"] for h in straight.history])
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs after resume")
