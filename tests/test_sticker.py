@@ -165,3 +165,30 @@ def test_predict_prints_class_probabilities_with_text(runs, workdir, tmp_path):
     probs = [float(row[f"p_{c}"]) for c in runs["lora"]["classes"]]
     assert sum(probs) == pytest.approx(1.0, abs=1e-5)
     assert row["class"] == runs["lora"]["classes"][max(range(7), key=probs.__getitem__)]
+
+
+def test_repeated_augmentation_epoch_has_deits_length(ray_session, workdir):
+    """--repeated-aug 3 under Ray Train: each epoch trains on ra_epoch_rows(N, 3) rows split over the workers."""
+    from mlflow import MlflowClient
+
+    from datasets_io import read_manifest
+    from datasets_io.shards import ra_epoch_rows
+    from pipelines import data
+
+    # The default demo data (294 training images): above 256, so the epoch is cut to 256 (+2) rows, as DeiT's.
+    argv = _argv(workdir, "ra3", "--model", "lora_v", "--repeated-aug", "3", "--no-test-every-epoch",
+                 "--demo-images-per-class", "60")
+    assert sticker.main(argv) == 0
+    result = json.loads((workdir / "runs" / "ra3" / "result.json").read_text())
+    assert "published_protocol_best_test_accuracy" not in result
+    n_train = read_manifest(data.demo_shards(images_per_class=60, image_size=64, seed=0)["ser30k"])["counts"]["train"]
+    rows, distinct = ra_epoch_rows(n_train, 3)
+    assert rows == 258 and distinct == 86 and n_train > 256
+    per_worker = rows // 2 // 8 * 8   # equal split over 2 workers, drop_last batches of 8
+    assert per_worker != n_train // 2 // 8 * 8   # without repeated augmentation the epoch would be longer
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    parent = client.get_run(result["mlflow_run_id"])
+    (child,) = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    samples = [m.value for m in client.get_metric_history(child.info.run_id, "train_samples")]
+    assert samples == [per_worker, per_worker]
