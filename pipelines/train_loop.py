@@ -2,9 +2,11 @@
 
 ``run_stage`` trains one stage with a ``TorchTrainer`` (DDP over ``num_workers``), reporting a
 checkpoint every epoch and keeping the best by the validation metric; ``evaluate_checkpoint``
-runs the same worker function in evaluation mode over a split (the test split is read only
-there, once, at the end). Everything the workers do besides getting shards, wrapping the model
-and reporting is the plain-PyTorch core.
+runs the same worker function in evaluation mode over a split, ``evaluate_splits`` over several
+(the test split is read only there, once, at the end; or, with the spec's ``test_every_epoch``,
+also after every epoch to record the published SER30K protocol's figure, never to select).
+Everything the workers do besides getting shards, wrapping the model and reporting is the
+plain-PyTorch core.
 
 Data: the driver passes Ray Datasets already mapped to tensors (``datasets_io.ImageTransform``).
 ``train`` is split evenly across workers (DDP needs equal batch counts); ``val``/``test`` are split
