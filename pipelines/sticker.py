@@ -65,7 +65,7 @@ class BertTokens:
             from transformers import BertTokenizer
 
             self._tokenizer = BertTokenizer.from_pretrained(self.path, do_lower_case=True, local_files_only=True)
-        ids = np.zeros((len(texts), self.max_len), dtype=np.int64)   # [PAD] is 0
+        ids = np.zeros((len(texts), self.max_len), dtype=np.int64)   # zero-padded, as published
         mask = np.zeros_like(ids)
         for row, text in enumerate(texts):
             pieces = self._tokenizer.tokenize((text or "").lower())[: self.max_len - 2]

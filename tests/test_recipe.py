@@ -355,9 +355,8 @@ def _recipe_fit(state: core.TrainState, epochs: int) -> core.TrainState:
 
 def test_fit_with_the_recipe_schedule_resumes_exactly(tmp_path):
     straight = _recipe_fit(_recipe_state(), epochs=4)
-    assert [h["lr"] for h in straight.history] == pytest.approx([1e-4, 1e-4 + (5e-3 - 1e-4) / 2,
-                                                                1e-5 + 0.5 * (5e-3 - 1e-5) * (1 + math.cos(math.pi / 2)),
-                                                                1e-5 + 0.5 * (5e-3 - 1e-5) * (1 + math.cos(math.pi * 3 / 4))])
+    cosine = [1e-5 + 0.5 * (5e-3 - 1e-5) * (1 + math.cos(math.pi * t / 4)) for t in (2, 3)]
+    assert [h["lr"] for h in straight.history] == pytest.approx([1e-4, 1e-4 + (5e-3 - 1e-4) / 2, *cosine])
     first = _recipe_fit(_recipe_state(), epochs=2)
     core.save_checkpoint(tmp_path / "state.pt", first.state_dict())
     resumed = _recipe_state(seed=99)
