@@ -192,3 +192,50 @@ def test_repeated_augmentation_epoch_has_deits_length(ray_session, workdir):
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     samples = [m.value for m in client.get_metric_history(child.info.run_id, "train_samples")]
     assert samples == [per_worker, per_worker]
+
+
+def test_eval_scores_a_lora_checkpoint_with_a_local_bert(ray_session, workdir, capsys, tmp_path):
+    """``--model lora --text-encoder bert:PATH``: a tiny BERT folder, the published text layout, a .pth file."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from emotion_models import create_model
+
+    bert = tmp_path / "bert"
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "so", "angry", "happy", "sad", "!"]
+    config = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(bert)
+    (bert / "vocab.txt").write_text("\n".join(words) + "\n")
+    torch.manual_seed(3)
+    model = create_model("lora", num_classes=7, img_size=32, alpha=2, embed_dims=[16, 32, 48, 64],
+                         num_heads=[1, 2, 2, 4], depths=[1, 1, 1, 1], fusion_dim=32, max_text_len=30,
+                         text_encoder=f"bert:{bert}")
+    torch.save({"model": model.state_dict(), "epoch": 0}, tmp_path / "checkpoint.pth")
+    capsys.readouterr()
+    argv = ["--eval", "--checkpoint", str(tmp_path / "checkpoint.pth"), "--model", "lora", "--text-encoder",
+            f"bert:{bert}", "--max-text-len", "30", "--image-size", "32", "--embed-dims", "16", "32", "48", "64",
+            "--num-heads", "1", "2", "2", "4", "--depths", "1", "1", "1", "1", "--fusion-dim", "32", "--alpha", "2",
+            "--demo-images-per-class", "6", "--num-workers", "2", "--cpus-per-worker", "0.5",
+            "--storage-path", str(workdir / "runs")]
+    assert sticker.main(argv) == 0
+    printed = _last_json(capsys.readouterr().out)
+
+    import numpy as np
+
+    from datasets_io import ImageTransform, iter_local_batches
+    from pipelines import data
+
+    shards = data.demo_shards(images_per_class=6, image_size=64, seed=0)["ser30k"]
+    tokens = sticker.BertTokens(str(bert), 30)
+    labels, preds = [], []
+    with torch.no_grad():
+        for batch in iter_local_batches(shards, "test", ImageTransform(32, train=False, num_classes=7, keep_text=True)):
+            ids, mask = tokens(batch["text"])
+            logits = model.eval()(batch["image"], torch.from_numpy(ids), torch.from_numpy(mask))["logits"]
+            preds.append(logits.argmax(1).numpy())
+            labels.append(batch["label"].numpy())
+    expected = float((np.concatenate(preds) == np.concatenate(labels)).mean())
+    assert printed["test_acc"] == pytest.approx(expected, abs=1e-9)
+    assert 0.0 <= printed["val_acc"] <= 1.0 and len(printed["test_per_class_acc"]) == 7
