@@ -34,12 +34,16 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["load_split", "split_folder", "ImageTransform", "to_tensors", "iter_local_batches",
-           "numpy_batch", "AUGMENTATIONS"]
+           "numpy_batch", "AUGMENTATIONS", "repeat_rows", "ra_epoch_rows", "repeated_augmentation"]
 
 AUGMENTATIONS = ("basic", "randaugment", "none")
 RANDAUGMENT_POLICY = "rand-m9-mstd0.5"
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
              "nearest": Image.Resampling.NEAREST}
+# The DeiT/PVT/LORA recipe: RandomResizedCrop scale and RandAugment policy (timm's create_transform
+# with these drops its color jitter, as timm does whenever auto_augment is set).
+DEIT_SCALE = (0.08, 1.0)
+DEIT_RANDAUGMENT_POLICY = "rand-m9-mstd0.5-inc1"
 
 
 # ----------------------------------------------------------------------------- the output folder
@@ -77,20 +81,25 @@ class ImageTransform:
     ``has_va``, and ``text`` (object array of str) only when ``keep_text``. String and
     bytes columns are dropped otherwise, so ``iter_torch_batches`` can tensorise all.
 
-    Train: ``basic`` = RandomResizedCrop(scale=(0.5, 1)) + horizontal flip;
-    ``randaugment`` adds timm's ``rand-m9-mstd0.5`` on top; ``none`` = the eval path.
+    Train: ``basic`` = RandomResizedCrop(``scale``, default (0.5, 1)) + horizontal flip;
+    ``randaugment`` adds timm's RandAugment ``auto_augment`` (default ``rand-m9-mstd0.5``) on top;
+    ``none`` = the eval path. The DeiT recipe is ``scale=DEIT_SCALE, auto_augment=DEIT_RANDAUGMENT_POLICY``.
     Eval: resize the shorter side to ``floor(S / crop_pct)`` (timm's, 0.875 by default), centre crop S.
+    Resizes use ``interpolation`` (the backbone's ``pretrained_cfg``; bicubic by default).
 
     Randomness: each image draws from its own ``np.random.default_rng``. With ``seed``
     it is seeded by ``(seed, crc32(image_id))``, so results do not depend on batching or
-    on the worker; pass ``seed + epoch`` to vary augmentations across epochs. Without a
-    seed, fresh OS entropy per batch (so the pickled copies on Ray workers differ).
+    on the worker; pass ``seed + epoch`` to vary augmentations across epochs. A ``repeat``
+    column (repeated augmentation, :func:`repeat_rows`) joins the key, so the copies of an image
+    get independent draws. Without a seed, fresh OS entropy per batch (so the pickled copies on
+    Ray workers differ, and so do the copies of a repeated row).
     """
 
     def __init__(self, image_size: int, train: bool, num_classes: int, augment: str = "basic",
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
                  seed: Optional[int] = None, keep_text: bool = False, interpolation: str = "bicubic",
-                 crop_pct: Optional[float] = None) -> None:
+                 crop_pct: Optional[float] = None, scale: Sequence[float] = (0.5, 1.0),
+                 auto_augment: Optional[str] = None) -> None:
         """``mean`` / ``std`` default to timm's ImageNet values (imported here, not at module
         import, so Ray workers running the eval/basic path never import torch); ``interpolation``
         (``bicubic``, ``bilinear``, ``nearest``) and ``crop_pct`` (eval resize = ``S / crop_pct``,
@@ -118,11 +127,17 @@ class ImageTransform:
         self.interpolation = interpolation
         self.seed = seed
         self.keep_text = keep_text
+        self.scale = (float(scale[0]), float(scale[1]))
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {tuple(scale)}")
+        self.auto_augment = auto_augment or RANDAUGMENT_POLICY
         self._randaugment = None
         if self.augment == "randaugment":
+            # As timm's create_transform: geometric ops use the training interpolation.
             hparams = {"translate_const": int(self.image_size * 0.45),
-                       "img_mean": tuple(round(255 * m) for m in mean)}
-            self._randaugment = rand_augment_transform(RANDAUGMENT_POLICY, hparams)
+                       "img_mean": tuple(round(255 * m) for m in mean),
+                       "interpolation": _RESAMPLE[self.interpolation]}
+            self._randaugment = rand_augment_transform(self.auto_augment, hparams)
 
     def __repr__(self) -> str:
         return (f"ImageTransform(image_size={self.image_size}, train={self.train}, "
@@ -132,12 +147,15 @@ class ImageTransform:
         images = batch["image"]
         n = len(images)
         ids = batch.get("image_id")
+        repeats = batch.get("repeat")
         batch_rng = np.random.default_rng() if self.seed is None else None
         pixels = np.empty((n, self.image_size, self.image_size, 3), dtype=np.uint8)
         for i, data in enumerate(images):
             if data is None:
                 raise ValueError("ImageTransform: a row has no image bytes (not an ingest shard?)")
             key = str(ids[i]) if ids is not None else str(i)
+            if repeats is not None:
+                key = f"{key}#{int(repeats[i])}"
             rng = batch_rng if batch_rng is not None else np.random.default_rng(
                 [self.seed, zlib.crc32(key.encode("utf-8"))])
             pixels[i] = self._one(bytes(data), rng)
@@ -159,7 +177,7 @@ class ImageTransform:
                 img = _resize_center_crop(img.convert("RGB"), short, size, _RESAMPLE[self.interpolation])
             else:
                 img = img.convert("RGB")
-                box = _random_resized_crop_box(img.size, rng)
+                box = _random_resized_crop_box(img.size, rng, scale=self.scale)
                 img = img.resize((size, size), _RESAMPLE[self.interpolation], box=box)
                 if rng.random() < 0.5:
                     img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -171,6 +189,50 @@ class ImageTransform:
     def _normalise(self, pixels: np.ndarray) -> np.ndarray:
         images = pixels.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
         return np.ascontiguousarray((images - self.mean) / self.std, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------- repeated augmentation
+
+def repeat_rows(table: pa.Table, repeats: int) -> pa.Table:
+    """Each row ``repeats`` times in a row, with a ``repeat`` column 0..repeats-1 (the augmentation
+    RNG of :class:`ImageTransform` keys on it). For ``map_batches(..., batch_format="pyarrow")``."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    index = np.repeat(np.arange(table.num_rows), repeats)
+    out = table.take(pa.array(index))
+    return out.append_column("repeat", pa.array(np.tile(np.arange(repeats, dtype=np.int64), table.num_rows)))
+
+
+def ra_epoch_rows(num_rows: int, repeats: int, multiple: int = 256) -> tuple[int, int]:
+    """``(rows per epoch, distinct images per epoch)`` of DeiT's repeated-augmentation sampler.
+
+    DeiT's ``RASampler`` shuffles the dataset each epoch, repeats every index ``repeats`` times,
+    deals the list round-robin to the replicas and keeps ``floor(N // 256 * 256 / world)`` per
+    replica: an epoch is about one dataset's worth of rows (rounded down to a multiple of 256),
+    made of a fresh random ``1 / repeats`` of the images, each ``repeats`` times with independent
+    augmentation. Rows here are ``distinct x repeats`` (at most ``repeats - 1`` above the rounded
+    size); a dataset smaller than ``multiple`` is not rounded.
+    """
+    if num_rows < 1 or repeats < 1 or multiple < 1:
+        raise ValueError(f"num_rows, repeats and multiple must be >= 1, got {num_rows}, {repeats}, {multiple}")
+    target = num_rows // multiple * multiple if num_rows >= multiple else num_rows
+    distinct = min(num_rows, math.ceil(target / repeats))
+    return distinct * repeats, distinct
+
+
+def repeated_augmentation(ds: "ray.data.Dataset", repeats: int, num_rows: int,
+                          multiple: int = 256) -> "ray.data.Dataset":
+    """The training rows of one epoch under repeated augmentation (see :func:`ra_epoch_rows`).
+
+    A Ray Data plan runs afresh every epoch, so ``random_shuffle()`` (unseeded: Ray Data has no
+    epoch number to seed it with) picks a new random subset each epoch; ``limit`` keeps the
+    distinct images, :func:`repeat_rows` makes the copies. Apply before :class:`ImageTransform`.
+    """
+    if repeats <= 1:
+        return ds
+    _, distinct = ra_epoch_rows(num_rows, repeats, multiple)
+    return ds.random_shuffle().limit(distinct).map_batches(repeat_rows, fn_kwargs={"repeats": repeats},
+                                                           batch_format="pyarrow")
 
 
 def _targets(batch: dict[str, Any], n: int, num_classes: int) -> dict[str, np.ndarray]:

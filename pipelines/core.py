@@ -145,8 +145,10 @@ def evaluate(model, batches, objective, precision) -> tuple[dict[str, Any], dict
     return objective.metrics(arrays), arrays
 
 
-def _float_outputs(outputs: dict) -> dict:
+def _float_outputs(outputs) -> dict:
     # Losses and metrics are computed in fp32 even when the forward ran under bf16 autocast.
+    if isinstance(outputs, torch.Tensor):  # a classifier that returns bare logits
+        outputs = {"logits": outputs}
     return {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
             for k, v in outputs.items()}
 
@@ -192,23 +194,66 @@ class EarlyStopping:
 
 
 def build_optimizer(params, name: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.0,
-                    momentum: float = 0.9) -> torch.optim.Optimizer:
+                    momentum: float = 0.9, filter_bias_and_bn: bool = False) -> torch.optim.Optimizer:
+    """An optimizer over ``params`` (an iterable of parameters, or a module).
+
+    ``filter_bias_and_bn=True`` (the DeiT/PVT recipe) needs the *unwrapped* module: timm's
+    ``create_optimizer_v2`` then exempts biases, every 1-D parameter (norm weights) and the names
+    the model's ``no_weight_decay()`` returns (position embeddings, cls/query tokens) from weight
+    decay, and skips frozen parameters. Otherwise every trainable parameter decays (the plain path
+    the two-stage pipeline has always used).
+    """
+    name = name.lower()
+    if name not in ("adamw", "adam", "sgd"):
+        raise ValueError(f"unknown optimizer {name!r}; known: adamw, adam, sgd")
+    if filter_bias_and_bn:
+        if not isinstance(params, nn.Module):
+            raise TypeError("filter_bias_and_bn=True needs the model (an nn.Module), not a parameter list")
+        if hasattr(params, "module"):
+            raise TypeError("pass the unwrapped model (core.unwrap), not its DDP wrapper: "
+                            "no_weight_decay() names are matched against its named_parameters()")
+        if not any(p.requires_grad for p in params.parameters()):
+            raise ValueError("no trainable parameters: every layer is frozen")
+        from timm.optim import create_optimizer_v2
+
+        # timm's "sgd" is SGD with Nesterov momentum, as below.
+        return create_optimizer_v2(params, opt=name, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                   filter_bias_and_bn=True)
+    if isinstance(params, nn.Module):
+        params = params.parameters()
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: every layer is frozen")
-    name = name.lower()
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True)
-    raise ValueError(f"unknown optimizer {name!r}; known: adamw, adam, sgd")
+    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True)
+
+
+def linear_scaled_lr(base_lr: float, batch_size: int, world_size: int, reference: int = 512) -> float:
+    """DeiT's linear scaling rule: ``base_lr x batch_size x world_size / reference``."""
+    return base_lr * batch_size * world_size / reference
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: int = 0,
-                    name: str = "cosine", min_lr_ratio: float = 0.01):
-    """A per-epoch schedule (call ``.step()`` once per epoch): linear warm-up, then cosine or constant."""
+                    name: str = "cosine", min_lr_ratio: float = 0.01, min_lr: float = 1e-5,
+                    warmup_lr: float = 1e-5):
+    """A per-epoch schedule; :func:`step_scheduler` advances it once at the end of each epoch.
+
+    ``"cosine"`` / ``"constant"``: linear warm-up to the base lr as a fraction of it, then a cosine
+    down to ``min_lr_ratio`` x lr (or constant), as a ``LambdaLR``.
+    ``"timm_cosine"`` (the DeiT/PVT recipe): timm's ``CosineLRScheduler`` in epochs, warm-up from
+    ``warmup_lr`` over ``warmup_epochs`` epochs, then cosine over ``epochs`` down to ``min_lr``
+    (absolute values; ``min_lr_ratio`` is not used). Epoch ``e`` trains at the schedule's value at
+    ``e``: it is stepped with ``step(e + 1)`` after epoch ``e`` (timm's own train.py; the
+    published DeiT/PVT/LORA loop calls ``step(e)``, which trains epochs 0 and 1 both at ``warmup_lr``).
+    """
+    if name == "timm_cosine":
+        from timm.scheduler import CosineLRScheduler
+
+        return CosineLRScheduler(optimizer, t_initial=epochs, lr_min=min_lr, warmup_t=warmup_epochs,
+                                 warmup_lr_init=warmup_lr, t_in_epochs=True)
 
     def factor(epoch: int) -> float:
         if warmup_epochs and epoch < warmup_epochs:
@@ -220,8 +265,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     if name not in ("cosine", "constant"):
-        raise ValueError(f"unknown scheduler {name!r}; known: cosine, constant")
+        raise ValueError(f"unknown scheduler {name!r}; known: cosine, constant, timm_cosine")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def step_scheduler(scheduler, next_epoch: int) -> None:
+    """End-of-epoch step: timm schedulers are told the epoch about to start, torch ones just step."""
+    from timm.scheduler.scheduler import Scheduler
+
+    if isinstance(scheduler, Scheduler):
+        scheduler.step(next_epoch)
+    else:
+        scheduler.step()
 
 
 def seed_everything(seed: int) -> None:
@@ -345,7 +400,7 @@ def fit(
             raise KeyError(f"monitored metric {monitor!r} is not among the validation metrics "
                            f"{sorted(val_metrics)}")
         improved = state.early_stopping.step(val_metrics[monitor], epoch)
-        state.scheduler.step()
+        step_scheduler(state.scheduler, epoch + 1)
         state.epoch = epoch + 1
         scalar_val = {k: v for k, v in val_metrics.items() if isinstance(v, (int, float))}
         state.history.append({"epoch": epoch, "lr": lr, **{f"train_{k}": v for k, v in train_stats.items()},

@@ -114,8 +114,8 @@ class ClassificationObjective:
     use_text: bool = False
 
     def inputs(self, batch):
-        if self.use_text:
-            return (batch["image"],), {"text_ids": batch["text_ids"], "text_mask": batch["text_mask"]}
+        if self.use_text:  # positional: LORA's forward(image, word_id, word_mask)
+            return (batch["image"], batch["text_ids"], batch["text_mask"]), {}
         return (batch["image"],), {}
 
     def loss(self, outputs, batch):

@@ -2,9 +2,11 @@
 
 ``run_stage`` trains one stage with a ``TorchTrainer`` (DDP over ``num_workers``), reporting a
 checkpoint every epoch and keeping the best by the validation metric; ``evaluate_checkpoint``
-runs the same worker function in evaluation mode over a split (the test split is read only
-there, once, at the end). Everything the workers do besides getting shards, wrapping the model
-and reporting is the plain-PyTorch core.
+runs the same worker function in evaluation mode over a split, ``evaluate_splits`` over several
+(the test split is read only there, once, at the end; or, with the spec's ``test_every_epoch``,
+also after every epoch to record the published SER30K protocol's figure, never to select).
+Everything the workers do besides getting shards, wrapping the model and reporting is the
+plain-PyTorch core.
 
 Data: the driver passes Ray Datasets already mapped to tensors (``datasets_io.ImageTransform``).
 ``train`` is split evenly across workers (DDP needs equal batch counts); ``val``/``test`` are split
@@ -32,6 +34,8 @@ from pipelines import core
 from pipelines.specs import META_FILE, STATE_FILE, build_model, build_objective, checkpoint_state_path, jsonable
 
 TRAIN_KEY = "train"
+# Per-epoch test accuracy (spec "test_every_epoch"): the published SER30K protocol reports its maximum.
+EPOCH_TEST_KEY = "epoch_test_accuracy"
 MIX_KEY = "train_categorical"
 logger = logging.getLogger("emotion_ray.train")
 
@@ -162,7 +166,7 @@ class _MlflowEpochLogger:
             self.client = MlflowClient(tracking_uri=cfg["tracking_uri"])
             self.run_id = cfg["run_id"]
 
-    def __call__(self, result: core.EpochResult) -> None:
+    def __call__(self, result: core.EpochResult, extra: Optional[dict] = None) -> None:
         if self.client is None:
             return
         from mlflow.entities import Metric
@@ -170,7 +174,7 @@ class _MlflowEpochLogger:
         now = int(time.time() * 1000)
         values = {"lr": result.lr, "epoch_seconds": result.seconds,
                   **{f"train_{k}": v for k, v in result.train.items()},
-                  **{f"val_{k}": v for k, v in result.val.items()}}
+                  **{f"val_{k}": v for k, v in result.val.items()}, **(extra or {})}
         metrics = [Metric(k, float(v), now, result.epoch) for k, v in values.items()
                    if isinstance(v, (int, float)) and v == v]
         self.client.log_batch(self.run_id, metrics=metrics)
@@ -182,6 +186,10 @@ def _build(spec: dict, device: torch.device):
     if spec.get("init_from"):
         state = core.load_checkpoint(checkpoint_state_path(spec["init_from"]))
         model.load_state_dict(state["model"])
+    if spec.get("init_weights"):  # a weights file in another format (a published checkpoint.pth): exact fit
+        from emotion_models.weights import load_weights
+
+        load_weights(model, spec["init_weights"], strict=True)
     if spec.get("freeze_until") is not None:
         model.freeze(spec["freeze_until"], freeze_bn=spec.get("freeze_bn", True))
     precision = core.Precision.for_device(device, amp=spec.get("amp"))
@@ -205,14 +213,22 @@ def train_worker(spec: dict) -> dict:
     seed = int(spec.get("seed", 0))
 
     if spec.get("mode") == "eval":
-        metrics, arrays = core.evaluate(eval_model, _iter_batches(ray.train.get_dataset_shard(spec["split"]),
-                                                                  batch_size, train=False, seed=seed, epoch=0),
-                                        objective, precision)
-        return {"metrics": metrics, "arrays": arrays} if rank == 0 else {}
+        results = {}
+        for split in spec.get("splits") or [spec["split"]]:
+            metrics, arrays = core.evaluate(eval_model, _iter_batches(ray.train.get_dataset_shard(split), batch_size,
+                                                                      train=False, seed=seed, epoch=0),
+                                            objective, precision)
+            results[split] = {"metrics": metrics, "arrays": arrays}
+        if rank != 0:
+            return {}
+        return results if spec.get("splits") else results[spec["split"]]
 
-    trainable = eval_model.trainable_parameters() if hasattr(eval_model, "trainable_parameters") \
-        else eval_model.parameters()
-    optimizer = core.build_optimizer(trainable, **spec["optimizer"])
+    if spec["optimizer"].get("filter_bias_and_bn"):  # timm's param groups need the unwrapped module
+        optimizer = core.build_optimizer(eval_model, **spec["optimizer"])
+    else:
+        trainable = eval_model.trainable_parameters() if hasattr(eval_model, "trainable_parameters") \
+            else eval_model.parameters()
+        optimizer = core.build_optimizer(trainable, **spec["optimizer"])
     scheduler = core.build_scheduler(optimizer, epochs=int(spec["epochs"]), **spec.get("scheduler", {}))
     state = core.TrainState(model, optimizer, scheduler,
                             core.EarlyStopping(int(spec.get("early_stop", 0)), spec.get("monitor_mode", "max")))
@@ -240,12 +256,22 @@ def train_worker(spec: dict) -> dict:
 
     def on_epoch_end(result: core.EpochResult, st: core.TrainState) -> None:
         epochs_run.append(result.epoch)
+        extra = {}
+        if spec.get("test_every_epoch") and "test" in (spec.get("tests") or {}):
+            # The published protocol's figure (best test accuracy over epochs), recorded beside the
+            # val-selected model, never used to select it. Every rank takes part (gathered metrics).
+            test_metrics, _ = core.evaluate(eval_model, _iter_batches(ray.train.get_dataset_shard("test"), batch_size,
+                                                                      train=False, seed=seed, epoch=result.epoch),
+                                            objective, precision)
+            st.history[-1][EPOCH_TEST_KEY] = extra[EPOCH_TEST_KEY] = test_metrics["accuracy"]
+            log(f"[{spec['name']}] epoch {result.epoch + 1}: test accuracy {test_metrics['accuracy']:.4f} "
+                f"(published protocol, not used for selection)")
         metrics = {f"val_{k}": v for k, v in result.val.items() if isinstance(v, (int, float))}
-        metrics.update({f"train_{k}": v for k, v in result.train.items()})
+        metrics.update({f"train_{k}": v for k, v in result.train.items()}, **extra)
         metrics.update(epoch=result.epoch, improved=int(result.improved),
                        best_epoch=st.early_stopping.best_epoch)
         if mlflow_log is not None:
-            mlflow_log(result)
+            mlflow_log(result, extra)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -363,4 +389,26 @@ def evaluate_checkpoint(spec: dict, checkpoint_dir: str, dataset, run: RunOption
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"evaluation of {checkpoint_dir} failed: {result.error}")
+    return result.return_value
+
+
+def evaluate_splits(spec: dict, datasets: dict, run: RunOptions, *, checkpoint_dir: Optional[str] = None,
+                    weights: Optional[str] = None) -> dict:
+    """Score one model on several splits in one Ray Train run; returns ``{split: {metrics, arrays}}``.
+
+    The weights come from a project checkpoint folder (``checkpoint_dir``) or from a weights file
+    in another format, e.g. a published ``checkpoint.pth`` (``weights``: loaded by
+    ``emotion_models.weights.load_weights`` and required to fit the model exactly).
+    """
+    if (checkpoint_dir is None) == (weights is None):
+        raise ValueError("evaluate_splits needs exactly one of checkpoint_dir and weights")
+    splits = list(datasets)
+    eval_spec = {**spec, "mode": "eval", "splits": splits, "init_from": checkpoint_dir, "init_weights": weights,
+                 "freeze_until": None, "mlflow": None, "fault": None, "test_every_epoch": False}
+    eval_spec["model"] = {k: v for k, v in spec["model"].items() if k != "weights"}
+    trainer = _trainer(eval_spec, datasets, RunOptions(**{**run.__dict__, "max_failures": 0, "callbacks": []}),
+                       f"{spec['name']}-eval-{int(time.time())}")
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"evaluation of {checkpoint_dir or weights} failed: {result.error}")
     return result.return_value

@@ -54,6 +54,12 @@ def test_result_and_mlflow_runs(runs, workdir, model):
     child = children[0]
     assert child.data.metrics["test_accuracy"] == pytest.approx(result["test_acc"])
     assert len(client.get_metric_history(child.info.run_id, "val_accuracy")) == 2
+    # The published protocol's figure: the best of the per-epoch test accuracies, labelled as such.
+    per_epoch = [m.value for m in client.get_metric_history(child.info.run_id, "epoch_test_accuracy")]
+    assert len(per_epoch) == 2
+    assert result["published_protocol_best_test_accuracy"] == pytest.approx(max(per_epoch))
+    assert result["published_protocol_best_test_epoch"] in (1, 2)
+    assert parent.data.metrics["published_protocol_best_test_accuracy"] == pytest.approx(max(per_epoch))
     plots = {a.path for a in client.list_artifacts(child.info.run_id, "plots")}
     assert "plots/confusion_test.png" in plots
     assert "best_checkpoint" in {a.path for a in client.list_artifacts(child.info.run_id)}
@@ -77,14 +83,68 @@ def test_eval_reproduces_reported_test_accuracy(runs, workdir, capsys):
     argv = ["--eval", "--checkpoint", str(workdir / "runs" / "lora"), "--storage-path", str(workdir / "runs"),
             "--num-workers", "2", "--cpus-per-worker", "0.5", "--demo-images-per-class", "6"]
     assert sticker.main(argv) == 0
-    printed = _last_json(capsys)
+    out = capsys.readouterr().out
+    printed = _last_json(out)
     assert printed["test_acc"] == pytest.approx(result["test_acc"], abs=1e-9)
     assert printed["test_macro_f1"] == pytest.approx(result["test_macro_f1"], abs=1e-9)
+    assert printed["test_per_class_acc"] == pytest.approx(result["test_per_class_acc"], abs=1e-9)
+    assert 0.0 <= printed["val_acc"] <= 1.0 and len(printed["val_per_class_acc"]) == 7
+    assert "test: accuracy" in out and "val: accuracy" in out and "per-class accuracy: anger" in out
 
 
-def _last_json(capsys) -> dict:
+def _tiny_lora_v():
+    import torch
+
+    from emotion_models import create_model
+
+    torch.manual_seed(11)
+    return create_model("lora_v", num_classes=7, img_size=32, alpha=2, embed_dims=[16, 32, 48, 64],
+                        num_heads=[1, 2, 2, 4], depths=[1, 1, 1, 1], fusion_dim=32, max_text_len=32).eval()
+
+
+def test_eval_scores_a_published_format_checkpoint_on_val_and_test(ray_session, workdir, capsys, tmp_path):
+    """A ``checkpoint.pth`` as the published code saves it: the printed figures equal a local pass."""
+    import numpy as np
+    import torch
+
+    from datasets_io import ImageTransform, iter_local_batches
+    from emotion_models.metrics import classification_metrics
+    from pipelines import data
+
+    model = _tiny_lora_v()
+    pth = tmp_path / "checkpoint.pth"
+    torch.save({"model": model.state_dict(), "epoch": 49, "lr_scheduler": {"t_initial": 50}}, pth)
+    flags = ["--model", "lora_v", "--image-size", "32", "--embed-dims", "16", "32", "48", "64", "--num-heads", "1",
+             "2", "2", "4", "--depths", "1", "1", "1", "1", "--fusion-dim", "32", "--alpha", "2",
+             "--demo-images-per-class", "6", "--num-workers", "2", "--cpus-per-worker", "0.5",
+             "--storage-path", str(workdir / "runs")]
+    capsys.readouterr()
+    assert sticker.main(["--eval", "--checkpoint", str(pth), *flags]) == 0
+    printed = _last_json(capsys.readouterr().out)
+
+    shards = data.demo_shards(images_per_class=6, image_size=64, seed=0)["ser30k"]
+    for split in ("val", "test"):
+        labels, preds = [], []
+        with torch.no_grad():
+            for batch in iter_local_batches(shards, split, ImageTransform(32, train=False, num_classes=7)):
+                preds.append(model(batch["image"])["logits"].argmax(1).numpy())
+                labels.append(batch["label"].numpy())
+        expected = classification_metrics(np.concatenate(labels), np.concatenate(preds), 7)
+        assert printed[f"{split}_acc"] == pytest.approx(expected["accuracy"], abs=1e-9)
+        assert printed[f"{split}_macro_f1"] == pytest.approx(expected["macro_f1"], abs=1e-9)
+        assert printed[f"{split}_per_class_acc"] == pytest.approx(list(expected["per_class_acc"]), abs=1e-9,
+                                                                  nan_ok=True)
+
+    partial = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    torch.save({"model": partial}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match="partial.pth"):
+        sticker.main(["--eval", "--checkpoint", str(tmp_path / "partial.pth"), *flags])
+    with pytest.raises(FileNotFoundError, match=r"--checkpoint"):
+        sticker.main(["--eval", "--checkpoint", str(tmp_path / "missing.pth"), *flags])
+
+
+def _last_json(out: str) -> dict:
     """The JSON object ``--eval`` prints last on stdout."""
-    out = capsys.readouterr().out
     start = out.rindex("\n{") + 1 if "\n{" in out else out.index("{")
     return json.loads(out[start:])
 
@@ -105,3 +165,77 @@ def test_predict_prints_class_probabilities_with_text(runs, workdir, tmp_path):
     probs = [float(row[f"p_{c}"]) for c in runs["lora"]["classes"]]
     assert sum(probs) == pytest.approx(1.0, abs=1e-5)
     assert row["class"] == runs["lora"]["classes"][max(range(7), key=probs.__getitem__)]
+
+
+def test_repeated_augmentation_epoch_has_deits_length(ray_session, workdir):
+    """--repeated-aug 3 under Ray Train: each epoch trains on ra_epoch_rows(N, 3) rows split over the workers."""
+    from mlflow import MlflowClient
+
+    from datasets_io import read_manifest
+    from datasets_io.shards import ra_epoch_rows
+    from pipelines import data
+
+    # The default demo data (294 training images): above 256, so the epoch is cut to 256 (+2) rows, as DeiT's.
+    argv = _argv(workdir, "ra3", "--model", "lora_v", "--repeated-aug", "3", "--no-test-every-epoch",
+                 "--demo-images-per-class", "60")
+    assert sticker.main(argv) == 0
+    result = json.loads((workdir / "runs" / "ra3" / "result.json").read_text())
+    assert "published_protocol_best_test_accuracy" not in result
+    n_train = read_manifest(data.demo_shards(images_per_class=60, image_size=64, seed=0)["ser30k"])["counts"]["train"]
+    rows, distinct = ra_epoch_rows(n_train, 3)
+    assert rows == 258 and distinct == 86 and n_train > 256
+    per_worker = rows // 2 // 8 * 8   # equal split over 2 workers, drop_last batches of 8
+    assert per_worker != n_train // 2 // 8 * 8   # without repeated augmentation the epoch would be longer
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    parent = client.get_run(result["mlflow_run_id"])
+    (child,) = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    samples = [m.value for m in client.get_metric_history(child.info.run_id, "train_samples")]
+    assert samples == [per_worker, per_worker]
+
+
+def test_eval_scores_a_lora_checkpoint_with_a_local_bert(ray_session, workdir, capsys, tmp_path):
+    """``--model lora --text-encoder bert:PATH``: a tiny BERT folder, the published text layout, a .pth file."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from emotion_models import create_model
+
+    bert = tmp_path / "bert"
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "so", "angry", "happy", "sad", "!"]
+    config = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(bert)
+    (bert / "vocab.txt").write_text("\n".join(words) + "\n")
+    torch.manual_seed(3)
+    model = create_model("lora", num_classes=7, img_size=32, alpha=2, embed_dims=[16, 32, 48, 64],
+                         num_heads=[1, 2, 2, 4], depths=[1, 1, 1, 1], fusion_dim=32, max_text_len=30,
+                         text_encoder=f"bert:{bert}")
+    torch.save({"model": model.state_dict(), "epoch": 0}, tmp_path / "checkpoint.pth")
+    capsys.readouterr()
+    argv = ["--eval", "--checkpoint", str(tmp_path / "checkpoint.pth"), "--model", "lora", "--text-encoder",
+            f"bert:{bert}", "--max-text-len", "30", "--image-size", "32", "--embed-dims", "16", "32", "48", "64",
+            "--num-heads", "1", "2", "2", "4", "--depths", "1", "1", "1", "1", "--fusion-dim", "32", "--alpha", "2",
+            "--demo-images-per-class", "6", "--num-workers", "2", "--cpus-per-worker", "0.5",
+            "--storage-path", str(workdir / "runs")]
+    assert sticker.main(argv) == 0
+    printed = _last_json(capsys.readouterr().out)
+
+    import numpy as np
+
+    from datasets_io import ImageTransform, iter_local_batches
+    from pipelines import data
+
+    shards = data.demo_shards(images_per_class=6, image_size=64, seed=0)["ser30k"]
+    tokens = sticker.BertTokens(str(bert), 30)
+    labels, preds = [], []
+    with torch.no_grad():
+        for batch in iter_local_batches(shards, "test", ImageTransform(32, train=False, num_classes=7, keep_text=True)):
+            ids, mask = tokens(batch["text"])
+            logits = model.eval()(batch["image"], torch.from_numpy(ids), torch.from_numpy(mask))["logits"]
+            preds.append(logits.argmax(1).numpy())
+            labels.append(batch["label"].numpy())
+    expected = float((np.concatenate(preds) == np.concatenate(labels)).mean())
+    assert printed["test_acc"] == pytest.approx(expected, abs=1e-9)
+    assert 0.0 <= printed["val_acc"] <= 1.0 and len(printed["test_per_class_acc"]) == 7
