@@ -31,61 +31,19 @@ from pipelines import cli  # noqa: E402
 PAPER_DEFAULTS = dict(image_size=448, batch_size=16, num_epochs=50, lr=None, base_lr=1e-3, decay=0.05,
                       warmup_epochs=5, warmup_lr=1e-5, min_lr=1e-5, label_smoothing=0.2, repeated_aug=3,
                       crop_scale=[0.08, 1.0], auto_augment="rand-m9-mstd0.5-inc1", grad_clip=0.0,
-                      drop_path=0.1, drop=0.0, max_text_len=30, test_every_epoch=True,
-                      embed_dims=None, depths=None, num_heads=None, fusion_dim=256, early_stop=0)
-# The embedded demo: a narrow, shallow PVT at 64 px so that it trains on a 2-core CPU in minutes.
-# Same machinery (optimizer groups, timm schedule, per-epoch test figure), small-data settings.
+                      drop_path=0.1, drop=0.0, max_text_len=30, test_every_epoch=True, alpha=8,
+                      embed_dims=None, depths=None, num_heads=None, fusion_dim=768, fuse_heads=12, fuse_mlp_dim=3072,
+                      early_stop=0)
+# The embedded demo: a narrow, shallow PVT at 64 px so that it trains on a 2-core CPU in minutes
+# (alpha 2: 64 px images cannot supply alpha * sr^2 tokens per head for alpha > 4). Same machinery
+# (optimizer groups, timm schedule, per-epoch test figure), small-data settings.
 DEMO_DEFAULTS = dict(image_size=64, batch_size=32, num_epochs=12, lr=2e-3, base_lr=None, decay=0.05,
                      warmup_epochs=1, warmup_lr=2e-4, min_lr=1e-5, label_smoothing=0.1, repeated_aug=1,
                      crop_scale=[0.5, 1.0], auto_augment="rand-m9-mstd0.5", grad_clip=5.0,
-                     drop_path=0.1, drop=0.0, max_text_len=32, test_every_epoch=True,
-                     embed_dims=[24, 48, 96, 128], depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 4], fusion_dim=96,
-                     early_stop=0)
+                     drop_path=0.1, drop=0.0, max_text_len=32, test_every_epoch=True, alpha=2,
+                     embed_dims=[24, 48, 96, 128], depths=[2, 2, 2, 1], num_heads=[1, 2, 4, 4], fusion_dim=96,
+                     fuse_heads=4, fuse_mlp_dim=384, early_stop=0)
 DEMO_DATA = dict(images_per_class=60, image_size=64, seed=0)
-
-
-class BertTokens:
-    """Texts -> numpy ``(ids, mask)`` exactly as the published SER30K loader builds them.
-
-    The text is lower-cased, tokenised by ``BertTokenizer(do_lower_case=True)`` from a local folder,
-    cut to ``max_len - 2`` word pieces and laid out as ``[CLS] tokens [SEP]``, zero-padded to
-    ``max_len``; the mask is 1 on real tokens. Loaded lazily (picklable for Ray Data).
-    """
-
-    def __init__(self, path: str, max_len: int = 30):
-        if max_len < 2:
-            raise ValueError(f"max_len must be >= 2 (room for [CLS] and [SEP]), got {max_len}")
-        self.path, self.max_len = path, max_len
-        self._tokenizer = None
-
-    def __call__(self, texts) -> tuple:
-        import numpy as np
-
-        if self._tokenizer is None:
-            from transformers import BertTokenizer
-
-            self._tokenizer = BertTokenizer.from_pretrained(self.path, do_lower_case=True, local_files_only=True)
-        ids = np.zeros((len(texts), self.max_len), dtype=np.int64)   # zero-padded, as published
-        mask = np.zeros_like(ids)
-        for row, text in enumerate(texts):
-            pieces = self._tokenizer.tokenize((text or "").lower())[: self.max_len - 2]
-            tokens = self._tokenizer.convert_tokens_to_ids(["[CLS]", *pieces, "[SEP]"])
-            ids[row, :len(tokens)] = tokens
-            mask[row, :len(tokens)] = 1
-        return ids, mask
-
-    def __getstate__(self) -> dict:
-        return {"path": self.path, "max_len": self.max_len, "_tokenizer": None}
-
-
-def make_text_tokenizer(encoder: str | None, max_len: int):
-    """The Ray Data tokenizer for ``--text-encoder``: the published BERT layout for ``bert:PATH``,
-    the byte tokenizer of :mod:`emotion_models.text` for ``bytes``, ``None`` for LORA-V."""
-    if encoder is not None and encoder.startswith("bert:"):
-        return BertTokens(encoder[len("bert:"):], max_len)
-    from emotion_models.text import make_tokenizer
-
-    return make_tokenizer(encoder, max_len)
 
 
 class TokenizeText:
@@ -100,7 +58,9 @@ class TokenizeText:
         batch = dict(batch)
         texts = [str(t) if t is not None else "" for t in batch.pop("text")]
         if self._tokenizer is None and self.encoder is not None:
-            self._tokenizer = make_text_tokenizer(self.encoder, self.max_len)
+            from emotion_models.text import make_tokenizer
+
+            self._tokenizer = make_tokenizer(self.encoder, self.max_len)
         if self._tokenizer is not None:
             batch["text_ids"], batch["text_mask"] = self._tokenizer(texts)
         return batch
@@ -118,19 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--demo-image-size", type=int, default=DEMO_DATA["image_size"])
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=["lora", "lora_v"], default="lora")
-    m.add_argument("--alpha", type=int, default=8, help="local tokens per head = alpha x sr^2")
-    m.add_argument("--locals", type=int, nargs=4, default=[1, 1, 1, 0], help="stages with local re-attention")
+    m.add_argument("--alpha", type=int, default=None,
+                   help="local tokens per head = alpha x sr^2 (8 real, 2 demo; a published checkpoint's own)")
+    m.add_argument("--locals", type=int, nargs=4, default=None,
+                   help="stages with local re-attention (1 1 1 0; a published checkpoint's own)")
     m.add_argument("--text-encoder", default=None,
                    help="bert:PATH (a local bert-base-uncased folder; required for LORA on real data) | "
                         "bytes (the byte-level encoder of the demo, default without --data-root)")
     m.add_argument("--max-text-len", type=int, default=None, help="text tokens (default 30 real, 32 demo)")
     m.add_argument("--weights", default=None,
                    help="local weights for the visual trunk to start from (e.g. the published pvt_small.pth)")
-    m.add_argument("--embed-dims", type=int, nargs=4, default=None, help="PVT widths (default pvt_v2_b2's)")
-    m.add_argument("--depths", type=int, nargs=4, default=None, help="PVT depths (default pvt_v2_b2's)")
+    m.add_argument("--embed-dims", type=int, nargs=4, default=None, help="PVT widths (PVT-small's 64 128 320 512)")
+    m.add_argument("--depths", type=int, nargs=4, default=None, help="PVT depths (PVT-small's 3 4 6 3)")
     m.add_argument("--num-heads", type=int, nargs=4, default=None,
-                   help="attention heads per stage, each dividing its width (default pvt_v2_b2's 1 2 5 8)")
-    m.add_argument("--fusion-dim", type=int, default=None)
+                   help="attention heads per stage, each dividing its width (PVT-small's 1 2 5 8)")
+    m.add_argument("--fusion-dim", type=int, default=None, help="fusion width (768 real, 96 demo)")
+    m.add_argument("--fuse-heads", type=int, default=None, help="fusion attention heads (12 real)")
+    m.add_argument("--fuse-mlp-dim", type=int, default=None, help="fusion MLP width (3072 real)")
     m.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate (0.1)")
     m.add_argument("--drop", type=float, default=None, help="dropout rate (0)")
     t = p.add_argument_group("training (defaults: the published recipe for real data, small presets for the demo)")
@@ -165,12 +129,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def adopt_published_args(args) -> None:
+    """``--eval`` of a published ``checkpoint.pth``: take alpha, locals and the image size from its
+    saved ``args`` (an ``argparse.Namespace``) wherever the command line left them open."""
+    from emotion_models.weights import read_checkpoint
+
+    saved = read_checkpoint(Path(args.checkpoint).expanduser())
+    saved = saved.get("args") if isinstance(saved, dict) else None
+    if not isinstance(saved, argparse.Namespace):
+        return
+    taken = []
+    for ours, theirs in (("alpha", "alpha"), ("locals", "locals"), ("image_size", "input_size")):
+        value = getattr(saved, theirs, None)
+        if getattr(args, ours) is None and value is not None:
+            setattr(args, ours, value)
+            taken.append(f"{ours} {value}")
+    if taken:
+        print(f"{args.checkpoint}: published checkpoint; from its saved args: {', '.join(taken)}")
+
+
 def apply_defaults(args):
     args.demo = args.data_root is None
+    if args.eval and args.checkpoint and Path(args.checkpoint).expanduser().is_file():
+        adopt_published_args(args)
     preset = DEMO_DEFAULTS if args.demo else PAPER_DEFAULTS
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.locals is None:
+        args.locals = [1, 1, 1, 0]
     if args.lr is None:  # the published rule: 1e-3 scaled by the total batch
         from pipelines.core import linear_scaled_lr
 
@@ -188,37 +175,26 @@ def apply_defaults(args):
                                  "(a local bert-base-uncased folder), or use --model lora_v")
         args.text_encoder = "bytes"
     if args.text_encoder and args.text_encoder.startswith("bert:"):
-        check_bert_folder(args.text_encoder[len("bert:"):])
+        from emotion_models.text import make_tokenizer
+
+        try:
+            make_tokenizer(args.text_encoder)  # checks the folder and transformers, in one line
+        except ImportError as exc:
+            raise cli.UsageError(str(exc)) from None
     return args
-
-
-def check_bert_folder(path: str) -> None:
-    """One line for a BERT folder that cannot be used (flag named)."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such BERT folder (--text-encoder bert:PATH)")
-    if not (folder / "vocab.txt").is_file():
-        raise FileNotFoundError(f"{folder / 'vocab.txt'}: missing; --text-encoder bert:PATH needs a Hugging Face "
-                                "bert-base-uncased folder (vocab.txt, config.json, weights)")
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise cli.UsageError("--text-encoder bert:PATH needs the transformers package: "
-                             "pip install 'emotion-ray[bert]'") from None
 
 
 def sticker_spec(args, classes: list[str]) -> dict:
     model = {"name": args.model, "alpha": args.alpha, "locals": list(args.locals), "num_classes": len(classes),
-             "img_size": args.image_size, "max_text_len": args.max_text_len, "fusion_dim": args.fusion_dim,
-             "drop_path_rate": args.drop_path, "drop_rate": args.drop}
-    if args.embed_dims:
-        model["embed_dims"] = list(args.embed_dims)
-    if args.depths:
-        model["depths"] = list(args.depths)
-    if args.num_heads:
-        model["num_heads"] = list(args.num_heads)
+             "img_size": args.image_size, "hidden_dim": args.fusion_dim, "fuse_heads": args.fuse_heads,
+             "fuse_mlp_dim": args.fuse_mlp_dim, "drop_path_rate": args.drop_path, "drop_rate": args.drop}
+    trunk = {key: list(value) for key, value in (("embed_dims", args.embed_dims), ("depths", args.depths),
+                                                  ("num_heads", args.num_heads)) if value}
+    if trunk:
+        model["trunk"] = trunk
     if args.model == "lora":
         model["text_encoder"] = args.text_encoder
+        model["max_text_len"] = args.max_text_len
     if args.weights:
         model["weights"] = args.weights
     return {
@@ -382,8 +358,11 @@ def evaluate_only(args) -> int:
         from emotion_models.weights import load_weights
         from pipelines.specs import build_model
 
-        load_weights(build_model({**spec, "model": {k: v for k, v in spec["model"].items() if k != "weights"}}),
-                     weights, strict=True)
+        report = load_weights(build_model({**spec, "model": {k: v for k, v in spec["model"].items()
+                                                             if k != "weights"}}), weights)
+        if report.skipped_head:
+            raise ValueError(f"{weights}: its classifier does not have the dataset's {len(plan['classes'])} "
+                             f"classes ({', '.join(report.skipped_head)} of another size)")
     cli.init_ray(args.address)
     run = RunOptions(storage_path=str(cli.storage_root(args.storage_path) / "eval"), num_workers=args.num_workers,
                      use_gpu=args.use_gpu, cpus_per_worker=cli.cpus_per_worker(args))

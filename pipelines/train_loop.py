@@ -189,7 +189,7 @@ def _build(spec: dict, device: torch.device):
     if spec.get("init_weights"):  # a weights file in another format (a published checkpoint.pth): exact fit
         from emotion_models.weights import load_weights
 
-        load_weights(model, spec["init_weights"], strict=True)
+        load_weights(model, spec["init_weights"])
     if spec.get("freeze_until") is not None:
         model.freeze(spec["freeze_until"], freeze_bn=spec.get("freeze_bn", True))
     precision = core.Precision.for_device(device, amp=spec.get("amp"))

@@ -297,7 +297,7 @@ def test_real_data_lora_without_bert_stops_with_one_line_naming_the_flag(tmp_pat
 
     with pytest.raises(cli.UsageError, match="--text-encoder bert:PATH"):
         _sticker_args("--data-root", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"no such BERT folder \(--text-encoder bert:PATH\)"):
+    with pytest.raises(FileNotFoundError, match=r"BERT folder not found \(--text-encoder bert:PATH"):
         _sticker_args("--data-root", str(tmp_path), "--text-encoder", f"bert:{tmp_path / 'nope'}")
     with pytest.raises(FileNotFoundError, match="vocab.txt"):
         _sticker_args("--data-root", str(tmp_path), "--text-encoder", f"bert:{tmp_path}")

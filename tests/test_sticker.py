@@ -13,9 +13,9 @@ from pipelines import sticker
 
 pytestmark = pytest.mark.slow
 
-TINY = ["--demo-images-per-class", "6", "--image-size", "32", "--batch-size", "8", "--num-epochs", "2",
-        "--embed-dims", "16", "32", "48", "64", "--num-heads", "1", "2", "2", "4", "--depths", "1", "1", "1", "1",
-        "--fusion-dim", "32", "--alpha", "2", "--num-workers", "2", "--cpus-per-worker", "0.5", "--seed", "5"]
+TINY = ["--demo-images-per-class", "6", "--image-size", "64", "--batch-size", "8", "--num-epochs", "2",
+        "--embed-dims", "16", "32", "48", "64", "--num-heads", "1", "2", "2", "4", "--depths", "2", "2", "2", "1",
+        "--fusion-dim", "32", "--fuse-heads", "2", "--fuse-mlp-dim", "64", "--alpha", "2", "--num-workers", "2", "--cpus-per-worker", "0.5", "--seed", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_result_and_mlflow_runs(runs, workdir, model):
     logged = mlflow.pytorch.load_model(f"runs:/{child.info.run_id}/model")
     ids, mask = tokenize(["hello", ""], 32)
     kwargs = {"text_ids": ids, "text_mask": mask} if model == "lora" else {}
-    assert logged.eval()(torch.zeros(2, 3, 32, 32), **kwargs)["logits"].shape == (2, 7)
+    assert logged.eval()(torch.zeros(2, 3, 64, 64), **kwargs)["logits"].shape == (2, 7)
     meta = json.loads((Path(result["best_checkpoints"][model]) / "meta.json").read_text())
     assert meta["spec"]["objective"]["use_text"] is (model == "lora")
 
@@ -98,8 +98,8 @@ def _tiny_lora_v():
     from emotion_models import create_model
 
     torch.manual_seed(11)
-    return create_model("lora_v", num_classes=7, img_size=32, alpha=2, embed_dims=[16, 32, 48, 64],
-                        num_heads=[1, 2, 2, 4], depths=[1, 1, 1, 1], fusion_dim=32, max_text_len=32).eval()
+    return create_model("lora_v", num_classes=7, img_size=64, alpha=2, hidden_dim=32, fuse_heads=2, fuse_mlp_dim=64,
+                        trunk=dict(embed_dims=[16, 32, 48, 64], num_heads=[1, 2, 2, 4], depths=[2, 2, 2, 1])).eval()
 
 
 def test_eval_scores_a_published_format_checkpoint_on_val_and_test(ray_session, workdir, capsys, tmp_path):
@@ -114,8 +114,8 @@ def test_eval_scores_a_published_format_checkpoint_on_val_and_test(ray_session, 
     model = _tiny_lora_v()
     pth = tmp_path / "checkpoint.pth"
     torch.save({"model": model.state_dict(), "epoch": 49, "lr_scheduler": {"t_initial": 50}}, pth)
-    flags = ["--model", "lora_v", "--image-size", "32", "--embed-dims", "16", "32", "48", "64", "--num-heads", "1",
-             "2", "2", "4", "--depths", "1", "1", "1", "1", "--fusion-dim", "32", "--alpha", "2",
+    flags = ["--model", "lora_v", "--image-size", "64", "--embed-dims", "16", "32", "48", "64", "--num-heads", "1",
+             "2", "2", "4", "--depths", "2", "2", "2", "1", "--fusion-dim", "32", "--fuse-heads", "2", "--fuse-mlp-dim", "64", "--alpha", "2",
              "--demo-images-per-class", "6", "--num-workers", "2", "--cpus-per-worker", "0.5",
              "--storage-path", str(workdir / "runs")]
     capsys.readouterr()
@@ -126,7 +126,7 @@ def test_eval_scores_a_published_format_checkpoint_on_val_and_test(ray_session, 
     for split in ("val", "test"):
         labels, preds = [], []
         with torch.no_grad():
-            for batch in iter_local_batches(shards, split, ImageTransform(32, train=False, num_classes=7)):
+            for batch in iter_local_batches(shards, split, ImageTransform(64, train=False, num_classes=7)):
                 preds.append(model(batch["image"])["logits"].argmax(1).numpy())
                 labels.append(batch["label"].numpy())
         expected = classification_metrics(np.concatenate(labels), np.concatenate(preds), 7)
@@ -209,14 +209,14 @@ def test_eval_scores_a_lora_checkpoint_with_a_local_bert(ray_session, workdir, c
     transformers.BertModel(config).save_pretrained(bert)
     (bert / "vocab.txt").write_text("\n".join(words) + "\n")
     torch.manual_seed(3)
-    model = create_model("lora", num_classes=7, img_size=32, alpha=2, embed_dims=[16, 32, 48, 64],
-                         num_heads=[1, 2, 2, 4], depths=[1, 1, 1, 1], fusion_dim=32, max_text_len=30,
-                         text_encoder=f"bert:{bert}")
+    model = create_model("lora", num_classes=7, img_size=64, alpha=2, hidden_dim=32, fuse_heads=2, fuse_mlp_dim=64,
+                         trunk=dict(embed_dims=[16, 32, 48, 64], num_heads=[1, 2, 2, 4], depths=[2, 2, 2, 1]),
+                         max_text_len=30, text_encoder=f"bert:{bert}")
     torch.save({"model": model.state_dict(), "epoch": 0}, tmp_path / "checkpoint.pth")
     capsys.readouterr()
     argv = ["--eval", "--checkpoint", str(tmp_path / "checkpoint.pth"), "--model", "lora", "--text-encoder",
-            f"bert:{bert}", "--max-text-len", "30", "--image-size", "32", "--embed-dims", "16", "32", "48", "64",
-            "--num-heads", "1", "2", "2", "4", "--depths", "1", "1", "1", "1", "--fusion-dim", "32", "--alpha", "2",
+            f"bert:{bert}", "--max-text-len", "30", "--image-size", "64", "--embed-dims", "16", "32", "48", "64",
+            "--num-heads", "1", "2", "2", "4", "--depths", "2", "2", "2", "1", "--fusion-dim", "32", "--fuse-heads", "2", "--fuse-mlp-dim", "64", "--alpha", "2",
             "--demo-images-per-class", "6", "--num-workers", "2", "--cpus-per-worker", "0.5",
             "--storage-path", str(workdir / "runs")]
     assert sticker.main(argv) == 0
@@ -228,10 +228,12 @@ def test_eval_scores_a_lora_checkpoint_with_a_local_bert(ray_session, workdir, c
     from pipelines import data
 
     shards = data.demo_shards(images_per_class=6, image_size=64, seed=0)["ser30k"]
-    tokens = sticker.BertTokens(str(bert), 30)
+    from emotion_models.text import make_tokenizer
+
+    tokens = make_tokenizer(f"bert:{bert}", 30)
     labels, preds = [], []
     with torch.no_grad():
-        for batch in iter_local_batches(shards, "test", ImageTransform(32, train=False, num_classes=7, keep_text=True)):
+        for batch in iter_local_batches(shards, "test", ImageTransform(64, train=False, num_classes=7, keep_text=True)):
             ids, mask = tokens(batch["text"])
             logits = model.eval()(batch["image"], torch.from_numpy(ids), torch.from_numpy(mask))["logits"]
             preds.append(logits.argmax(1).numpy())

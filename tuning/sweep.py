@@ -148,7 +148,7 @@ def search_dims(target: Target, args: argparse.Namespace, ns: argparse.Namespace
     else:  # no decay to centre a log range on: kept fixed unless a range is given
         dims["decay"] = Dim("decay", "const", (decay,))
     if ns.alpha_range or target.alpha_acts(args):
-        dims["alpha"] = range_dim("alpha", ns.alpha_range or target.alpha_range, target.alpha_kind,
+        dims["alpha"] = range_dim("alpha", ns.alpha_range or target.default_alpha_range(args), target.alpha_kind,
                                   target.alpha_limits, "--alpha-range")
     else:  # two_stage --task single: alpha weighs a loss term that is off
         dims["alpha"] = Dim("alpha", "const", (alpha,))

@@ -73,6 +73,10 @@ class Target:
                     setattr(args, key, value)
         return self.module.apply_defaults(args)
 
+    def default_alpha_range(self, args: argparse.Namespace) -> tuple:
+        """The ``--alpha-range`` searched when none is given."""
+        return self.alpha_range
+
     def flag_dests(self) -> dict[str, argparse.Action]:
         return {a.dest: a for a in self.build_parser()._actions}
 
@@ -168,6 +172,10 @@ class Sticker(Target):
     alpha_limits = Limits(low=1, integer=True)
     alpha_range = (2, 16)
     demo_preset = {"num_epochs": 4}
+
+    def default_alpha_range(self, args: argparse.Namespace) -> tuple:
+        # The demo's 64 px images supply alpha * sr^2 tokens per head only up to alpha 4.
+        return (1, 4) if args.demo else self.alpha_range
 
     def parse(self, argv: list[str]) -> argparse.Namespace:
         args = super().parse(argv)
