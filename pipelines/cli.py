@@ -32,6 +32,9 @@ def add_ray_args(parser: argparse.ArgumentParser) -> None:
                    help="name of this run; re-running with the same name resumes it")
     g.add_argument("--max-failures", type=int, default=0,
                    help="worker failures to recover from (restart from the last checkpoint)")
+    g.add_argument("--verbose", action="store_true", default=None,
+                   help="print Ray's and MLflow's own output too (default: the project's lines only; "
+                        "also EMOTION_RAY_VERBOSE=1). Ray's logs always go to its session log files")
 
 
 def add_mlflow_args(parser: argparse.ArgumentParser) -> None:
@@ -77,6 +80,12 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
             raise UsageError(f"{pre.config}: unknown setting(s) {', '.join(unknown)}")
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
+    if any(a.dest == "verbose" for a in parser._actions):  # every entry point with the Ray flags
+        from pipelines import console
+
+        console.configure(args.verbose)
+        global _ADDRESS
+        _ADDRESS = getattr(args, "address", None)
     args.explicit = _explicit_dests(parser, argv) | (set(load_config_file(pre.config)) if pre.config else set())
     return args
 
@@ -105,14 +114,23 @@ def storage_root(arg: Optional[str]) -> Path:
     return path
 
 
-def init_ray(address: Optional[str]) -> None:
-    """Connect to ``address`` (or RAY_ADDRESS, as set inside ``ray job submit``), else start a local Ray."""
+_ADDRESS: Optional[str] = None  # --address of the parsed command line: also used when the ingest starts Ray
+
+
+def init_ray(address: Optional[str] = None) -> None:
+    """Connect to ``address`` (or RAY_ADDRESS, as set inside ``ray job submit``), else start a local Ray.
+
+    The console follows :mod:`pipelines.console` (quiet unless ``--verbose`` / ``EMOTION_RAY_VERBOSE=1``).
+    """
     import ray
+
+    from pipelines import console
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, log_to_driver=True)
+    address = address or _ADDRESS or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, **console.ray_init_kwargs())
+    console.filter_worker_output()
 
 
 def cpus_per_worker(args) -> float:

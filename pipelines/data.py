@@ -95,6 +95,9 @@ def _ingest_once(layout: str, root: Path, out: Path, options: dict, max_side: in
     accepted = reader_options(layout)  # e.g. SER30K ships its own split: no seed
     options = {k: v for k, v in options.items() if k in accepted}
     if not datasets_io.is_ingested(out):
+        from pipelines import cli
+
+        cli.init_ray()  # Ray started here, not inside the ingest, so that the console settings apply
         datasets_io.ingest(layout, root, out, max_side=max_side, reader_options=options, lexicon_path=lexicon,
                            show_progress=show_progress)
     return out
@@ -117,7 +120,7 @@ def demo_shards(cache_dir: Optional[str] = None, *, images_per_class: int = 60, 
 def check_shards(path: Path, *, role: str, need_va: bool = False, need_labels: bool = False,
                  splits=("train", "val", "test")) -> dict:
     """Read a manifest and make sure it can serve ``role``; returns the manifest."""
-    manifest = datasets_io.read_manifest(path)
+    manifest = {**datasets_io.read_manifest(path), "shards": str(path)}
     counts = manifest.get("counts", {})
     empty = [s for s in splits if not counts.get(s)]
     if empty:

@@ -30,7 +30,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipelines import core
+from pipelines import console, core
 from pipelines.specs import META_FILE, STATE_FILE, build_model, build_objective, checkpoint_state_path, jsonable
 
 TRAIN_KEY = "train"
@@ -72,7 +72,16 @@ class EvalSplitDataConfig(DataConfig):
     """
 
     def __init__(self):
-        super().__init__(datasets_to_split=[TRAIN_KEY])
+        # Explicit execution options: Ray's defaults (DataConfig.default_ingest_options) pass the
+        # deprecated ExecutionOptions.exclude_resources and warn in every run. These are the same
+        # values, read from the driver's DataContext, without it.
+        from ray.data import DataContext, ExecutionOptions
+
+        current = DataContext.get_current().execution_options
+        super().__init__(datasets_to_split=[TRAIN_KEY],
+                         execution_options=ExecutionOptions(resource_limits=current.resource_limits,
+                                                            preserve_order=current.preserve_order,
+                                                            verbose_progress=current.verbose_progress))
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         rest = {k: v for k, v in datasets.items() if k in (TRAIN_KEY, MIX_KEY)}
@@ -202,8 +211,9 @@ def train_worker(spec: dict) -> dict:
     """The function every Ray Train worker runs (``mode`` "fit" or "eval")."""
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    # Logged, not printed: Ray Train tees print() to the console twice.
-    log = logger.info if rank == 0 else (lambda *_: None)
+    # Logged, not printed: Ray Train tees print() to the console twice. Marked: the quiet console
+    # (pipelines.console) prints only marked lines of the workers' output.
+    log = (lambda message: logger.info(console.mark(message))) if rank == 0 else (lambda *_: None)
     device = ray.train.torch.get_device()
     model, objective, precision = _build(spec, device)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False}) \

@@ -1,0 +1,130 @@
+"""What the console shows: the project's own lines by default, Ray's whole output with ``--verbose``.
+
+Quiet (the default):
+
+- the driver's ``ray`` logger is set to ERROR (``ray.init(logging_level=...)``) and Ray Data's
+  *console* handler to ERROR; Ray Data's log file (``<session>/logs/ray-data/``) keeps everything;
+- Ray Data does not announce each execution and its plan (``DataContext.print_on_execution_start``);
+- of the output Ray forwards from workers, actors, the raylet and the GCS, only the lines the
+  project wrote (:func:`mark`) are printed, without Ray's ``(RayTrainWorker pid=...)`` prefix;
+  everything else still goes to the session's log files (``/tmp/ray/session_latest/logs``);
+- MLflow's INFO lines (database creation) are hidden.
+
+``--verbose`` or ``EMOTION_RAY_VERBOSE=1`` leaves Ray's and MLflow's output as Ray prints it.
+
+Filtering the forwarded output uses Ray's driver-side dispatcher of worker output
+(``ray._private.ray_logging.global_worker_stdstream_dispatcher``), the hook ``log_to_driver``
+installs; if a Ray version lacks it, nothing is filtered (and ``tests/test_console.py`` fails).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Optional
+
+ENV = "EMOTION_RAY_VERBOSE"
+# Worker-side lines meant for the console carry this tag; the driver strips it (log files keep it).
+MARK = "[emotion-ray] "
+_HANDLER_NAME = "ray_print_logs"
+
+
+def is_verbose(flag: Optional[bool] = None) -> bool:
+    """``--verbose`` wins; else ``EMOTION_RAY_VERBOSE`` (1/true/yes/on)."""
+    if flag:
+        return True
+    return os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def mark(message: str) -> str:
+    """A worker's line that the quiet console keeps."""
+    return f"{MARK}{message}"
+
+
+def configure(verbose: Optional[bool] = None) -> bool:
+    """Set the driver's console up before Ray starts; returns whether it is verbose.
+
+    Also exports ``EMOTION_RAY_VERBOSE`` so that a local Ray's workers (started from this
+    process's environment) and child processes agree.
+    """
+    verbose = is_verbose(verbose)
+    os.environ[ENV] = "1" if verbose else "0"
+    if verbose:
+        return True
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.print_on_execution_start = False
+    except ImportError:  # pragma: no cover - ray is a dependency
+        pass
+    quiet_ray_data_console()
+    return False
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data's console handler at ERROR, its file handler untouched, through Ray Data's own
+    ``RAY_DATA_LOGGING_CONFIG`` (a copy of its default config; one the user set is respected)."""
+    import copy
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    try:
+        import ray.data._internal.logging as data_logging
+    except ImportError:  # pragma: no cover - an older/newer Ray without this module
+        return
+    if os.environ.get(data_logging.RAY_DATA_LOGGING_CONFIG_ENV_VAR_NAME):
+        return
+    config = copy.deepcopy(data_logging.DEFAULT_CONFIG)
+    config["handlers"]["console"]["level"] = "ERROR"
+    path = Path(tempfile.gettempdir()) / f"emotion-ray-ray-data-logging-{os.getuid()}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    os.environ[data_logging.RAY_DATA_LOGGING_CONFIG_ENV_VAR_NAME] = str(path)
+    data_logging.configure_logging()
+
+
+def ray_init_kwargs(verbose: Optional[bool] = None) -> dict:
+    """``ray.init`` arguments for the console mode (worker output is forwarded, then filtered)."""
+    if is_verbose(verbose):
+        return {"log_to_driver": True}
+    return {"log_to_driver": True, "logging_level": logging.ERROR}
+
+
+def filter_worker_output(verbose: Optional[bool] = None) -> bool:
+    """After ``ray.init``: print only the project's marked lines of forwarded worker output.
+
+    Returns whether the filter is installed (False when verbose, or when Ray lacks the hook).
+    """
+    try:
+        from ray._private import worker as ray_worker
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return False
+    verbose = is_verbose(verbose)
+    names = [name for name, _ in dispatcher.handlers]
+    if _HANDLER_NAME not in names:
+        return False  # log_to_driver=False: nothing is forwarded
+    original = ray_worker.print_to_stdstream
+    ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+
+    def handle(data: dict) -> None:
+        ours, rest = [], []
+        for line in data.get("lines", []):
+            if MARK in line:
+                ours.append(line.split(MARK, 1)[1])
+            else:
+                rest.append(line)
+        if ours:
+            out = sys.stderr if data.get("is_err") else sys.stdout
+            for line in ours:
+                print(line, file=out, flush=True)
+        if verbose and rest:
+            original({**data, "lines": rest}, ignore_prefix=ignore_prefix)
+
+    dispatcher.remove_handler(_HANDLER_NAME)
+    dispatcher.add_handler(_HANDLER_NAME, handle)
+    return not verbose
