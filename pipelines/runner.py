@@ -89,6 +89,7 @@ class PipelineRun:
                                            params={k: v for k, v in spec.items() if k not in ("mlflow", "fault")})
             self.state["child_runs"][name] = child
             self._save()
+            self.tracker.log_dataset_inputs(child, manifests)
         print(f"[{name}] training: {spec['epochs']} epochs max, monitor val_{spec['monitor']} "
               f"({spec.get('monitor_mode', 'max')}), {self.run.num_workers} workers")
         outcome: StageOutcome = run_stage({**spec, "mlflow": {"tracking_uri": self.tracker.uri, "run_id": child}},

@@ -108,8 +108,98 @@ class Tracker:
             mlflow.pytorch.log_model(model, name=name, serialization_format="pickle",
                                      pip_requirements=["torch", "timm"])
 
+    def log_dataset_inputs(self, run_id: str, manifests: dict) -> None:
+        """Record each ingested dataset a stage read as an MLflow dataset input (the run page's
+        Datasets, the runs table's Dataset column): name, the manifest's digest, source (the
+        shard folder), schema (the shards' Parquet columns) and profile (images per split)."""
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = []
+        for role, manifest in manifests.items():
+            dataset = manifest_dataset(role, manifest)
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(),
+                                       tags=[InputTag("mlflow.data.context", role)]))
+        if inputs:
+            self.client.log_inputs(run_id, datasets=inputs)
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+
+def manifest_digest(manifest: dict) -> str:
+    """A short content hash of an ingest manifest (its counts, classes, params, columns, ...)."""
+    import hashlib
+
+    content = {k: v for k, v in manifest.items() if k not in ("created", "shards")}
+    return hashlib.sha256(json.dumps(jsonable(content), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def manifest_dataset(role: str, manifest: dict):
+    """An ``mlflow.data`` dataset describing an ingested shard folder from its manifest."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    source_path = manifest.get("shards") or manifest.get("root") or ""
+    with warnings.catch_warnings():  # two local-file source classes are registered; either is right
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(source_path))
+    counts = {k: int(v) for k, v in (manifest.get("counts") or {}).items()}
+    profile = {"counts": counts, "num_rows": sum(counts.values()), "layout": manifest.get("layout"),
+               "classes": manifest.get("classes"), "num_skipped": manifest.get("num_skipped", 0)}
+
+    class ManifestDataset(MetaDataset):
+        @property
+        def profile(self):
+            return profile
+
+        def to_dict(self):
+            return {**super().to_dict(), "profile": json.dumps(jsonable(profile))}
+
+    name = f"{role}:{Path(str(source_path)).name or manifest.get('layout', role)}"
+    return ManifestDataset(source, name=name, digest=manifest_digest(manifest),
+                           schema=_shard_schema(manifest.get("shards")))
+
+
+def _shard_schema(shards: Optional[str]):
+    """The MLflow column schema of the shards' Parquet files (None when none can be read)."""
+    if not shards:
+        return None
+    files = sorted(Path(shards).rglob("*.parquet"))
+    if not files:
+        return None
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
+
+    def to_mlflow(t):
+        if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+            return DataType.binary
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
+            return DataType.string
+        if pa.types.is_boolean(t):
+            return DataType.boolean
+        if pa.types.is_int64(t) or pa.types.is_uint32(t):
+            return DataType.long
+        if pa.types.is_integer(t):
+            return DataType.integer
+        if pa.types.is_float32(t):
+            return DataType.float
+        if pa.types.is_floating(t):
+            return DataType.double
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            inner = to_mlflow(t.value_type)
+            return Array(inner) if inner is not None else None
+        return None
+
+    try:
+        arrow = pq.read_schema(files[0])
+    except Exception:  # noqa: BLE001 - the schema is a nicety; an unreadable file is not an error here
+        return None
+    cols = [ColSpec(to_mlflow(f.type), f.name) for f in arrow if to_mlflow(f.type) is not None]
+    return Schema(cols) if cols else None
 
 
 def _flatten(params: dict, prefix: str = "") -> dict:
