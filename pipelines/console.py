@@ -51,6 +51,7 @@ def configure(verbose: Optional[bool] = None) -> bool:
     os.environ[ENV] = "1" if verbose else "0"
     if verbose:
         return True
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:

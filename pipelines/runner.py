@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-from pipelines.specs import jsonable, load_model_from_checkpoint
+from pipelines.specs import jsonable
 from pipelines.tracking import Tracker, log_stage_artifacts
 from pipelines.train_loop import RunOptions, StageOutcome, run_stage
 
@@ -23,7 +23,8 @@ RESULT_FILE = "result.json"
 
 class PipelineRun:
     def __init__(self, *, run_dir: Path, run: RunOptions, tracking_uri: str, experiment: str, run_name: str,
-                 tags: dict, params: dict):
+                 tags: dict, params: dict, register: Optional[str] = None):
+        self.register = register
         self.run_dir = run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run = RunOptions(**{**run.__dict__, "storage_path": str(run_dir)})
@@ -55,6 +56,7 @@ class PipelineRun:
         params = {k: v for k, v in vars(args).items() if k not in ("explicit", "fault")}
         return cls(run_dir=run_dir, run=run, tracking_uri=resolve_tracking_uri(args.mlflow_uri),
                    experiment=args.experiment, run_name=run_name, params=params,
+                   register=getattr(args, "register", None),
                    tags={"pipeline": pipeline, **tags})
 
     def print_summary(self, result: dict, path: Path, title: str) -> None:
@@ -97,22 +99,35 @@ class PipelineRun:
         if not outcome.best_checkpoint:
             raise RuntimeError(f"stage {name} reported no checkpoint")
         test_results = outcome.info.pop("tests", {})
-        model, _ = load_model_from_checkpoint(outcome.best_checkpoint)
-        log_stage_artifacts(self.tracker, child, checkpoint_dir=outcome.best_checkpoint, model=model,
+        model_uri = log_stage_artifacts(self.tracker, child, checkpoint_dir=outcome.best_checkpoint,
                             manifests=manifests,
                             tests={k: {**v, "classes": (tests[k][1] or {}).get("classes", classes)}
                                    for k, v in test_results.items()})
         self.tracker.log_metrics(child, {"best_epoch": outcome.info.get("best_epoch", -1)})
         self.tracker.end_run(child)
         record = {"outcome": asdict(outcome), "tests": {k: v["metrics"] for k, v in test_results.items()},
-                  "mlflow_run_id": child}
+                  "mlflow_run_id": child, "model_uri": model_uri}
         self.state["stages"][name] = jsonable(record)
         self._save()
         return self.state["stages"][name]
 
+    def register_final_model(self, name: str, alias: str = "candidate") -> dict:
+        """Register the last stage's logged model as a new version of ``name`` and point ``alias``
+        at it; ``models:/<name>@<alias>`` then loads it (``python -m pipelines.predict --model``)."""
+        import mlflow
+
+        stage, record = list(self.state["stages"].items())[-1]
+        version = mlflow.register_model(record.get("model_uri") or f"runs:/{record['mlflow_run_id']}/model", name)
+        self.tracker.client.set_registered_model_alias(name, alias, version.version)
+        uri = f"models:/{name}@{alias}"
+        print(f"registered {stage}'s model as {name} version {version.version} ({uri})")
+        return {"name": name, "version": int(version.version), "alias": alias, "uri": uri, "stage": stage}
+
     def finish(self, result: dict) -> Path:
         result = {**result, "mlflow_run_id": self.parent_id, "tracking_uri": self.tracker.uri,
                   "run_dir": str(self.run_dir), "seconds": round(time.time() - self.started, 1)}
+        if self.register and self.state["stages"]:
+            result["registered_model"] = self.register_final_model(self.register)
         path = self.run_dir / RESULT_FILE
         path.write_text(json.dumps(jsonable(result), indent=2))
         self.tracker.log_metrics(self.parent_id, {k: v for k, v in result.items() if k.startswith("test_")})

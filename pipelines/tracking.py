@@ -18,6 +18,7 @@ import numpy as np
 from pipelines.specs import jsonable
 
 EXPERIMENT = "emotion-ray"
+MODEL_CHECKPOINT = "checkpoint"  # = pipelines.mlflow_model.CHECKPOINT: the pyfunc's artifact
 
 
 def home_dir() -> Path:
@@ -98,15 +99,15 @@ class Tracker:
         self.client.log_figure(run_id, figure, artifact_file)
         plt.close(figure)
 
-    def log_model(self, run_id: str, model, name: str = "model") -> None:
+    def log_model(self, run_id: str, checkpoint_dir: str, name: str = "model",
+                  registered_model_name: Optional[str] = None):
+        """Log a checkpoint as the code-based pyfunc of :mod:`pipelines.mlflow_model` (weights as a
+        state dict plus the spec that rebuilds the model; no pickle); returns MLflow's ModelInfo.
+        With ``registered_model_name`` it is also registered (a new version)."""
         import mlflow
-        import mlflow.pytorch
 
         with mlflow.start_run(run_id=run_id, nested=True):
-            # Pickle format: the model classes come from the installed project (pt2 would trace
-            # the graph and need an input example per model kind).
-            mlflow.pytorch.log_model(model, name=name, serialization_format="pickle",
-                                     pip_requirements=["torch", "timm"])
+            return log_pyfunc_model(checkpoint_dir, name=name, registered_model_name=registered_model_name)
 
     def log_dataset_inputs(self, run_id: str, manifests: dict) -> None:
         """Record each ingested dataset a stage read as an MLflow dataset input (the run page's
@@ -124,6 +125,44 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+
+def log_pyfunc_model(checkpoint_dir: str, *, name: str = "model", registered_model_name: str | None = None):
+    """Log the checkpoint's model as the code-based pyfunc of the active run; returns the ModelInfo."""
+    import json
+    import tempfile
+
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    import mlflow
+
+    from pipelines.core import load_checkpoint
+    from pipelines.specs import META_FILE, STATE_FILE, checkpoint_state_path
+
+    # The model's code file, not imported here (importing it registers the model with set_model).
+    code = Path(__file__).resolve().with_name("mlflow_model.py")
+    repo = code.parents[1]
+    signature = ModelSignature(inputs=Schema([ColSpec("binary", "image"),
+                                              ColSpec("string", "text", required=False)]))
+    import warnings
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # No input example: it would load and run the model once more at logging time.
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+        ckpt = Path(tmp) / MODEL_CHECKPOINT
+        ckpt.mkdir()
+        # Only the weights (not the optimizer's state) and the recipe.
+        state = load_checkpoint(checkpoint_state_path(checkpoint_dir))
+        torch.save({"model": state["model"]}, ckpt / STATE_FILE)
+        meta = json.loads((Path(checkpoint_dir) / META_FILE).read_text())
+        (ckpt / META_FILE).write_text(json.dumps(meta, indent=1))
+        return mlflow.pyfunc.log_model(
+            name=name, python_model=str(code), artifacts={MODEL_CHECKPOINT: str(ckpt)},
+            code_paths=[str(repo / pkg) for pkg in ("pipelines", "emotion_models", "datasets_io")],
+            signature=signature, registered_model_name=registered_model_name,
+            pip_requirements=["torch", "timm", "pillow", "numpy", "pandas", "pyarrow", "mlflow"])
 
 
 def manifest_digest(manifest: dict) -> str:
@@ -264,15 +303,17 @@ def confusion_figure(confusion: np.ndarray, classes: list[str], title: str = "")
     return fig
 
 
-def log_stage_artifacts(tracker: Tracker, run_id: str, *, checkpoint_dir: Optional[str], model=None,
-                        manifests: Optional[dict] = None, tests: Optional[dict] = None) -> None:
+def log_stage_artifacts(tracker: Tracker, run_id: str, *, checkpoint_dir: Optional[str], log_model: bool = True,
+                        register: Optional[str] = None,
+                        manifests: Optional[dict] = None, tests: Optional[dict] = None) -> Optional[str]:
     """What a finished stage leaves in its child run: best checkpoint, model, manifests, and per test
     split (``tests``: name -> {"metrics", "arrays", "classes"}) its metrics, VA scatter, confusion matrix
-    and raw predictions."""
+    and raw predictions. Returns the logged model's URI (``models:/<model id>``), or None."""
+    model_uri = None
     if checkpoint_dir:
         tracker.log_artifacts(run_id, checkpoint_dir, "best_checkpoint")
-    if model is not None:
-        tracker.log_model(run_id, model)
+    if log_model and checkpoint_dir:
+        model_uri = tracker.log_model(run_id, checkpoint_dir, registered_model_name=register).model_uri
     for name, manifest in (manifests or {}).items():
         tracker.log_dict(run_id, manifest, f"manifests/{name}.json")
     for name, test in (tests or {}).items():
@@ -290,3 +331,4 @@ def log_stage_artifacts(tracker: Tracker, run_id: str, *, checkpoint_dir: Option
             path = Path(tmp) / f"predictions_{name}.npz"
             np.savez_compressed(path, **arrays)
             tracker.client.log_artifact(run_id, str(path), "predictions")
+    return model_uri

@@ -63,16 +63,21 @@ def test_result_and_mlflow_runs(runs, workdir, model):
     plots = {a.path for a in client.list_artifacts(child.info.run_id, "plots")}
     assert "plots/confusion_test.png" in plots
     assert "best_checkpoint" in {a.path for a in client.list_artifacts(child.info.run_id)}
-    # The final model is an MLflow 3 logged model of the child run; it loads and classifies.
-    import mlflow.pytorch
-    import torch
+    # The final model is a code-based pyfunc (no pickle) of the child run: image bytes (+ text) in,
+    # the class and its 7 probabilities out.
+    import io
 
-    from emotion_models.text import tokenize
+    import mlflow.pyfunc
+    import pandas as pd
+    from PIL import Image
 
-    logged = mlflow.pytorch.load_model(f"runs:/{child.info.run_id}/model")
-    ids, mask = tokenize(["hello", ""], 32)
-    kwargs = {"text_ids": ids, "text_mask": mask} if model == "lora" else {}
-    assert logged.eval()(torch.zeros(2, 3, 64, 64), **kwargs)["logits"].shape == (2, 7)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(buf, "PNG")
+    frame = pd.DataFrame({"image": [buf.getvalue(), buf.getvalue()], "text": ["hello", ""]})
+    out = mlflow.pyfunc.load_model(f"runs:/{child.info.run_id}/model").predict(frame)
+    probs = out[[c for c in out.columns if c.startswith("p_")]]
+    assert probs.shape == (2, 7) and (probs.sum(axis=1) - 1).abs().max() < 1e-4
+    assert set(out["class"]) <= set(result["classes"]) and (out["error"] == "").all()
     meta = json.loads((Path(result["best_checkpoints"][model]) / "meta.json").read_text())
     assert meta["spec"]["objective"]["use_text"] is (model == "lora")
 

@@ -91,12 +91,31 @@ def test_mlflow_has_parent_and_child_runs_with_artifacts(frameworks, workdir):
     assert "plots/va_scatter_test.png" in plots and "plots/confusion_test.png" in plots
     stage1_plots = {a.path for a in client.list_artifacts(by_name["stage1"].info.run_id, "plots")}
     assert "plots/confusion_test_categorical.png" in stage1_plots
-    # The final model is an MLflow PyTorch model that loads and predicts VA.
-    import mlflow.pytorch
-    import torch
+    # The final model is a code-based pyfunc (weights + recipe, no pickle) that takes image bytes and
+    # returns VA and the nearest category; a corrupt image gets an error on its own row.
+    import mlflow.pyfunc
+    import pandas as pd
 
-    model = mlflow.pytorch.load_model(f"runs:/{by_name['stage2'].info.run_id}/model")
-    assert model(torch.zeros(2, 3, 32, 32))["va"].shape == (2, 2)
+    uri = f"runs:/{by_name['stage2'].info.run_id}/model"
+    model = mlflow.pyfunc.load_model(uri)
+    out = model.predict(pd.DataFrame({"image": [_jpeg((200, 40, 40)), b"not an image", _jpeg((30, 30, 220))]}))
+    assert list(out["error"] == "") == [True, False, True] and "unreadable image" in out["error"][1]
+    ok = out[out["error"] == ""]
+    assert ok["valence"].between(-1, 1).all() and ok["arousal"].between(-1, 1).all()
+    classes = json.loads((Path(result["best_checkpoints"]["stage2"]) / "meta.json").read_text())["spec"]["classes"]
+    assert set(ok["nearest_category"]) <= set(classes)
+    local = Path(mlflow.artifacts.download_artifacts(uri))
+    assert "pytorch" not in (local / "MLmodel").read_text() and not list(local.rglob("*.pkl"))
+
+
+def _jpeg(color) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), color).save(buf, "JPEG")
+    return buf.getvalue()
 
 
 def test_stage_two_starts_from_stage_one_best_and_freezes_the_published_cut(frameworks, workdir):

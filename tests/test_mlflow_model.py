@@ -1,0 +1,147 @@
+"""The logged model: a code-based pyfunc (no pickle), registered with --register and the alias
+'candidate', loaded by ``python -m pipelines.predict --model``, served over HTTP on loopback."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CLASSES = ["joy", "sadness"]
+
+
+def _jpeg(color) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), color).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """A tiny VA checkpoint, logged into a stage run and registered the way a pipeline run does it."""
+    import torch
+
+    from pipelines.runner import PipelineRun
+    from pipelines.specs import build_model
+    from pipelines.tracking import log_stage_artifacts
+    from pipelines.train_loop import RunOptions
+
+    tmp = tmp_path_factory.mktemp("mlflow_model")
+    spec = {"name": "stage2", "model": {"name": "va", "backbone": "resnet10t", "task": "single",
+                                        "num_classes": 2, "bounded": True},
+            "objective": {"kind": "va", "task": "single", "num_classes": 2, "anchors": [[0.8, 0.5], [-0.8, -0.5]]},
+            "image": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bilinear",
+                      "crop_pct": 1.0, "max_side": 64}, "image_size": 32, "classes": CLASSES}
+    ckpt = tmp / "ckpt"
+    ckpt.mkdir()
+    torch.manual_seed(0)
+    torch.save({"model": build_model(spec).state_dict(), "optimizer": {}}, ckpt / "state.pt")
+    (ckpt / "meta.json").write_text(json.dumps({"spec": spec, "epoch": 0}))
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    pipeline = PipelineRun(run_dir=tmp / "run", run=RunOptions(storage_path=str(tmp / "run")), tracking_uri=uri,
+                           experiment="t", run_name="r", tags={}, params={}, register="emo-test")
+    child = pipeline.tracker.start_run("stage2", parent_id=pipeline.parent_id)
+    model_uri = log_stage_artifacts(pipeline.tracker, child, checkpoint_dir=str(ckpt))
+    pipeline.state["stages"]["stage2"] = {"mlflow_run_id": child, "model_uri": model_uri}
+    result = json.loads(pipeline.finish({"pipeline": "test"}).read_text())
+    images = tmp / "photos"
+    images.mkdir()
+    (images / "red.jpg").write_bytes(_jpeg((220, 30, 30)))
+    (images / "blue.jpg").write_bytes(_jpeg((30, 30, 220)))
+    (images / "broken.jpg").write_bytes(b"not an image")
+    return {"uri": uri, "child": child, "result": result, "images": images, "tmp": tmp}
+
+
+def test_model_is_a_pyfunc_without_pickle(registered):
+    import mlflow
+
+    mlflow.set_tracking_uri(registered["uri"])
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{registered['child']}/model"))
+    mlmodel = (local / "MLmodel").read_text()
+    assert "loader_module: mlflow.pyfunc.loaders.code_model" in mlmodel and "pytorch" not in mlmodel
+    assert not list(local.rglob("*.pkl"))
+    import torch
+
+    state = torch.load(next(local.rglob("state.pt")), weights_only=True)   # plain tensors only
+    assert set(state) == {"model"}                                         # no optimizer state shipped
+
+
+def test_register_sets_the_candidate_alias(registered):
+    from mlflow import MlflowClient
+
+    reg = registered["result"]["registered_model"]
+    assert reg == {"name": "emo-test", "version": 1, "alias": "candidate", "uri": "models:/emo-test@candidate",
+                   "stage": "stage2"}
+    version = MlflowClient(tracking_uri=registered["uri"]).get_model_version_by_alias("emo-test", "candidate")
+    assert version.run_id == registered["child"]
+
+
+def test_predict_cli_loads_the_registered_model(registered, monkeypatch, capsys):
+    from pipelines import predict
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["uri"])
+    assert predict.main(["--model", "models:/emo-test@candidate", str(registered["images"])]) == 0
+    out = capsys.readouterr()
+    lines = out.out.strip().splitlines()
+    assert len(lines) == 2 and all("nearest_category=" in line for line in lines)
+    assert "skipped" in out.err and "broken.jpg" in out.err and "2 images predicted, 1 unreadable" in out.err
+
+
+def test_predict_cli_needs_exactly_one_model_source(registered, capsys):
+    from pipelines import cli, predict
+
+    assert cli.run_main(lambda: predict.main([str(registered["images"])])) == 2
+    assert "exactly one of --checkpoint and --model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_served_model_answers_http_with_images_and_flags_a_corrupt_one(registered):
+    """``mlflow models serve`` on 127.0.0.1: a real request with two images and a corrupt one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"]}
+    log = open(registered["tmp"] / "serve.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/emo-test@candidate",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, (registered["tmp"] / "serve.log").read_text()[-2000:]
+            assert time.time() < deadline, "the server did not come up in 180 s"
+            time.sleep(1)
+        rows = [[base64.b64encode(_jpeg((220, 30, 30))).decode()], [base64.b64encode(b"garbage").decode()],
+                [base64.b64encode(_jpeg((30, 30, 220))).decode()]]
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            predictions = json.loads(r.read())["predictions"]
+        assert [p["error"] == "" for p in predictions] == [True, False, True]
+        assert "unreadable image" in predictions[1]["error"]
+        assert predictions[0]["nearest_category"] in CLASSES and -1 <= predictions[0]["valence"] <= 1
+        assert server.poll() is None   # the corrupt row did not take the server down
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
