@@ -42,6 +42,9 @@ def add_mlflow_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mlflow-uri", default=None,
                    help="tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///<EMOTION_RAY_HOME>/mlflow.db)")
     g.add_argument("--experiment", default="emotion-ray", help="MLflow experiment name")
+    g.add_argument("--register", default=None, metavar="NAME",
+                   help="register the last stage's model as a new version of NAME in the MLflow model "
+                        "registry and set its alias 'candidate' (models:/NAME@candidate)")
 
 
 def add_config_arg(parser: argparse.ArgumentParser) -> None:

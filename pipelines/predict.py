@@ -131,7 +131,10 @@ def predict_rows(model, meta: dict, images: torch.Tensor, text: str | None = Non
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("target", help="an image or a folder of images")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder with result.json")
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder, or a run folder with result.json")
+    p.add_argument("--model", default=None,
+                   help="instead of --checkpoint: a logged MLflow model, e.g. models:/NAME@candidate or "
+                        "runs:/RUN_ID/model (tracking server from MLFLOW_TRACKING_URI, else the local default)")
     p.add_argument("--out", default=None, help="write a CSV here instead of printing")
     p.add_argument("--text", default=None, help="the sticker's text (LORA models)")
     p.add_argument("--image-size", type=int, default=None, help="default: the size the model was trained at")
@@ -140,6 +143,11 @@ def main(argv=None) -> int:
     p.add_argument("--dataname", default=None,
                    help="published .pt checkpoints: the categorical set (default: from the file name)")
     args = p.parse_args(argv)
+    if (args.checkpoint is None) == (args.model is None):
+        raise cli.UsageError("give exactly one of --checkpoint and --model")
+    if args.model:
+        rows, bad = predict_with_mlflow_model(args.model, list_images(args.target), args.text, args.batch_size)
+        return _write(rows, bad, args.out)
 
     model, meta = load_any(args.checkpoint, backbone=args.backbone, dataname=args.dataname)
     image_size = args.image_size or meta["spec"].get("image_size") or 224
@@ -151,14 +159,45 @@ def main(argv=None) -> int:
         bad += bad_now
         if ok:
             rows += [{"image": str(path), **row} for path, row in zip(ok, predict_rows(model, meta, batch, args.text))]
+    return _write(rows, bad, args.out)
+
+
+def predict_with_mlflow_model(uri: str, paths: list[Path], text: str | None, batch_size: int):
+    """Rows and unreadable images from a logged pyfunc (:mod:`pipelines.mlflow_model`)."""
+    import mlflow
+    import pandas as pd
+
+    from pipelines.tracking import resolve_tracking_uri
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(None))
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several kinds for a missing model
+        raise FileNotFoundError(f"--model {uri}: cannot load it: {str(exc).splitlines()[0]}") from None
+    rows, bad = [], []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        frame = pd.DataFrame({"image": [p.read_bytes() for p in chunk]})
+        if text is not None:
+            frame["text"] = text
+        for path, row in zip(chunk, model.predict(frame).to_dict("records")):
+            error = row.pop("error", "")
+            if error:
+                bad.append((path, error))
+            else:
+                rows.append({"image": str(path), **row})
+    return rows, bad
+
+
+def _write(rows: list[dict], bad: list, out) -> int:
     for path, reason in bad:
         print(f"skipped {path}: {reason}", file=sys.stderr)
-    if args.out:
-        with open(args.out, "w", newline="") as f:
+    if out:
+        with open(out, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["image"])
             writer.writeheader()
             writer.writerows(rows)
-        print(f"wrote {len(rows)} predictions to {args.out} ({len(bad)} unreadable images skipped)")
+        print(f"wrote {len(rows)} predictions to {out} ({len(bad)} unreadable images skipped)")
     else:
         for row in rows:
             print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))

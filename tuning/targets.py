@@ -25,7 +25,7 @@ from tuning.space import Limits
 NOT_SWEEPABLE = frozenset({
     "help", "config", "fault", "address", "num_workers", "use_gpu", "cpus_per_worker", "storage_path", "run_name",
     "max_failures", "mlflow_uri", "experiment", "dataname", "data_root", "dimensional", "lexicon", "max_side",
-    "demo_images_per_class", "demo_image_size", "eval", "checkpoint", "mode", "task", "model",
+    "demo_images_per_class", "demo_image_size", "eval", "checkpoint", "mode", "task", "model", "verbose", "register",
 })
 # The trial's epoch count is ASHA's budget (max_t), set by the pipeline flag, not sampled.
 EPOCH_DESTS = frozenset({"num_epochs", "stage2_epochs"})
