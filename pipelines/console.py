@@ -8,7 +8,8 @@ Quiet (the default):
 - of the output Ray forwards from workers, actors, the raylet and the GCS, only the lines the
   project wrote (:func:`mark`) are printed, without Ray's ``(RayTrainWorker pid=...)`` prefix;
   everything else still goes to the session's log files (``/tmp/ray/session_latest/logs``);
-- MLflow's INFO lines (database creation) are hidden.
+- MLflow's INFO lines (database creation) and artifact download bars are hidden
+  (``MLFLOW_LOGGING_LEVEL``, ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR``; values you set win).
 
 ``--verbose`` or ``EMOTION_RAY_VERBOSE=1`` leaves Ray's and MLflow's output as Ray prints it.
 
@@ -52,6 +53,7 @@ def configure(verbose: Optional[bool] = None) -> bool:
     if verbose:
         return True
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
