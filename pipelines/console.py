@@ -130,4 +130,18 @@ def filter_worker_output(verbose: Optional[bool] = None) -> bool:
 
     dispatcher.remove_handler(_HANDLER_NAME)
     dispatcher.add_handler(_HANDLER_NAME, handle)
+    if not verbose and not getattr(original, "_emotion_ray", False):
+        # Messages the GCS pushes to the driver (``listen_error_messages``) bypass the dispatcher;
+        # of those only the raylet's worker start-up notice is dropped (real errors still print).
+        def errors(data: dict, ignore_prefix: bool = False) -> None:
+            lines = [line for line in data.get("lines", []) if not any(n in line for n in _GCS_NOISE)]
+            if lines:
+                original({**data, "lines": lines}, ignore_prefix=ignore_prefix)
+
+        errors._emotion_ray = True
+        ray_worker.print_to_stdstream = errors
     return not verbose
+
+
+# Notices pushed by the GCS that are expected on a small machine (see the README's console section).
+_GCS_NOISE = ("PYTHON worker processes have been started",)

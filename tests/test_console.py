@@ -49,6 +49,15 @@ def test_quiet_console_prints_only_the_projects_worker_lines(fake_forwarding, ca
     out = capsys.readouterr()
     assert out.err.splitlines() == ["epoch 1/6  loss 0.1"]   # no Ray prefix, no Ray lines
     assert ray_printed == []
+    # Messages the GCS pushes (listen_error_messages -> print_to_stdstream): start-up notice dropped,
+    # real errors kept.
+    import ray._private.worker as ray_worker
+
+    ray_worker.print_to_stdstream({"lines": ["WARNING: 8 PYTHON worker processes have been started on node"],
+                                   "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    ray_worker.print_to_stdstream({"lines": ["A worker died or was killed while executing a task"],
+                                   "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    assert [d["lines"] for d in ray_printed] == [["A worker died or was killed while executing a task"]]
 
 
 def test_verbose_console_passes_rays_lines_through(fake_forwarding, capsys):
