@@ -22,12 +22,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 ENV = "EMOTION_RAY_VERBOSE"
 # Worker-side lines meant for the console carry this tag; the driver strips it (log files keep it).
 MARK = "[emotion-ray] "
 _HANDLER_NAME = "ray_print_logs"
+# Rank 0's progress through the current epoch, at most once a second: ``[emotion-ray] @progress {json}``.
+PROGRESS = "@progress "
 
 
 def is_verbose(flag: Optional[bool] = None) -> bool:
@@ -40,6 +42,56 @@ def is_verbose(flag: Optional[bool] = None) -> bool:
 def mark(message: str) -> str:
     """A worker's line that the quiet console keeps."""
     return f"{MARK}{message}"
+
+
+class EpochProgress:
+    """Worker side: report the step reached in the current epoch, at most every ``interval_s``."""
+
+    def __init__(self, stage: str, epochs: int, emit: Callable[[str], None], interval_s: float = 1.0):
+        self.stage, self.epochs, self.emit, self.interval_s = stage, epochs, emit, interval_s
+        self.last, self.steps_last_epoch = 0.0, None
+        self._epoch, self._step = -1, 0
+
+    def __call__(self, epoch: int, step: int) -> None:
+        import json
+        import time
+
+        if epoch != self._epoch:
+            if self._epoch >= 0:
+                self.steps_last_epoch = self._step + 1
+            self._epoch = epoch
+        self._step = step
+        now = time.monotonic()
+        if now - self.last >= self.interval_s:
+            self.last = now
+            self.emit(PROGRESS + json.dumps({"stage": self.stage, "epoch": epoch + 1, "epochs": self.epochs,
+                                             "step": step + 1, "total": self.steps_last_epoch}))
+
+
+class _Bar:
+    """Driver side: one live tqdm bar for the current epoch, on a terminal only."""
+
+    def __init__(self, stream):
+        self.stream, self.bar, self.key = stream, None, None
+
+    def update(self, info: dict) -> None:
+        if not self.stream.isatty():
+            return
+        from tqdm import tqdm
+
+        key = (info.get("stage"), info.get("epoch"))
+        if key != self.key:
+            self.close()
+            self.key = key
+            self.bar = tqdm(total=info.get("total"), desc=f"[{key[0]}] epoch {key[1]}/{info.get('epochs')}",
+                            unit="step", leave=False, file=self.stream, dynamic_ncols=True)
+        self.bar.n = info.get("step", 0)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar, self.key = None, None
 
 
 def configure(verbose: Optional[bool] = None) -> bool:
@@ -61,6 +113,7 @@ def configure(verbose: Optional[bool] = None) -> bool:
 
         ctx = DataContext.get_current()
         ctx.print_on_execution_start = False
+        ctx.enable_operator_progress_bars = False  # the ingest's bar: one total, not one per operator
     except ImportError:  # pragma: no cover - ray is a dependency
         pass
     quiet_ray_data_console()
@@ -114,17 +167,27 @@ def filter_worker_output(verbose: Optional[bool] = None) -> bool:
     original = ray_worker.print_to_stdstream
     ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
 
+    bar = _Bar(sys.stderr)
+
     def handle(data: dict) -> None:
+        import json
+
         ours, rest = [], []
         for line in data.get("lines", []):
             if MARK in line:
                 ours.append(line.split(MARK, 1)[1])
             else:
                 rest.append(line)
-        if ours:
-            out = sys.stderr if data.get("is_err") else sys.stdout
-            for line in ours:
-                print(line, file=out, flush=True)
+        out = sys.stderr if data.get("is_err") else sys.stdout
+        for line in ours:
+            if line.startswith(PROGRESS):
+                try:
+                    bar.update(json.loads(line[len(PROGRESS):]))
+                except ValueError:
+                    pass
+                continue
+            bar.close()
+            print(line, file=out, flush=True)
         if verbose and rest:
             original({**data, "lines": rest}, ignore_prefix=ignore_prefix)
 

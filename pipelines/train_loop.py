@@ -291,10 +291,17 @@ def train_worker(spec: dict) -> dict:
                 ckpt = Checkpoint.from_directory(tmp)
             ray.train.report(jsonable(metrics), checkpoint=ckpt, checkpoint_dir_name=checkpoint_name(result.epoch))
 
+    progress = console.EpochProgress(spec["name"], int(spec["epochs"]), log) if rank == 0 else None
+
+    def on_batch(epoch: int, step: int) -> None:
+        if progress is not None:
+            progress(epoch, step)
+        _maybe_inject_fault(spec.get("fault"), epoch, step)
+
     core.fit(state, objective, precision, train_batches=train_batches, val_batches=val_batches,
              epochs=int(spec["epochs"]), monitor=spec["monitor"], eval_model=eval_model,
              on_epoch_end=on_epoch_end, grad_clip=spec.get("grad_clip"), log=log,
-             on_batch=lambda epoch, step: _maybe_inject_fault(spec.get("fault"), epoch, step))
+             on_batch=on_batch)
     stopped_early = state.early_stopping.should_stop and state.epoch < int(spec["epochs"])
     if stopped_early:
         log(f"[{spec['name']}] early stop after epoch {state.epoch}: no improvement of {spec['monitor']} "

@@ -129,3 +129,25 @@ def test_stage_runs_record_their_datasets_as_mlflow_inputs(tmp_path):
     columns = {c["name"]: c["type"] for c in json.loads(inp.dataset.schema)["mlflow_colspec"]}
     assert columns == {"image": "binary", "valence": "float", "label": "long", "image_id": "string"}
     assert {(t.key, t.value) for t in inp.tags} == {("mlflow.data.context", "dimensional")}
+
+
+def test_epoch_progress_reaches_the_driver_as_a_bar_only_on_a_terminal(fake_forwarding, capsys, monkeypatch):
+    dispatcher, ray_printed = fake_forwarding
+    sent = []
+    progress = console.EpochProgress("stage1", 6, lambda m: sent.append(console.mark(m)), interval_s=0.0)
+    for epoch, steps in ((0, 4), (1, 2)):
+        for step in range(steps):
+            progress(epoch, step)
+    last = json.loads(sent[-1].split(console.PROGRESS, 1)[1])
+    assert last == {"stage": "stage1", "epoch": 2, "epochs": 6, "step": 2, "total": 4}   # total: epoch 1's steps
+    console.filter_worker_output(verbose=False)
+    data = {"lines": [*sent, console.mark("epoch 2/6  loss 0.1")], "pid": 1, "is_err": True}
+    dispatcher.emit(data)
+    assert capsys.readouterr().err.splitlines() == ["epoch 2/6  loss 0.1"]   # not a terminal: no bar
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    console.filter_worker_output(verbose=False)
+    dispatcher.emit(data)
+    err = capsys.readouterr().err
+    assert "[stage1] epoch 2/6" in err and err.rstrip().endswith("epoch 2/6  loss 0.1")
