@@ -10,7 +10,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# RAY_TRAIN_V2_ENABLED is not set here: the product sets it (pipelines/__init__.py), and
+# tests/test_packaging.py checks that path without this file's help.
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
