@@ -18,6 +18,7 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 @pytest.fixture(scope="session")
 def ray_session():
     """A 2-CPU local Ray, started once for the whole test session."""
+    import pipelines  # noqa: F401 - the product's own environment (Ray Train V2) before Ray starts
     import ray
 
     if not ray.is_initialized():
