@@ -109,6 +109,10 @@ def init_ray(address: Optional[str]) -> None:
     """Connect to ``address`` (or RAY_ADDRESS, as set inside ``ray job submit``), else start a local Ray."""
     import ray
 
+    from ray.train.v2._internal.constants import is_v2_enabled
+
+    if not is_v2_enabled():
+        raise ValueError("these pipelines need Ray Train V2: unset RAY_TRAIN_V2_ENABLED (or set it to 1)")
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
