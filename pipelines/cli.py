@@ -129,6 +129,8 @@ def init_ray(address: Optional[str] = None) -> None:
 
     from pipelines import console
 
+    if os.environ.get("RAY_TRAIN_V2_ENABLED", "1").strip().lower() in ("0", "false", "no"):
+        raise ValueError("these pipelines need Ray Train V2: unset RAY_TRAIN_V2_ENABLED (or set it to 1)")
     if ray.is_initialized():
         return
     address = address or _ADDRESS or os.environ.get("RAY_ADDRESS")

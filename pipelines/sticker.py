@@ -363,6 +363,9 @@ def evaluate_only(args) -> int:
         if report.skipped_head:
             raise ValueError(f"{weights}: its classifier does not have the dataset's {len(plan['classes'])} "
                              f"classes ({', '.join(report.skipped_head)} of another size)")
+        if report.target or report.new:  # scoring needs every tensor from the file
+            left = report.new or [f"everything outside {report.target}"]
+            raise ValueError(f"{weights}: not a whole {args.model} checkpoint ({', '.join(left[:4])} not in it)")
     cli.init_ray(args.address)
     run = RunOptions(storage_path=str(cli.storage_root(args.storage_path) / "eval"), num_workers=args.num_workers,
                      use_gpu=args.use_gpu, cpus_per_worker=cli.cpus_per_worker(args))

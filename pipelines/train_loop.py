@@ -146,6 +146,18 @@ def mix_batches(dim: dict, cat: dict) -> dict:
     return {k: torch.cat([dim_part[k], cat_part[k].to(dim_part[k].dtype)]) for k in keys}
 
 
+def weights_digest(model_state: dict) -> str:
+    """SHA-256 of a model state dict (names, dtypes, shapes, bytes in key order): equal digests, equal weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, value in model_state.items():
+        t = value.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _maybe_inject_fault(fault: Optional[dict], epoch: int, step: int) -> None:
     """Kill this worker once at (epoch, step) — the fault-tolerance test's injected failure."""
     if not fault or epoch != fault["epoch"] or step != fault["step"]:
@@ -174,6 +186,11 @@ class _MlflowEpochLogger:
 
             self.client = MlflowClient(tracking_uri=cfg["tracking_uri"])
             self.run_id = cfg["run_id"]
+
+    def tags(self, tags: dict) -> None:
+        if self.client is not None:
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, value)
 
     def __call__(self, result: core.EpochResult, extra: Optional[dict] = None) -> None:
         if self.client is None:
@@ -249,6 +266,12 @@ def train_worker(spec: dict) -> dict:
             state.load_state_dict(core.load_checkpoint(Path(ckpt_dir) / STATE_FILE))
         resumed_from = state.epoch
         log(f"[{spec['name']}] resumed from checkpoint: continuing at epoch {state.epoch + 1}")
+        if rank == 0:
+            # Recorded on the stage's MLflow run: which epoch a resume continued from, and a digest of
+            # the weights it loaded (equal to the checkpoint's weights_digest when the restore is exact).
+            _MlflowEpochLogger(spec.get("mlflow")).tags(
+                {f"resume.{state.epoch}.weights_sha256": weights_digest(eval_model.state_dict()),
+                 "resumed_from_epoch": str(state.epoch)})
 
     train_shard = ray.train.get_dataset_shard(TRAIN_KEY)
     val_shard = ray.train.get_dataset_shard("val")

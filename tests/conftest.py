@@ -10,13 +10,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# RAY_TRAIN_V2_ENABLED is not set here: the product sets it (pipelines/__init__.py), and
+# tests/test_packaging.py checks that path without this file's help.
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
 @pytest.fixture(scope="session")
 def ray_session():
     """A 2-CPU local Ray, started once for the whole test session."""
+    import pipelines  # noqa: F401 - the product's own environment (Ray Train V2) before Ray starts
     import ray
 
     if not ray.is_initialized():
