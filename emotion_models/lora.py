@@ -25,15 +25,13 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
-from emotion_models.pvt import PVT_SMALL, PyramidVisionTransformer
+from emotion_models.pvt import PRETRAINED_NEW, PVT_SMALL, PyramidVisionTransformer
 from emotion_models.registry import register_model
 from emotion_models.text import TEXT_LEN, build_text_model, text_features
 from emotion_models.weights import load_weights
 
 __all__ = ["Lora", "FuseBlock", "build_lora", "build_lora_v"]
 
-# A trunk file (ImageNet pvt_small.pth) has none of these: LORA adds them to PVT.
-_TRUNK_NEW = (r"^cls_token\d+$", r"^local_proj\d+\.", r"^global_proj\d+\.")
 
 
 class FuseAttention(nn.Module):
@@ -137,7 +135,7 @@ class Lora(nn.Module):
 
     def weight_targets(self) -> dict:
         """Parts a pretrained file may initialise alone (see :func:`emotion_models.weights.load_weights`)."""
-        return {"vision_model": (self.vision_model, _TRUNK_NEW)}
+        return {"vision_model": (self.vision_model, PRETRAINED_NEW)}
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -30,11 +30,15 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 
 from emotion_models.reattention import select_tokens, selection_scores
 
-__all__ = ["PyramidVisionTransformer", "PVT_SMALL", "stage_grids"]
+__all__ = ["PyramidVisionTransformer", "PVT_SMALL", "PRETRAINED_NEW", "stage_grids"]
 
 # PVT-v1 small (whai362/PVT ``pvt_small``), the trunk of LORA.
 PVT_SMALL = dict(patch_size=4, embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4),
                  depths=(3, 4, 6, 3), sr_ratios=(8, 4, 2, 1))
+
+
+# An ImageNet PVT file (pvt_small.pth) has none of these: local re-attention adds them to PVT.
+PRETRAINED_NEW = (r"^cls_token\d+$", r"^local_proj\d+\.", r"^global_proj\d+\.")
 
 
 def stage_grids(img_size: int, patch_size: int, num_stages: int) -> list[tuple[int, int]]:
@@ -217,6 +221,10 @@ class PyramidVisionTransformer(nn.Module):
             if height * width < keep:
                 raise ValueError(f"img_size={img_size}: stage {i + 1} has {height * width} tokens, too few to keep "
                                  f"alpha*sr^2 = {keep} per head; use a larger image or a smaller alpha")
+
+    def weight_targets(self) -> dict:
+        """A pretrained PVT file fits this trunk without the re-attention additions (see ``load_weights``)."""
+        return {"": (self, PRETRAINED_NEW)}
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

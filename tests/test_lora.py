@@ -277,6 +277,10 @@ def test_imagenet_pvt_small_file_initialises_the_whole_trunk(tmp_path):
     assert report.new and all(k.startswith(lora_only) for k in report.new)
     own = model.vision_model.state_dict()
     assert all(torch.equal(own[k], v) for k, v in state.items() if not k.startswith("head"))
+    # The same file straight into the trunk module fits it the same way.
+    trunk = _tiny(seed=5).vision_model
+    assert load_weights(trunk, tmp_path / "pvt_small.pth").loaded == len(state) - 2
+    assert all(torch.equal(trunk.state_dict()[k], v) for k, v in state.items() if not k.startswith("head"))
 
 
 def test_partial_fit_stops_with_what_is_missing_and_unexpected(tmp_path):
