@@ -241,14 +241,12 @@ def train_worker(spec: dict) -> dict:
 
     if spec.get("mode") == "eval":
         results = {}
-        for split in spec.get("splits") or [spec["split"]]:
+        for split in spec["splits"]:
             metrics, arrays = core.evaluate(eval_model, _iter_batches(ray.train.get_dataset_shard(split), batch_size,
                                                                       train=False, seed=seed, epoch=0),
                                             objective, precision)
             results[split] = {"metrics": metrics, "arrays": arrays}
-        if rank != 0:
-            return {}
-        return results if spec.get("splits") else results[spec["split"]]
+        return results if rank == 0 else {}
 
     if spec["optimizer"].get("filter_bias_and_bn"):  # timm's param groups need the unwrapped module
         optimizer = core.build_optimizer(eval_model, **spec["optimizer"])
@@ -422,14 +420,7 @@ def run_stage(spec: dict, datasets: dict, run: RunOptions, tests: Optional[dict]
 
 def evaluate_checkpoint(spec: dict, checkpoint_dir: str, dataset, run: RunOptions, split: str = "test") -> dict:
     """Score a checkpoint on one split with the same workers and objective; returns metrics and arrays."""
-    eval_spec = {**spec, "mode": "eval", "split": split, "init_from": checkpoint_dir, "freeze_until": None,
-                 "mlflow": None, "fault": None}
-    trainer = _trainer(eval_spec, {split: dataset}, RunOptions(**{**run.__dict__, "max_failures": 0, "callbacks": []}),
-                       f"{spec['name']}-{split}-eval-{int(time.time())}")
-    result = trainer.fit()
-    if result.error:
-        raise RuntimeError(f"evaluation of {checkpoint_dir} failed: {result.error}")
-    return result.return_value
+    return evaluate_splits(spec, {split: dataset}, run, checkpoint_dir=checkpoint_dir)[split]
 
 
 def evaluate_splits(spec: dict, datasets: dict, run: RunOptions, *, checkpoint_dir: Optional[str] = None,
@@ -447,7 +438,7 @@ def evaluate_splits(spec: dict, datasets: dict, run: RunOptions, *, checkpoint_d
                  "freeze_until": None, "mlflow": None, "fault": None, "test_every_epoch": False}
     eval_spec["model"] = {k: v for k, v in spec["model"].items() if k != "weights"}
     trainer = _trainer(eval_spec, datasets, RunOptions(**{**run.__dict__, "max_failures": 0, "callbacks": []}),
-                       f"{spec['name']}-eval-{int(time.time())}")
+                       f"{spec['name']}-{'-'.join(splits)}-eval-{int(time.time())}")
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"evaluation of {checkpoint_dir or weights} failed: {result.error}")
