@@ -24,26 +24,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from pipelines import core  # noqa: E402
-from pipelines.specs import build_model, build_objective  # noqa: E402
+from pipelines.recipe import StageRecipe, build_model, build_objective  # noqa: E402
 
 
-def spec_for(args, num_classes: int) -> dict:
-    return {
-        "name": "bench", "model": {"name": "va", "backbone": args.backbone, "task": "single",
-                                   "num_classes": num_classes},
-        "objective": {"kind": "va", "task": "single", "num_classes": num_classes},
-        "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0},
-        "scheduler": {"name": "constant"}, "epochs": args.epochs, "early_stop": 0,
-        "monitor": "pearson_mean", "batch_size": args.batch_size, "seed": 0,
-    }
+def recipe_for(args, num_classes: int) -> StageRecipe:
+    return StageRecipe(
+        name="bench", model={"name": "va", "backbone": args.backbone, "task": "single", "num_classes": num_classes},
+        objective={"kind": "va", "num_classes": num_classes},
+        optimizer={"name": "adamw", "lr": 1e-3, "weight_decay": 0.0},
+        scheduler={"name": "constant"}, epochs=args.epochs, monitor="pearson_mean", batch_size=args.batch_size)
 
 
 def bare_loop(args, shards: Path, num_classes: int) -> float:
     import datasets_io
 
     torch.set_num_threads(os.cpu_count() or 1)
-    spec = spec_for(args, num_classes)
-    model, objective = build_model(spec), build_objective(spec)
+    recipe = recipe_for(args, num_classes)
+    model, objective = build_model(recipe), build_objective(recipe)
     optimizer = core.build_optimizer(model.parameters(), lr=1e-3)
     precision = core.Precision.for_device("cpu")
     transform = datasets_io.ImageTransform(args.image_size, train=True, num_classes=num_classes)
@@ -65,7 +62,7 @@ def ray_train(args, shards: Path, num_classes: int) -> float:
     sets = data.training_datasets(shards, image_size=args.image_size, num_classes=num_classes, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         run = RunOptions(storage_path=tmp, num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker)
-        outcome = run_stage(spec_for(args, num_classes), sets, run)
+        outcome = run_stage(recipe_for(args, num_classes), sets, run)
     # Rank 0's rate times the world size: the train split is divided evenly between the workers.
     rates = [h["train_samples_per_s"] * args.num_workers for h in outcome.history]
     for epoch, rate in enumerate(rates):

@@ -8,7 +8,7 @@ model, ``FC_cat`` (features -> classes). Its forward is ``FC_va(relu(flatten(res
 
 The project's VA model predicts VA on the canonical [-1, 1] scale, ``canonical = (sam - 5) / 4``.
 A linear head maps exactly: ``W' = W / 4``, ``b' = (b - 5) / 4``. The published head is unbounded,
-so the imported model is built with ``bounded=False`` (no tanh), recorded in the checkpoint's spec.
+so the imported model is built with ``bounded=False`` (no tanh), recorded in the checkpoint's recipe.
 The ReLU after pooling is the identity on a ResNet (its last block ends in a ReLU), so the project's
 pooled features equal the published ones. Images are prepared as the published evaluation did:
 ``Resize(448)`` (bilinear) + ``CenterCrop(448)`` (crop fraction 1.0), ImageNet mean and std.
@@ -19,18 +19,16 @@ pooled features equal the published ones. Images are prepared as the published e
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from pipelines import cli  # noqa: E402
+from pipelines import cli
+from pipelines.recipe import StageRecipe
 
 NAME = re.compile(r"(?P<mode>one_stage|two_stage)_(?P<task>single|multi)_(?P<data>.+)_rs_(?P<seed>\d+)$")
 # resnet.<i> of the published Sequential -> the timm / torchvision ResNet module name.
@@ -80,7 +78,7 @@ def convert_state(state: dict, source: str = "checkpoint") -> tuple[dict, Option
 
 
 def import_checkpoint(path: str | Path, backbone: str = "resnet101", dataname: Optional[str] = None):
-    """Load a published ``.pt`` as ``(model, meta)``, like :func:`pipelines.specs.load_model_from_checkpoint`."""
+    """Load a published ``.pt`` as ``(model, meta)``, like :func:`pipelines.recipe.load_model_from_checkpoint`."""
     from datasets_io.lexicon import CATEGORY_SETS, Lexicon
     from emotion_models.va import build_va
 
@@ -112,28 +110,26 @@ def import_checkpoint(path: str | Path, backbone: str = "resnet101", dataname: O
                          f"{', '.join(mismatch[:3])})")
     model.eval()
     anchors = Lexicon.builtin().va_many(classes).tolist()
-    spec = {
-        "name": "published",
-        "model": {"name": "va", "backbone": backbone, "task": task, "num_classes": num_classes or 8,
-                  "bounded": False},
-        "objective": {"kind": "va", "task": task, "alpha": 0.9, "va_loss": "mse", "num_classes": len(classes),
-                      "anchors": anchors, "accuracy_from": "anchors", "va_scale": 16.0},
-        "init_from": None, "freeze_until": None, "classes": classes, "head_classes": head_classes,
-        "image_size": PUBLISHED_IMAGE_SIZE, "image": dict(PUBLISHED_IMAGE),
-        "published": {"source": str(path.resolve()), **info, "va_head": "W/4, (b-5)/4 (SAM 1..9 -> [-1, 1])"},
-    }
-    return model, {"spec": spec, "epoch": None}
+    recipe = StageRecipe(
+        name="published",
+        model={"name": "va", "backbone": backbone, "task": task, "num_classes": num_classes or 8, "bounded": False},
+        objective={"kind": "va", "task": task, "alpha": 0.9, "va_loss": "mse", "num_classes": len(classes),
+                   "anchors": anchors, "accuracy_from": "anchors", "va_scale": 16.0},
+        optimizer={}, classes=classes, head_classes=head_classes,
+        image_size=PUBLISHED_IMAGE_SIZE, image=dict(PUBLISHED_IMAGE))
+    published = {"source": str(path.resolve()), **info, "va_head": "W/4, (b-5)/4 (SAM 1..9 -> [-1, 1])"}
+    return model, {"recipe": recipe, "epoch": None, "published": published}
 
 
 def save_project_checkpoint(model, meta: dict, out_dir: str | Path) -> Path:
     """Write ``meta.json`` + ``state.pt`` (``{"model": state_dict}``): a project checkpoint folder."""
     from pipelines.core import save_checkpoint
-    from pipelines.specs import META_FILE, STATE_FILE
+    from pipelines.recipe import STATE_FILE, write_meta
 
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out / STATE_FILE, {"model": model.state_dict()})
-    (out / META_FILE).write_text(json.dumps(meta, indent=1))
+    write_meta(out, **meta)
     return out
 
 
@@ -146,7 +142,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     model, meta = import_checkpoint(args.checkpoint, args.backbone, args.dataname)
     out = save_project_checkpoint(model, meta, args.out)
-    print(f"imported {args.checkpoint} ({meta['spec']['model']['task']}, {args.backbone}) -> {out}")
+    print(f"imported {args.checkpoint} ({meta['recipe'].model['task']}, {args.backbone}) -> {out}")
     return 0
 
 

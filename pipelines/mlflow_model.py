@@ -2,7 +2,7 @@
 
 MLflow logs this file as the model's code (``mlflow.pyfunc.log_model(python_model=<this file>)``,
 "models from code"), the project's packages as ``code_paths``, and one artifact, ``checkpoint``:
-``meta.json`` (the stage's spec: the recipe that rebuilds the model and prepares images) and
+``meta.json`` (the stage's recipe that rebuilds the model and prepares images) and
 ``state.pt`` (``{"model": state_dict}``, read with ``torch.load(weights_only=True)``). Loading
 runs no unpickling of arbitrary objects.
 
@@ -29,7 +29,7 @@ ERROR = "error"
 
 class EmotionModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from pipelines.specs import load_model_from_checkpoint
+        from pipelines.recipe import load_model_from_checkpoint
 
         self.model, self.meta = load_model_from_checkpoint(context.artifacts[CHECKPOINT])
         self.model.eval()
@@ -40,13 +40,13 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "image" not in frame.columns:
             raise ValueError(f"the input needs an 'image' column (image bytes); got columns {list(frame.columns)}")
-        spec = self.meta["spec"]
-        size = spec.get("image_size") or 224
+        recipe = self.meta["recipe"]
+        size = recipe.image_size or 224
         texts = frame["text"].tolist() if "text" in frame.columns else [None] * len(frame)
         rows = []
         for value, text in zip(frame["image"].tolist(), texts):
             data = _as_bytes(value)
-            ok, batch, bad = load_images([_Blob(data)], size, spec.get("image")) if data is not None \
+            ok, batch, bad = load_images([_Blob(data)], size, recipe.image) if data is not None \
                 else ([], None, [(None, "not image bytes")])
             if not ok:
                 rows.append({ERROR: f"unreadable image: {bad[0][1]}"})

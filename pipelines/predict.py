@@ -9,7 +9,7 @@
 (a ``.pt`` file, imported on the fly by :mod:`pipelines.import_published`). Images are prepared
 exactly as evaluation prepared them in training: shrunk to the ingest's ``max_side`` and
 re-encoded (as the ingest did), then the backbone's eval transform (mean, std, interpolation,
-crop), all read from the checkpoint's spec. Unreadable images are reported on stderr, skipped,
+crop), all read from the checkpoint's recipe. Unreadable images are reported on stderr, skipped,
 and counted.
 """
 from __future__ import annotations
@@ -20,23 +20,22 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from pipelines import cli  # noqa: E402
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+from datasets_io.readers import IMAGE_EXTENSIONS
+from pipelines import cli
 
 
 def resolve_checkpoint(path: str) -> Path:
+    from pipelines.recipe import META_FILE, RESULT_FILE
+
     p = Path(path).expanduser().resolve()
-    if (p / "meta.json").exists():
+    if (p / META_FILE).exists():
         return p
-    if (p / "result.json").exists():
-        best = json.loads((p / "result.json").read_text()).get("best_checkpoints") or {}
+    if (p / RESULT_FILE).exists():
+        best = json.loads((p / RESULT_FILE).read_text()).get("best_checkpoints") or {}
         if best:
             return Path(list(best.values())[-1])
     raise FileNotFoundError(f"{p}: neither a checkpoint folder (meta.json) nor a run folder (result.json)")
@@ -49,7 +48,7 @@ def load_any(checkpoint: str, *, backbone: str = "resnet101", dataname: str | No
         from pipelines.import_published import import_checkpoint
 
         return import_checkpoint(p, backbone=backbone, dataname=dataname)
-    from pipelines.specs import load_model_from_checkpoint
+    from pipelines.recipe import load_model_from_checkpoint
 
     return load_model_from_checkpoint(resolve_checkpoint(checkpoint))
 
@@ -57,13 +56,13 @@ def load_any(checkpoint: str, *, backbone: str = "resnet101", dataname: str | No
 def list_images(target: str) -> list[Path]:
     p = Path(target).expanduser()
     if p.is_dir():
-        return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        return sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
     if p.is_file():
         return [p]
     raise FileNotFoundError(f"{p}: no such image or folder")
 
 
-# Checkpoints written before the spec recorded how images were prepared were ingested at this size.
+# Checkpoints written before the recipe recorded how images were prepared were ingested at this size.
 DEFAULT_MAX_SIDE = 512
 NO_SHRINK = 1 << 20
 
@@ -72,7 +71,7 @@ def load_images(paths: list[Path], image_size: int, image: dict | None = None
                 ) -> tuple[list[Path], torch.Tensor, list[tuple[Path, str]]]:
     """Decode with the same validation and eval transform as training; returns (ok paths, batch, bad).
 
-    ``image`` is the spec's ``image`` entry: ``max_side`` (the ingest's; ``None`` = no shrinking, as
+    ``image`` is the recipe's ``image`` entry: ``max_side`` (the ingest's; ``None`` = no shrinking, as
     for imported published checkpoints) and the eval transform's mean, std, interpolation, crop_pct.
     """
     from datasets_io.images import BadImage, prepare_image
@@ -100,15 +99,15 @@ def predict_rows(model, meta: dict, images: torch.Tensor, text: str | None = Non
     from datasets_io.lexicon import Lexicon, canonical_to_sam
     from emotion_models.losses import nearest_anchor
 
-    spec = meta["spec"]
+    recipe = meta["recipe"]
     model.eval()
-    classes = spec.get("classes") or []
-    if spec["objective"]["kind"] == "classify":
+    classes = recipe.classes or []
+    if recipe.objective["kind"] == "classify":
         kwargs = {}
-        if spec["objective"].get("use_text"):
+        if recipe.objective.get("use_text"):
             from emotion_models.text import make_tokenizer
 
-            tokenizer = make_tokenizer(spec["model"].get("text_encoder", "bytes"), spec["model"].get("max_text_len", 32))
+            tokenizer = make_tokenizer(recipe.model.get("text_encoder", "bytes"), recipe.model.get("max_text_len", 32))
             ids, mask = tokenizer([text or ""] * len(images))
             kwargs = {"text_ids": torch.from_numpy(ids), "text_mask": torch.from_numpy(mask)}
         prob = torch.softmax(model(images, **kwargs)["logits"], dim=1).numpy()
@@ -116,14 +115,14 @@ def predict_rows(model, meta: dict, images: torch.Tensor, text: str | None = Non
                  **{f"p_{c}": float(v) for c, v in zip(classes or range(len(p)), p)}} for p in prob]
     out = model(images)
     va = out["va"].numpy()
-    anchors = np.asarray(spec["objective"].get("anchors") or Lexicon.builtin().va_many(classes), dtype=np.float32)
+    anchors = np.asarray(recipe.objective.get("anchors") or Lexicon.builtin().va_many(classes), dtype=np.float32)
     nearest = nearest_anchor(va, anchors)
     rows = []
     for i, (v, a) in enumerate(va):
         row = {"valence": float(v), "arousal": float(a), "valence_sam": float(canonical_to_sam(v)),
                "arousal_sam": float(canonical_to_sam(a)), "nearest_category": classes[int(nearest[i])]}
-        if "logits" in out and spec.get("head_classes"):
-            row["head_category"] = spec["head_classes"][int(out["logits"][i].argmax())]
+        if "logits" in out and recipe.head_classes:
+            row["head_category"] = recipe.head_classes[int(out["logits"][i].argmax())]
         rows.append(row)
     return rows
 
@@ -150,12 +149,12 @@ def main(argv=None) -> int:
         return _write(rows, bad, args.out)
 
     model, meta = load_any(args.checkpoint, backbone=args.backbone, dataname=args.dataname)
-    image_size = args.image_size or meta["spec"].get("image_size") or 224
+    image_size = args.image_size or meta["recipe"].image_size or 224
     paths = list_images(args.target)
     rows, bad = [], []
     for start in range(0, len(paths), args.batch_size):
         ok, batch, bad_now = load_images(paths[start:start + args.batch_size], image_size,
-                                         meta["spec"].get("image"))
+                                         meta["recipe"].image)
         bad += bad_now
         if ok:
             rows += [{"image": str(path), **row} for path, row in zip(ok, predict_rows(model, meta, batch, args.text))]

@@ -13,23 +13,21 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-from pipelines.specs import jsonable
+from pipelines.recipe import RESULT_FILE, RUN_STATE_FILE, StageRecipe, jsonable
 from pipelines.tracking import Tracker, log_stage_artifacts
-from pipelines.train_loop import RunOptions, StageOutcome, run_stage
-
-STATE_FILE = "pipeline_state.json"
-RESULT_FILE = "result.json"
+from pipelines.train_loop import EvalSet, RunOptions, StageOutcome, run_stage
 
 
 class PipelineRun:
     def __init__(self, *, run_dir: Path, run: RunOptions, tracking_uri: str, experiment: str, run_name: str,
-                 tags: dict, params: dict, register: Optional[str] = None):
+                 tags: dict, params: dict, register: Optional[str] = None, fault: Optional[str] = None):
         self.register = register
+        self.fault = fault  # tests: "stage:epoch:step:rank:marker" kills one worker of that stage once
         self.run_dir = run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run = RunOptions(**{**run.__dict__, "storage_path": str(run_dir)})
         self.tracker = Tracker(tracking_uri, experiment)
-        self.state_path = run_dir / STATE_FILE
+        self.state_path = run_dir / RUN_STATE_FILE
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"stages": {}}
         self.started = time.time()
         parent = self.state.get("parent_run_id")
@@ -56,7 +54,7 @@ class PipelineRun:
         params = {k: v for k, v in vars(args).items() if k not in ("explicit", "fault")}
         return cls(run_dir=run_dir, run=run, tracking_uri=resolve_tracking_uri(args.mlflow_uri),
                    experiment=args.experiment, run_name=run_name, params=params,
-                   register=getattr(args, "register", None),
+                   register=getattr(args, "register", None), fault=getattr(args, "fault", None),
                    tags={"pipeline": pipeline, **tags})
 
     def print_summary(self, result: dict, path: Path, title: str) -> None:
@@ -73,36 +71,41 @@ class PipelineRun:
         tmp.write_text(json.dumps(jsonable(self.state), indent=1))
         tmp.replace(self.state_path)
 
-    def stage(self, spec: dict, datasets: dict, *, manifests: dict, classes: Optional[list[str]] = None,
-              tests: Optional[dict] = None) -> dict:
+    def _fault(self, stage: str) -> Optional[dict]:
+        if not self.fault:
+            return None
+        name, epoch, step, rank, marker = self.fault.split(":", 4)
+        return {"epoch": int(epoch), "step": int(step), "rank": int(rank), "marker": marker} if name == stage else None
+
+    def stage(self, recipe: StageRecipe, datasets: dict, *, manifests: dict,
+              tests: Optional[dict[str, EvalSet]] = None) -> dict:
         """Train one stage (or reuse it when finished) and score its best checkpoint on ``tests``.
 
-        ``tests`` maps a name to ``(dataset, spec_override)``: each is evaluated once, after training.
         Returns ``{"outcome": StageOutcome fields, "tests": {name: metrics}, "mlflow_run_id": ...}``.
         """
-        name = spec["name"]
+        name = recipe.name
         done = self.state["stages"].get(name)
         if done:
             print(f"[{name}] already finished in this run: best checkpoint {done['outcome']['best_checkpoint']}")
             return done
         child = self.state.setdefault("child_runs", {}).get(name)
         if not child or not self.tracker.run_exists(child):
-            child = self.tracker.start_run(name, parent_id=self.parent_id,
-                                           params={k: v for k, v in spec.items() if k not in ("mlflow", "fault")})
+            child = self.tracker.start_run(name, parent_id=self.parent_id, params=recipe.params())
             self.state["child_runs"][name] = child
             self._save()
             self.tracker.log_dataset_inputs(child, manifests)
-        print(f"[{name}] training: {spec['epochs']} epochs max, monitor val_{spec['monitor']} "
-              f"({spec.get('monitor_mode', 'max')}), {self.run.num_workers} workers")
-        outcome: StageOutcome = run_stage({**spec, "mlflow": {"tracking_uri": self.tracker.uri, "run_id": child}},
-                                          datasets, self.run, tests=tests)
+        print(f"[{name}] training: {recipe.epochs} epochs max, monitor val_{recipe.monitor} "
+              f"({recipe.monitor_mode}), {self.run.num_workers} workers")
+        tests = tests or {}
+        outcome: StageOutcome = run_stage(recipe, datasets, self.run, tests=tests, fault=self._fault(name),
+                                          mlflow={"tracking_uri": self.tracker.uri, "run_id": child})
         if not outcome.best_checkpoint:
             raise RuntimeError(f"stage {name} reported no checkpoint")
         test_results = outcome.info.pop("tests", {})
         model_uri = log_stage_artifacts(self.tracker, child, checkpoint_dir=outcome.best_checkpoint,
-                            manifests=manifests,
-                            tests={k: {**v, "classes": (tests[k][1] or {}).get("classes", classes)}
-                                   for k, v in test_results.items()})
+                                        manifests=manifests,
+                                        tests={k: {**v, "classes": tests[k].classes or recipe.classes}
+                                               for k, v in test_results.items()})
         self.tracker.log_metrics(child, {"best_epoch": outcome.info.get("best_epoch", -1)})
         self.tracker.end_run(child)
         record = {"outcome": asdict(outcome), "tests": {k: v["metrics"] for k, v in test_results.items()},

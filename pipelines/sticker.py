@@ -18,10 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipelines import cli  # noqa: E402
+from pipelines import cli
+from pipelines.recipe import EvalSet, StageRecipe
 
 # The published training (SER30K main.py + configs/pvt/pvt_small.py + README), for real data:
 # batch 16 per worker, lr 1e-3 x batch x workers / 512, AdamW wd 0.05 (biases, norms, position
@@ -184,7 +182,7 @@ def apply_defaults(args):
     return args
 
 
-def sticker_spec(args, classes: list[str]) -> dict:
+def sticker_recipe(args, classes: list[str]) -> StageRecipe:
     model = {"name": args.model, "alpha": args.alpha, "locals": list(args.locals), "num_classes": len(classes),
              "img_size": args.image_size, "hidden_dim": args.fusion_dim, "fuse_heads": args.fuse_heads,
              "fuse_mlp_dim": args.fuse_mlp_dim, "drop_path_rate": args.drop_path, "drop_rate": args.drop}
@@ -197,29 +195,27 @@ def sticker_spec(args, classes: list[str]) -> dict:
         model["max_text_len"] = args.max_text_len
     if args.weights:
         model["weights"] = args.weights
-    return {
-        "name": args.model,
-        "model": model,
-        "objective": {"kind": "classify", "num_classes": len(classes), "label_smoothing": args.label_smoothing,
-                      "use_text": args.model == "lora"},
-        "init_from": None,
-        "freeze_until": None,
-        "optimizer": {"name": "adamw", "lr": args.lr, "weight_decay": args.decay, "filter_bias_and_bn": True},
-        "scheduler": {"name": "timm_cosine", "warmup_epochs": args.warmup_epochs, "warmup_lr": args.warmup_lr,
-                      "min_lr": args.min_lr},
-        "epochs": args.num_epochs,
-        "early_stop": args.early_stop,
-        "monitor": "accuracy",
-        "monitor_mode": "max",
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        "grad_clip": args.grad_clip or None,
-        "test_every_epoch": bool(args.test_every_epoch),
-        "classes": classes,
-        "image_size": args.image_size,
-        "augmentation": {"augment": args.augment, "auto_augment": args.auto_augment,
-                         "crop_scale": list(args.crop_scale), "repeated_aug": args.repeated_aug},
-    }
+    return StageRecipe(
+        name=args.model,
+        model=model,
+        objective={"kind": "classify", "num_classes": len(classes), "label_smoothing": args.label_smoothing,
+                   "use_text": args.model == "lora"},
+        optimizer={"name": "adamw", "lr": args.lr, "weight_decay": args.decay, "filter_bias_and_bn": True},
+        scheduler={"name": "timm_cosine", "warmup_epochs": args.warmup_epochs, "warmup_lr": args.warmup_lr,
+                   "min_lr": args.min_lr},
+        epochs=args.num_epochs,
+        early_stop=args.early_stop,
+        monitor="accuracy",
+        monitor_mode="max",
+        batch_size=args.batch_size,
+        seed=args.seed,
+        grad_clip=args.grad_clip or None,
+        test_every_epoch=bool(args.test_every_epoch),
+        classes=classes,
+        image_size=args.image_size,
+        augmentation={"augment": args.augment, "auto_augment": args.auto_augment,
+                      "crop_scale": list(args.crop_scale), "repeated_aug": args.repeated_aug},
+    )
 
 
 def sticker_datasets(path, *, image_size: int, num_classes: int, seed: int, augment: str, max_text_len: int,
@@ -292,11 +288,11 @@ def make_plan(args, splits=("train", "val", "test")) -> dict:
     return {"args": args, "manifest": manifest, "classes": classes, "datasets": datasets}
 
 
-def sticker_stage(plan: dict) -> tuple[dict, dict, dict]:
-    """(spec, datasets, tests) of the one training stage."""
+def sticker_stage(plan: dict) -> tuple[StageRecipe, dict, dict]:
+    """(recipe, datasets, tests) of the one training stage."""
     sets = plan["datasets"]
-    return (sticker_spec(plan["args"], plan["classes"]), {"train": sets["train"], "val": sets["val"]},
-            {"test": (sets["test"], None)})
+    return (sticker_recipe(plan["args"], plan["classes"]), {"train": sets["train"], "val": sets["val"]},
+            {"test": EvalSet(sets["test"])})
 
 
 def main(argv=None) -> int:
@@ -309,9 +305,8 @@ def main(argv=None) -> int:
     pipeline = PipelineRun.from_args(args, pipeline="sticker", run_name_prefix=f"sticker-{args.model}",
                                      tags={"model": args.model, "dataname": "demo-SER30K" if args.demo else "SER30K",
                                            "demo": str(args.demo)})
-    spec, datasets, tests = sticker_stage(plan)
-    stage = pipeline.stage(spec, datasets, manifests={"ser30k": plan["manifest"]}, classes=plan["classes"],
-                           tests=tests)
+    recipe, datasets, tests = sticker_stage(plan)
+    stage = pipeline.stage(recipe, datasets, manifests={"ser30k": plan["manifest"]}, tests=tests)
     published = published_protocol(stage["outcome"]["history"])
     if published:
         pipeline.tracker.log_metrics(pipeline.parent_id, published)
@@ -338,7 +333,7 @@ def evaluate_only(args) -> int:
     import json
 
     from pipelines.predict import resolve_checkpoint
-    from pipelines.specs import read_meta
+    from pipelines.recipe import build_model, read_meta
     from pipelines.train_loop import RunOptions, evaluate_splits
 
     given = Path(args.checkpoint).expanduser()
@@ -346,20 +341,19 @@ def evaluate_only(args) -> int:
         ckpt_dir, weights = None, str(given.resolve())
     elif given.exists():
         ckpt_dir, weights = resolve_checkpoint(str(given)), None
-        trained = read_meta(ckpt_dir)["spec"]
-        args.image_size = trained["image_size"]
-        args.max_text_len = trained["model"].get("max_text_len", args.max_text_len)
-        args.text_encoder = trained["model"].get("text_encoder")
+        trained = read_meta(ckpt_dir)["recipe"]
+        args.image_size = trained.image_size
+        args.max_text_len = trained.model.get("max_text_len", args.max_text_len)
+        args.text_encoder = trained.model.get("text_encoder")
     else:
         raise FileNotFoundError(f"{given}: no such checkpoint file or folder (--checkpoint)")
     plan = make_plan(args, splits=("val", "test"))
-    spec = read_meta(ckpt_dir)["spec"] if ckpt_dir else sticker_spec(args, plan["classes"])
+    recipe = read_meta(ckpt_dir)["recipe"] if ckpt_dir else sticker_recipe(args, plan["classes"])
     if weights:  # a file that does not fit the model exactly stops here, in one line, before Ray starts
         from emotion_models.weights import load_weights
-        from pipelines.specs import build_model
 
-        report = load_weights(build_model({**spec, "model": {k: v for k, v in spec["model"].items()
-                                                             if k != "weights"}}), weights)
+        report = load_weights(build_model(recipe.replace(model={k: v for k, v in recipe.model.items()
+                                                                 if k != "weights"})), weights)
         if report.skipped_head:
             raise ValueError(f"{weights}: its classifier does not have the dataset's {len(plan['classes'])} "
                              f"classes ({', '.join(report.skipped_head)} of another size)")
@@ -369,7 +363,7 @@ def evaluate_only(args) -> int:
     cli.init_ray(args.address)
     run = RunOptions(storage_path=str(cli.storage_root(args.storage_path) / "eval"), num_workers=args.num_workers,
                      use_gpu=args.use_gpu, cpus_per_worker=cli.cpus_per_worker(args))
-    scored = evaluate_splits(spec, plan["datasets"], run, checkpoint_dir=str(ckpt_dir) if ckpt_dir else None,
+    scored = evaluate_splits(recipe, plan["datasets"], run, checkpoint_dir=str(ckpt_dir) if ckpt_dir else None,
                              weights=weights)
     classes = plan["classes"]
     result = {"checkpoint": str(ckpt_dir or weights)}

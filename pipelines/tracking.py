@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from pipelines.specs import jsonable
+from pipelines.recipe import jsonable
 
 EXPERIMENT = "emotion-ray"
 MODEL_CHECKPOINT = "checkpoint"  # = pipelines.mlflow_model.CHECKPOINT: the pyfunc's artifact
@@ -139,7 +139,7 @@ def log_pyfunc_model(checkpoint_dir: str, *, name: str = "model", registered_mod
     import mlflow
 
     from pipelines.core import load_checkpoint
-    from pipelines.specs import META_FILE, STATE_FILE, checkpoint_state_path
+    from pipelines.recipe import META_FILE, STATE_FILE, checkpoint_state_path
 
     # The model's code file, not imported here (importing it registers the model with set_model).
     code = Path(__file__).resolve().with_name("mlflow_model.py")

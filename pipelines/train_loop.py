@@ -1,21 +1,22 @@
-"""Thin Ray Train glue around :mod:`pipelines.core`.
+"""Thin Ray Train glue around :mod:`pipelines.core`: fit a stage on Ray Train, score a checkpoint with a Ray task.
 
-``run_stage`` trains one stage with a ``TorchTrainer`` (DDP over ``num_workers``), reporting a
-checkpoint every epoch and keeping the best by the validation metric; ``evaluate_checkpoint``
-runs the same worker function in evaluation mode over a split, ``evaluate_splits`` over several
-(the test split is read only there, once, at the end; or, with the spec's ``test_every_epoch``,
-also after every epoch to record the published SER30K protocol's figure, never to select).
-Everything the workers do besides getting shards, wrapping the model and reporting is the
-plain-PyTorch core.
+``run_stage`` trains one :class:`~pipelines.recipe.StageRecipe` with a ``TorchTrainer`` (DDP over
+``num_workers``): :func:`fit_worker` reports a checkpoint every epoch, Ray keeps the best by the
+validation metric, and after training the workers score the best checkpoint on the test splits
+(read only there, once; or, with the recipe's ``test_every_epoch``, also after every epoch to
+record the published SER30K protocol's figure, never to select). ``evaluate_splits`` scores a
+finished checkpoint in one plain Ray task (no trainer, no process group). Everything the workers
+do besides getting shards, wrapping the model and reporting is the plain-PyTorch core.
 
-Data: the driver passes Ray Datasets already mapped to tensors (``datasets_io.ImageTransform``).
+Data: the driver passes Ray Datasets already mapped to tensors (``datasets_io.shards.ImageTransform``).
 ``train`` is split evenly across workers (DDP needs equal batch counts); ``val``/``test`` are split
 unevenly so every row is seen exactly once, evaluated on the unwrapped model (no collectives in
 the forward), and gathered before metrics are computed.
 """
 from __future__ import annotations
 
-import json
+import copy
+import dataclasses
 import logging
 import os
 import tempfile
@@ -31,18 +32,17 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 
 from pipelines import console, core
-from pipelines.specs import META_FILE, STATE_FILE, build_model, build_objective, checkpoint_state_path, jsonable
+from pipelines.recipe import (MIX_KEY, STATE_FILE, TRAIN_KEY, EvalSet, StageRecipe, build_model, build_objective,
+                              checkpoint_state_path, jsonable, write_meta)
 
-TRAIN_KEY = "train"
-# Per-epoch test accuracy (spec "test_every_epoch"): the published SER30K protocol reports its maximum.
+# Per-epoch test accuracy (recipe.test_every_epoch): the published SER30K protocol reports its maximum.
 EPOCH_TEST_KEY = "epoch_test_accuracy"
-MIX_KEY = "train_categorical"
 logger = logging.getLogger("emotion_ray.train")
 
 
 @dataclass
 class RunOptions:
-    """Where and how a stage runs on Ray."""
+    """Where and how stages run on Ray (never stored with a checkpoint)."""
 
     storage_path: str
     num_workers: int = 2
@@ -51,6 +51,16 @@ class RunOptions:
     max_failures: int = 0
     keep_checkpoints: int = 2
     callbacks: list = field(default_factory=list)   # Ray Train UserCallbacks, e.g. Tune's TuneReportCallback
+
+
+@dataclass
+class StageContext:
+    """What one run of a stage needs besides its recipe; sent to the workers, never persisted."""
+
+    checkpoint_root: str                      # where Ray Train keeps this stage's checkpoints
+    mlflow: Optional[dict] = None             # {"tracking_uri", "run_id"}: rank 0 logs epochs there
+    fault: Optional[dict] = None              # {"epoch", "step", "rank", "marker"}: kill a worker once
+    tests: dict = field(default_factory=dict)  # split name -> objective override (or None)
 
 
 @dataclass
@@ -78,10 +88,10 @@ class EvalSplitDataConfig(DataConfig):
         from ray.data import DataContext, ExecutionOptions
 
         current = DataContext.get_current().execution_options
-        super().__init__(datasets_to_split=[TRAIN_KEY],
-                         execution_options=ExecutionOptions(resource_limits=current.resource_limits,
-                                                            preserve_order=current.preserve_order,
-                                                            verbose_progress=current.verbose_progress))
+        self._options = ExecutionOptions(resource_limits=current.resource_limits,
+                                         preserve_order=current.preserve_order,
+                                         verbose_progress=current.verbose_progress)
+        super().__init__(datasets_to_split=[TRAIN_KEY], execution_options=self._options)
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         rest = {k: v for k, v in datasets.items() if k in (TRAIN_KEY, MIX_KEY)}
@@ -89,7 +99,7 @@ class EvalSplitDataConfig(DataConfig):
         output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
         for name, ds in evals.items():
             ds = ds.copy(ds)
-            ds.context.execution_options = self._resolve_execution_options(name)
+            ds.context.execution_options = copy.deepcopy(self._options)
             for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
                 output[i][name] = split
         return output
@@ -206,153 +216,136 @@ class _MlflowEpochLogger:
         self.client.log_batch(self.run_id, metrics=metrics)
 
 
-def _build(spec: dict, device: torch.device):
-    core.seed_everything(int(spec.get("seed", 0)))
-    model = build_model(spec)
-    if spec.get("init_from"):
-        state = core.load_checkpoint(checkpoint_state_path(spec["init_from"]))
-        model.load_state_dict(state["model"])
-    if spec.get("init_weights"):  # a weights file in another format (a published checkpoint.pth): exact fit
+def build_for_device(recipe: StageRecipe, device: torch.device):
+    """Model (initial weights, frozen layers, memory format), objective and precision of a recipe."""
+    core.seed_everything(recipe.seed)
+    model = build_model(recipe)
+    if recipe.init_from:
+        model.load_state_dict(core.load_checkpoint(checkpoint_state_path(recipe.init_from))["model"])
+    if recipe.init_weights:  # a weights file in another format (a published checkpoint.pth): exact fit
         from emotion_models.weights import load_weights
 
-        load_weights(model, spec["init_weights"])
-    if spec.get("freeze_until") is not None:
-        model.freeze(spec["freeze_until"], freeze_bn=spec.get("freeze_bn", True))
-    precision = core.Precision.for_device(device, amp=spec.get("amp"))
+        load_weights(model, recipe.init_weights)
+    if recipe.freeze_until is not None:
+        model.freeze(recipe.freeze_until, freeze_bn=recipe.freeze_bn)
+    precision = core.Precision.for_device(device, amp=recipe.amp)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model, build_objective(spec), precision
+    return model.to(device), build_objective(recipe), precision
 
 
-def train_worker(spec: dict) -> dict:
-    """The function every Ray Train worker runs (``mode`` "fit" or "eval")."""
+def fit_worker(config: dict) -> dict:
+    """What every Ray Train worker runs: fit the recipe, checkpoint each epoch, score the best on the tests."""
+    recipe = StageRecipe.from_dict(config["recipe"])
+    context = StageContext(**config["context"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     # Logged, not printed: Ray Train tees print() to the console twice. Marked: the quiet console
     # (pipelines.console) prints only marked lines of the workers' output.
     log = (lambda message: logger.info(console.mark(message))) if rank == 0 else (lambda *_: None)
-    device = ray.train.torch.get_device()
-    model, objective, precision = _build(spec, device)
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False}) \
-        if ctx.get_world_size() > 1 else model.to(device)
+    model, objective, precision = build_for_device(recipe, ray.train.torch.get_device())
+    if ctx.get_world_size() > 1:
+        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
     eval_model = core.unwrap(model)
-    batch_size = int(spec["batch_size"])
-    seed = int(spec.get("seed", 0))
+    batch_size, seed = recipe.batch_size, recipe.seed
 
-    if spec.get("mode") == "eval":
-        results = {}
-        for split in spec["splits"]:
-            metrics, arrays = core.evaluate(eval_model, _iter_batches(ray.train.get_dataset_shard(split), batch_size,
-                                                                      train=False, seed=seed, epoch=0),
-                                            objective, precision)
-            results[split] = {"metrics": metrics, "arrays": arrays}
-        return results if rank == 0 else {}
-
-    if spec["optimizer"].get("filter_bias_and_bn"):  # timm's param groups need the unwrapped module
-        optimizer = core.build_optimizer(eval_model, **spec["optimizer"])
+    if recipe.optimizer.get("filter_bias_and_bn"):  # timm's param groups need the unwrapped module
+        optimizer = core.build_optimizer(eval_model, **recipe.optimizer)
     else:
         trainable = eval_model.trainable_parameters() if hasattr(eval_model, "trainable_parameters") \
             else eval_model.parameters()
-        optimizer = core.build_optimizer(trainable, **spec["optimizer"])
-    scheduler = core.build_scheduler(optimizer, epochs=int(spec["epochs"]), **spec.get("scheduler", {}))
-    state = core.TrainState(model, optimizer, scheduler,
-                            core.EarlyStopping(int(spec.get("early_stop", 0)), spec.get("monitor_mode", "max")))
+        optimizer = core.build_optimizer(trainable, **recipe.optimizer)
+    scheduler = core.build_scheduler(optimizer, epochs=recipe.epochs, **recipe.scheduler)
+    state = core.TrainState(model, optimizer, scheduler, core.EarlyStopping(recipe.early_stop, recipe.monitor_mode))
+    mlflow_log = _MlflowEpochLogger(context.mlflow) if rank == 0 else None
     resumed_from = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             state.load_state_dict(core.load_checkpoint(Path(ckpt_dir) / STATE_FILE))
         resumed_from = state.epoch
-        log(f"[{spec['name']}] resumed from checkpoint: continuing at epoch {state.epoch + 1}")
-        if rank == 0:
+        log(f"[{recipe.name}] resumed from checkpoint: continuing at epoch {state.epoch + 1}")
+        if mlflow_log is not None:
             # Recorded on the stage's MLflow run: which epoch a resume continued from, and a digest of
             # the weights it loaded (equal to the checkpoint's weights_digest when the restore is exact).
-            _MlflowEpochLogger(spec.get("mlflow")).tags(
-                {f"resume.{state.epoch}.weights_sha256": weights_digest(eval_model.state_dict()),
-                 "resumed_from_epoch": str(state.epoch)})
+            mlflow_log.tags({f"resume.{state.epoch}.weights_sha256": weights_digest(eval_model.state_dict()),
+                             "resumed_from_epoch": str(state.epoch)})
 
     train_shard = ray.train.get_dataset_shard(TRAIN_KEY)
     val_shard = ray.train.get_dataset_shard("val")
-    if spec.get("mix_categorical"):
+    if recipe.mix_categorical:
         cat_shard = ray.train.get_dataset_shard(MIX_KEY)
         train_batches = lambda epoch: _mixed_batches(train_shard, cat_shard, batch_size, seed, epoch)  # noqa: E731
     else:
         train_batches = lambda epoch: _iter_batches(train_shard, batch_size, train=True, seed=seed,  # noqa: E731
                                                     epoch=epoch)
     val_batches = lambda epoch: _iter_batches(val_shard, batch_size, train=False, seed=seed, epoch=epoch)  # noqa: E731
-
-    mlflow_log = _MlflowEpochLogger(spec.get("mlflow")) if rank == 0 else None
     epochs_run: list[int] = []
-    meta_base = {"spec": {k: v for k, v in spec.items() if k not in ("mlflow", "fault")}}
 
     def on_epoch_end(result: core.EpochResult, st: core.TrainState) -> None:
         epochs_run.append(result.epoch)
         extra = {}
-        if spec.get("test_every_epoch") and "test" in (spec.get("tests") or {}):
+        if recipe.test_every_epoch and "test" in context.tests:
             # The published protocol's figure (best test accuracy over epochs), recorded beside the
             # val-selected model, never used to select it. Every rank takes part (gathered metrics).
             test_metrics, _ = core.evaluate(eval_model, _iter_batches(ray.train.get_dataset_shard("test"), batch_size,
                                                                       train=False, seed=seed, epoch=result.epoch),
                                             objective, precision)
             st.history[-1][EPOCH_TEST_KEY] = extra[EPOCH_TEST_KEY] = test_metrics["accuracy"]
-            log(f"[{spec['name']}] epoch {result.epoch + 1}: test accuracy {test_metrics['accuracy']:.4f} "
+            log(f"[{recipe.name}] epoch {result.epoch + 1}: test accuracy {test_metrics['accuracy']:.4f} "
                 f"(published protocol, not used for selection)")
-        metrics = {f"val_{k}": v for k, v in result.val.items() if isinstance(v, (int, float))}
-        metrics.update({f"train_{k}": v for k, v in result.train.items()}, **extra)
-        metrics.update(epoch=result.epoch, improved=int(result.improved),
-                       best_epoch=st.early_stopping.best_epoch)
+        metrics = {**st.history[-1], **extra, "improved": int(result.improved),
+                   "best_epoch": st.early_stopping.best_epoch}
         if mlflow_log is not None:
             mlflow_log(result, extra)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
                 core.save_checkpoint(Path(tmp) / STATE_FILE, st.state_dict())
-                meta = {**meta_base, "epoch": result.epoch, "val": jsonable(result.val)}
-                (Path(tmp) / META_FILE).write_text(json.dumps(jsonable(meta), indent=1))
+                write_meta(tmp, recipe, epoch=result.epoch, val=result.val)
                 ckpt = Checkpoint.from_directory(tmp)
             ray.train.report(jsonable(metrics), checkpoint=ckpt, checkpoint_dir_name=checkpoint_name(result.epoch))
 
-    progress = console.EpochProgress(spec["name"], int(spec["epochs"]), log) if rank == 0 else None
+    progress = console.EpochProgress(recipe.name, recipe.epochs, log) if rank == 0 else None
 
     def on_batch(epoch: int, step: int) -> None:
         if progress is not None:
             progress(epoch, step)
-        _maybe_inject_fault(spec.get("fault"), epoch, step)
+        _maybe_inject_fault(context.fault, epoch, step)
 
     core.fit(state, objective, precision, train_batches=train_batches, val_batches=val_batches,
-             epochs=int(spec["epochs"]), monitor=spec["monitor"], eval_model=eval_model,
-             on_epoch_end=on_epoch_end, grad_clip=spec.get("grad_clip"), log=log,
-             on_batch=on_batch)
-    stopped_early = state.early_stopping.should_stop and state.epoch < int(spec["epochs"])
+             epochs=recipe.epochs, monitor=recipe.monitor, eval_model=eval_model,
+             on_epoch_end=on_epoch_end, grad_clip=recipe.grad_clip, log=log, on_batch=on_batch)
+    stopped_early = state.early_stopping.should_stop and state.epoch < recipe.epochs
     if stopped_early:
-        log(f"[{spec['name']}] early stop after epoch {state.epoch}: no improvement of {spec['monitor']} "
+        log(f"[{recipe.name}] early stop after epoch {state.epoch}: no improvement of {recipe.monitor} "
             f"for {state.early_stopping.patience} epochs (best epoch {state.early_stopping.best_epoch + 1})")
-    tests = _test_best(spec, eval_model, state.early_stopping.best_epoch, precision, batch_size, seed, log)
+    tests = _test_best(recipe, context, eval_model, state.early_stopping.best_epoch, precision, log)
     return {"history": state.history, "best_epoch": state.early_stopping.best_epoch,
             "best": state.early_stopping.best, "resumed_from": resumed_from, "epochs_run": epochs_run,
             "stopped_early": stopped_early, "tests": tests if rank == 0 else {}}
 
 
-def _test_best(spec: dict, model, best_epoch: int, precision, batch_size: int, seed: int, log) -> dict:
+def _test_best(recipe: StageRecipe, context: StageContext, model, best_epoch: int, precision, log) -> dict:
     """Score the best epoch's weights on each test split, once, after training.
 
     The best checkpoint is read back from the run folder (kept by ``CheckpointConfig``), so this
     also holds after a restart, when the best weights are no longer in memory.
     """
-    if not spec.get("tests"):
+    if not context.tests:
         return {}
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Rank 0 reaches this only after its last report() returned, i.e. its checkpoint is persisted.
         torch.distributed.barrier()
-    best_dir = checkpoint_dir(spec, best_epoch)
+    best_dir = Path(context.checkpoint_root) / checkpoint_name(best_epoch)
     core.unwrap(model).load_state_dict(core.load_checkpoint(checkpoint_state_path(best_dir))["model"])
     results = {}
-    for name, override in spec["tests"].items():
-        objective = build_objective({**spec, **(override or {})})
+    for name, objective in context.tests.items():
         shard = ray.train.get_dataset_shard(name)
-        metrics, arrays = core.evaluate(model, _iter_batches(shard, batch_size, train=False, seed=seed, epoch=0),
-                                        objective, precision)
-        log(f"[{spec['name']}] {name} (best epoch {best_epoch + 1}): " + ", ".join(
+        metrics, arrays = core.evaluate(model, _iter_batches(shard, recipe.batch_size, train=False, seed=recipe.seed,
+                                                             epoch=0),
+                                        build_objective(recipe, objective), precision)
+        log(f"[{recipe.name}] {name} (best epoch {best_epoch + 1}): " + ", ".join(
             f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
         results[name] = {"metrics": metrics, "arrays": arrays}
     return results
@@ -362,70 +355,53 @@ def checkpoint_name(epoch: int) -> str:
     return f"epoch_{epoch:04d}"
 
 
-def checkpoint_dir(spec: dict, epoch: int) -> Path:
-    """Where Ray Train keeps ``epoch``'s checkpoint of a stage: the workers and the driver agree on it."""
-    return Path(spec["checkpoint_root"]) / checkpoint_name(epoch)
-
-
 # ----------------------------------------------------------------------------- driver side
 
-def _trainer(spec: dict, datasets: dict, run: RunOptions, name: str, checkpoint_config=None) -> TorchTrainer:
-    resources = {"CPU": run.cpus_per_worker}
-    if run.use_gpu:
-        resources["GPU"] = 1
-    return TorchTrainer(
-        train_worker,
-        train_loop_config=spec,
-        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
-                                     resources_per_worker=resources),
-        datasets=datasets,
-        dataset_config=EvalSplitDataConfig(),
-        run_config=RunConfig(name=name, storage_path=run.storage_path,
-                             failure_config=FailureConfig(max_failures=run.max_failures),
-                             checkpoint_config=checkpoint_config, callbacks=list(run.callbacks) or None),
-    )
-
-
-def run_stage(spec: dict, datasets: dict, run: RunOptions, tests: Optional[dict] = None) -> StageOutcome:
+def run_stage(recipe: StageRecipe, datasets: dict, run: RunOptions, *, tests: Optional[dict[str, EvalSet]] = None,
+              mlflow: Optional[dict] = None, fault: Optional[dict] = None) -> StageOutcome:
     """Train one stage; returns where its best checkpoint is. Re-running resumes an unfinished run.
 
-    ``tests`` maps a test name to ``(dataset, spec_override)``: after training, the workers score the
-    best checkpoint on each (the test splits are read only then); results land in ``outcome.info["tests"]``.
+    ``tests`` maps a split name to an :class:`EvalSet`: after training, the workers score the best
+    checkpoint on each (the test splits are read only then); results land in ``outcome.info["tests"]``.
     """
-    name = spec["name"]
+    name = recipe.name
     missing = [k for k in (TRAIN_KEY, "val") if k not in datasets]
     if missing:
         raise ValueError(f"stage {name}: datasets {missing} are missing")
     tests = tests or {}
-    datasets = {**datasets, **{k: ds for k, (ds, _) in tests.items()}}
-    spec = {**spec, "tests": {k: override for k, (_, override) in tests.items()},
-            "checkpoint_root": str(Path(run.storage_path) / name)}
+    context = StageContext(checkpoint_root=str(Path(run.storage_path) / name), mlflow=mlflow, fault=fault,
+                           tests={k: t.objective for k, t in tests.items()})
+    resources = {"CPU": run.cpus_per_worker, **({"GPU": 1} if run.use_gpu else {})}
     # Retention follows early stopping exactly: checkpoints are ranked by "improved" (1 when the epoch
     # set a new best), and Ray breaks ties in favour of later reports, so the latest improvement — the
     # early-stopping best — is never deleted (the latest checkpoint is always kept too, for resuming).
     # Ranking by the raw metric instead could keep a later epoch that merely tied it.
-    ckpt_config = CheckpointConfig(num_to_keep=run.keep_checkpoints, checkpoint_score_attribute="improved",
-                                   checkpoint_score_order="max")
-    trainer = _trainer({**spec, "mode": "fit"}, datasets, run, name, ckpt_config)
+    trainer = TorchTrainer(
+        fit_worker,
+        train_loop_config={"recipe": recipe.to_dict(), "context": dataclasses.asdict(context)},
+        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu, resources_per_worker=resources),
+        datasets={**datasets, **{k: t.dataset for k, t in tests.items()}},
+        dataset_config=EvalSplitDataConfig(),
+        run_config=RunConfig(name=name, storage_path=run.storage_path,
+                             failure_config=FailureConfig(max_failures=run.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=run.keep_checkpoints,
+                                                                checkpoint_score_attribute="improved",
+                                                                checkpoint_score_order="max"),
+                             callbacks=list(run.callbacks) or None))
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"stage {name} failed: {result.error}")
     info = result.return_value or {}
     best_epoch = info.get("best_epoch", -1)
-    best = checkpoint_dir(spec, best_epoch) if best_epoch >= 0 else None
+    best = Path(context.checkpoint_root) / checkpoint_name(best_epoch) if best_epoch >= 0 else None
     best_metrics = next((m for c, m in (result.best_checkpoints or []) if best and Path(c.path) == best), {})
     return StageOutcome(name=name, path=str(result.path), best_checkpoint=str(best) if best else None,
                         best_metrics=best_metrics, history=info.get("history", []), info=info)
 
 
-def evaluate_checkpoint(spec: dict, checkpoint_dir: str, dataset, run: RunOptions, split: str = "test") -> dict:
-    """Score a checkpoint on one split with the same workers and objective; returns metrics and arrays."""
-    return evaluate_splits(spec, {split: dataset}, run, checkpoint_dir=checkpoint_dir)[split]
-
-
-def evaluate_splits(spec: dict, datasets: dict, run: RunOptions, *, checkpoint_dir: Optional[str] = None,
+def evaluate_splits(recipe: StageRecipe, datasets: dict, run: RunOptions, *, checkpoint_dir: Optional[str] = None,
                     weights: Optional[str] = None) -> dict:
-    """Score one model on several splits in one Ray Train run; returns ``{split: {metrics, arrays}}``.
+    """Score one model on several splits in one Ray task; returns ``{split: {metrics, arrays}}``.
 
     The weights come from a project checkpoint folder (``checkpoint_dir``) or from a weights file
     in another format, e.g. a published ``checkpoint.pth`` (``weights``: loaded by
@@ -433,13 +409,19 @@ def evaluate_splits(spec: dict, datasets: dict, run: RunOptions, *, checkpoint_d
     """
     if (checkpoint_dir is None) == (weights is None):
         raise ValueError("evaluate_splits needs exactly one of checkpoint_dir and weights")
-    splits = list(datasets)
-    eval_spec = {**spec, "mode": "eval", "splits": splits, "init_from": checkpoint_dir, "init_weights": weights,
-                 "freeze_until": None, "mlflow": None, "fault": None, "test_every_epoch": False}
-    eval_spec["model"] = {k: v for k, v in spec["model"].items() if k != "weights"}
-    trainer = _trainer(eval_spec, datasets, RunOptions(**{**run.__dict__, "max_failures": 0, "callbacks": []}),
-                       f"{spec['name']}-{'-'.join(splits)}-eval-{int(time.time())}")
-    result = trainer.fit()
-    if result.error:
-        raise RuntimeError(f"evaluation of {checkpoint_dir or weights} failed: {result.error}")
-    return result.return_value
+    recipe = recipe.replace(init_from=checkpoint_dir, init_weights=weights, freeze_until=None,
+                            model={k: v for k, v in recipe.model.items() if k != "weights"})
+    task = ray.remote(num_cpus=max(run.cpus_per_worker, 1e-4), num_gpus=1 if run.use_gpu else 0)(_evaluate_task)
+    return ray.get(task.remote(recipe.to_dict(), datasets))
+
+
+def _evaluate_task(recipe: dict, datasets: dict) -> dict:
+    recipe = StageRecipe.from_dict(recipe)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, objective, precision = build_for_device(recipe, device)
+    out = {}
+    for split, ds in datasets.items():
+        metrics, arrays = core.evaluate(model, ds.iter_torch_batches(batch_size=recipe.batch_size), objective,
+                                        precision)
+        out[split] = {"metrics": metrics, "arrays": arrays}
+    return out

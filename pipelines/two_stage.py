@@ -26,10 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):  # run as a script: make the project importable without installing it
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipelines import cli  # noqa: E402
+from pipelines import cli
+from pipelines.recipe import MIX_KEY, EvalSet, StageRecipe
 
 # = emotion_models.losses.PUBLISHED_VA_SCALE (kept here so that parsing flags does not import torch):
 # an MSE on the SAM 1..9 scale is ((9 - 1) / 2)^2 = 16 x the MSE on the canonical [-1, 1] scale.
@@ -198,42 +196,34 @@ def apply_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def _fault(args, stage: str):
-    if not args.fault:
-        return None
-    name, epoch, step, rank, marker = args.fault.split(":", 4)
-    return {"epoch": int(epoch), "step": int(step), "rank": int(rank), "marker": marker} if name == stage else None
-
-
-def stage_spec(args, *, name: str, head_classes: list[str], classes: list[str], objective: dict, epochs: int,
+def stage_recipe(args, *, name: str, head_classes: list[str], classes: list[str], objective: dict, epochs: int,
                lr: float, decay: float, monitor: str, init_from=None, freeze_until=None, mix=False,
-               task: Optional[str] = None, seed: Optional[int] = None, image: Optional[dict] = None) -> dict:
-    """The spec of one stage (see :mod:`pipelines.specs`)."""
+               task: Optional[str] = None, seed: Optional[int] = None, image: Optional[dict] = None) -> StageRecipe:
+    """The recipe of one stage: the VA model, its objective, optimiser and schedule from the flags."""
     task = task or args.task
-    return {
-        "name": name,
-        "model": {"name": "va", "backbone": args.backbone, "task": task, "num_classes": len(head_classes),
-                  "bounded": True, **({"weights": args.weights} if args.weights and init_from is None else {})},
-        "objective": objective,
-        "init_from": init_from,
-        "freeze_until": freeze_until,
-        "freeze_bn": bool(getattr(args, "freeze_bn", False)),
-        "optimizer": {"name": args.optimizer, "lr": lr, "weight_decay": decay},
-        "scheduler": {"name": "cosine", "warmup_epochs": args.warmup_epochs},
-        "epochs": epochs,
-        "early_stop": args.early_stop,
-        "monitor": monitor,
-        "monitor_mode": "max",
-        "batch_size": args.batch_size,
-        "seed": args.seed if seed is None else seed,
-        "classes": classes,
-        "head_classes": head_classes,
-        "image_size": args.image_size,
+    return StageRecipe(
+        name=name,
+        model={"name": "va", "backbone": args.backbone, "task": task, "num_classes": len(head_classes),
+               "bounded": True, **({"weights": args.weights} if args.weights and init_from is None else {})},
+        objective=objective,
+        init_from=init_from,
+        freeze_until=freeze_until,
+        freeze_bn=bool(args.freeze_bn),
+        optimizer={"name": args.optimizer, "lr": lr, "weight_decay": decay},
+        scheduler={"name": "cosine", "warmup_epochs": args.warmup_epochs},
+        epochs=epochs,
+        early_stop=args.early_stop,
+        monitor=monitor,
+        monitor_mode="max",
+        batch_size=args.batch_size,
+        seed=args.seed if seed is None else seed,
+        classes=classes,
+        head_classes=head_classes,
+        image_size=args.image_size,
         # How images were prepared (training and evaluation), so predict prepares them the same way.
-        "image": image or {},
-        "mix_categorical": mix,
-        "fault": _fault(args, name),
-    }
+        image=image or {},
+        mix_categorical=mix,
+    )
 
 
 def va_objective(task: str, alpha: float, va_loss: str, classes: list[str], anchors, accuracy_from: str,
@@ -329,13 +319,12 @@ def _categorical_test(plan: Plan, task: str) -> dict:
     """The categorical test split scored with the categorical classes (accuracy, LDL scores)."""
     if plan.cat_sets is None:
         return {}
-    return {"test_categorical": (plan.cat_sets["test"], {"objective": _categorical_objective(plan, task),
-                                                         "classes": plan.classes})}
+    return {"test_categorical": EvalSet(plan.cat_sets["test"], _categorical_objective(plan, task), plan.classes)}
 
 
 def stage1(plan: Plan, *, task: Optional[str] = None, seed: Optional[int] = None, name: str = "stage1",
-           score_dimensional: Optional[bool] = None) -> tuple[dict, dict, dict]:
-    """Stage one: VA (and categories, multi) on the categorical set. Returns (spec, datasets, tests).
+           score_dimensional: Optional[bool] = None) -> tuple[StageRecipe, dict, dict]:
+    """Stage one: VA (and categories, multi) on the categorical set. Returns (recipe, datasets, tests).
 
     ``score_dimensional`` (default: ``--mode one_stage``) also scores the dimensional test split:
     a one-stage model's VA is learned from categories only.
@@ -344,7 +333,7 @@ def stage1(plan: Plan, *, task: Optional[str] = None, seed: Optional[int] = None
     if plan.cat_sets is None:
         raise ValueError("stage one needs a categorical set (--dataname); --mode dimensional has none")
     task = task or a.task
-    spec = stage_spec(a, name=name, head_classes=plan.classes, classes=plan.classes, epochs=a.num_epochs,
+    recipe = stage_recipe(a, name=name, head_classes=plan.classes, classes=plan.classes, epochs=a.num_epochs,
                       lr=a.lr, decay=a.decay, task=task, seed=seed, image=plan.image,
                       monitor="pearson_mean" if task == "single" else "accuracy",
                       objective=_categorical_objective(plan, task))
@@ -352,20 +341,17 @@ def stage1(plan: Plan, *, task: Optional[str] = None, seed: Optional[int] = None
     if score_dimensional is None:
         score_dimensional = a.mode == "one_stage"
     if score_dimensional and plan.dim_sets is not None:
-        tests["test"] = (plan.dim_sets["test"], {"objective": _dimensional_objective(plan, task),
-                                                 "classes": plan.dim_classes})
-    return spec, {"train": plan.cat_sets["train"], "val": plan.cat_sets["val"]}, tests
+        tests["test"] = EvalSet(plan.dim_sets["test"], _dimensional_objective(plan, task), plan.dim_classes)
+    return recipe, {"train": plan.cat_sets["train"], "val": plan.cat_sets["val"]}, tests
 
 
 def stage2(plan: Plan, init_from: str, *, task: Optional[str] = None, seed: Optional[int] = None,
-           name: str = "stage2") -> tuple[dict, dict, dict]:
+           name: str = "stage2") -> tuple[StageRecipe, dict, dict]:
     """Stage two: from ``init_from`` (stage one's best checkpoint), early layers frozen, on the
     dimensional set; multi-task mixes the categorical stream into every batch."""
-    from pipelines.train_loop import MIX_KEY
-
     a = plan.args
     task = task or a.task
-    spec = stage_spec(a, name=name, head_classes=plan.classes, classes=plan.dim_classes,
+    recipe = stage_recipe(a, name=name, head_classes=plan.classes, classes=plan.dim_classes,
                       epochs=a.stage2_epochs, lr=a.stage2_lr, decay=a.stage2_decay, monitor="pearson_mean",
                       init_from=init_from, task=task, seed=seed, image=plan.image,
                       freeze_until=_stage2_freeze(a), mix=task == "multi",
@@ -373,10 +359,10 @@ def stage2(plan: Plan, init_from: str, *, task: Optional[str] = None, seed: Opti
     datasets = {"train": plan.dim_sets["train"], "val": plan.dim_sets["val"]}
     if task == "multi":
         datasets[MIX_KEY] = plan.cat_sets["train"]
-    return spec, datasets, {"test": (plan.dim_sets["test"], None), **_categorical_test(plan, task)}
+    return recipe, datasets, {"test": EvalSet(plan.dim_sets["test"]), **_categorical_test(plan, task)}
 
 
-def dimensional_stage(plan: Plan, *, seed: Optional[int] = None, name: str = "dimensional") -> tuple[dict, dict, dict]:
+def dimensional_stage(plan: Plan, *, seed: Optional[int] = None, name: str = "dimensional") -> tuple[StageRecipe, dict, dict]:
     """The baseline: the same VA model, from ``--weights``, trained on the dimensional set alone.
 
     The ordinary training flags apply (``--num-epochs``, ``--lr``, ``--decay``, ...); the same
@@ -384,14 +370,14 @@ def dimensional_stage(plan: Plan, *, seed: Optional[int] = None, name: str = "di
     (the grid) its test split is scored too, by decoding VA to the nearest category anchor.
     """
     a = plan.args
-    spec = stage_spec(a, name=name, head_classes=plan.dim_classes, classes=plan.dim_classes,
+    recipe = stage_recipe(a, name=name, head_classes=plan.dim_classes, classes=plan.dim_classes,
                       epochs=a.num_epochs, lr=a.lr, decay=a.decay, monitor="pearson_mean", task="single",
                       seed=seed, image=plan.image, freeze_until=a.dimensional_freeze,
                       objective=_dimensional_objective(plan, "single"))
-    tests = {"test": (plan.dim_sets["test"], None)}
+    tests = {"test": EvalSet(plan.dim_sets["test"])}
     if plan.cat_sets is not None:
         tests.update(_categorical_test(plan, "single"))
-    return spec, {"train": plan.dim_sets["train"], "val": plan.dim_sets["val"]}, tests
+    return recipe, {"train": plan.dim_sets["train"], "val": plan.dim_sets["val"]}, tests
 
 
 def _row(framework: str, seed: int, final: dict) -> dict:
@@ -422,19 +408,19 @@ def run_frameworks(plan: Plan, pipeline, frameworks: list[str], seed: int, tag: 
         if not wanted:
             continue
         prefix = f"{task}-" if grid else ""
-        spec, datasets, tests = stage1(plan, task=task, seed=seed, name=f"{prefix}stage1{tag}",
+        recipe, datasets, tests = stage1(plan, task=task, seed=seed, name=f"{prefix}stage1{tag}",
                                        score_dimensional=f"one_stage-{task}" in wanted)
-        s1 = pipeline.stage(spec, datasets, manifests=plan.manifests, classes=plan.classes, tests=tests)
+        s1 = pipeline.stage(recipe, datasets, manifests=plan.manifests, tests=tests)
         if f"one_stage-{task}" in wanted:
             rows.append(_row(f"one_stage-{task}", seed, s1))
         if f"two_stage-{task}" in wanted:
-            spec, datasets, tests = stage2(plan, s1["outcome"]["best_checkpoint"], task=task, seed=seed,
+            recipe, datasets, tests = stage2(plan, s1["outcome"]["best_checkpoint"], task=task, seed=seed,
                                            name=f"{prefix}stage2{tag}")
-            s2 = pipeline.stage(spec, datasets, manifests=plan.manifests, classes=plan.dim_classes, tests=tests)
+            s2 = pipeline.stage(recipe, datasets, manifests=plan.manifests, tests=tests)
             rows.append(_row(f"two_stage-{task}", seed, s2))
     if "dimensional" in frameworks:
-        spec, datasets, tests = dimensional_stage(plan, seed=seed, name=f"dimensional{tag}")
-        sd = pipeline.stage(spec, datasets, manifests=plan.manifests, classes=plan.dim_classes, tests=tests)
+        recipe, datasets, tests = dimensional_stage(plan, seed=seed, name=f"dimensional{tag}")
+        sd = pipeline.stage(recipe, datasets, manifests=plan.manifests, tests=tests)
         rows.append(_row("dimensional", seed, sd))
     order = {f: i for i, f in enumerate(FRAMEWORKS)}
     return sorted(rows, key=lambda r: order[r["framework"]])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipelines import core
-from pipelines.specs import build_model, build_objective
+from pipelines.recipe import build_model, build_objective
 
 SPEC = {"model": {"name": "va", "backbone": "resnet10t", "task": "multi", "num_classes": 3},
         "objective": {"kind": "va", "task": "multi", "alpha": 0.5, "num_classes": 3,

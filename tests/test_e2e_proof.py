@@ -79,8 +79,10 @@ def test_training_through_ray_learns(learned, workdir):
     from emotion_models.losses import nearest_anchor
 
     stage = _runs(workdir, "learn")["stage1"]
-    meta = json.loads((Path(learned["best_checkpoints"]["stage1"]) / "meta.json").read_text())
-    anchors = np.asarray(meta["spec"]["tests"]["test"]["objective"]["anchors"])
+    from pipelines import cli
+
+    args = two_stage.apply_defaults(cli.parse_args(two_stage.build_parser(), _argv(workdir, "learn", *LEARN)))
+    anchors = np.asarray(two_stage.make_plan(args).dim_anchors)   # the dimensional test split's classes
     local = download_artifacts(run_id=stage.info.run_id, artifact_path="predictions/predictions_test.npz",
                                tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     arrays = np.load(local)
@@ -114,15 +116,15 @@ def test_early_stopping_keeps_the_best_checkpoint_and_prunes_the_rest(learned, w
 
 def test_scoring_the_best_checkpoint_again_reproduces_result_json(learned, workdir):
     from pipelines import cli
-    from pipelines.train_loop import RunOptions, evaluate_checkpoint
+    from pipelines.train_loop import RunOptions, evaluate_splits
 
     args = two_stage.apply_defaults(cli.parse_args(two_stage.build_parser(), _argv(workdir, "learn", *LEARN)))
     plan = two_stage.make_plan(args)
-    spec, _, tests = two_stage.stage1(plan)
-    dataset, override = tests["test"]
-    scored = evaluate_checkpoint({**spec, **override}, learned["best_checkpoints"]["stage1"], dataset,
-                                 RunOptions(storage_path=str(workdir / "rescore"), num_workers=2,
-                                            cpus_per_worker=0.5))
+    recipe, _, tests = two_stage.stage1(plan)
+    test = tests["test"]
+    scored = evaluate_splits(recipe.replace(objective=test.objective), {"test": test.dataset},
+                             RunOptions(storage_path=str(workdir / "rescore"), num_workers=2, cpus_per_worker=0.5),
+                             checkpoint_dir=learned["best_checkpoints"]["stage1"])["test"]
     for key in ("pearson_v", "pearson_a", "mse", "accuracy"):
         assert scored["metrics"][key] == pytest.approx(learned[f"test_{key}"], abs=1e-5), key
 

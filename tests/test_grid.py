@@ -57,11 +57,11 @@ def test_grid_trains_each_stage_one_once_and_two_stage_reuses_it(grid):
         s1_best = stages[f"{task}-stage1"]["outcome"]["best_checkpoint"]
         assert rows[f"one_stage-{task}"]["best_checkpoint"] == s1_best      # the one_stage row is stage one
         s2_meta = json.loads((Path(stages[f"{task}-stage2"]["outcome"]["best_checkpoint"]) / "meta.json").read_text())
-        assert s2_meta["spec"]["init_from"] == s1_best                   # ... and two_stage starts from it
-        assert s2_meta["spec"]["freeze_until"] == "published" and s2_meta["spec"]["freeze_bn"] is False
-        assert s2_meta["spec"]["objective"]["alpha"] == 0.9 and s2_meta["spec"]["objective"]["va_scale"] == 16
+        assert s2_meta["recipe"]["init_from"] == s1_best                   # ... and two_stage starts from it
+        assert s2_meta["recipe"]["freeze_until"] == "published" and s2_meta["recipe"]["freeze_bn"] is False
+        assert s2_meta["recipe"]["objective"]["alpha"] == 0.9 and s2_meta["recipe"]["objective"]["va_scale"] == 16
     dim_meta = json.loads((Path(stages["dimensional"]["outcome"]["best_checkpoint"]) / "meta.json").read_text())
-    spec = dim_meta["spec"]
+    spec = dim_meta["recipe"]
     assert spec["init_from"] is None and spec["freeze_until"] is None and spec["model"]["task"] == "single"
     assert spec["monitor"] == "pearson_mean" and not spec["mix_categorical"]
     # Images are prepared as the backbone's pretrained_cfg says, and the ingest size is recorded for predict.
@@ -137,7 +137,7 @@ def test_dimensional_mode_on_real_emotion6_needs_no_categorical_set(ray_session,
     assert set(result["best_checkpoints"]) == {"dimensional"} and result["mode"] == "dimensional"
     assert math.isfinite(result["test_pearson_v"]) and result["test_categorical_accuracy"] is None
     ckpt = Path(result["best_checkpoints"]["dimensional"])
-    spec = json.loads((ckpt / "meta.json").read_text())["spec"]
+    spec = json.loads((ckpt / "meta.json").read_text())["recipe"]
     assert spec["image"]["max_side"] == 96
 
     # Train/serve parity: the raw image through predict == the ingested bytes through training's eval transform.

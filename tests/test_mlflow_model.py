@@ -32,21 +32,22 @@ def registered(tmp_path_factory):
     import torch
 
     from pipelines.runner import PipelineRun
-    from pipelines.specs import build_model
+    from pipelines.recipe import StageRecipe, build_model, write_meta
     from pipelines.tracking import log_stage_artifacts
     from pipelines.train_loop import RunOptions
 
     tmp = tmp_path_factory.mktemp("mlflow_model")
-    spec = {"name": "stage2", "model": {"name": "va", "backbone": "resnet10t", "task": "single",
-                                        "num_classes": 2, "bounded": True},
-            "objective": {"kind": "va", "task": "single", "num_classes": 2, "anchors": [[0.8, 0.5], [-0.8, -0.5]]},
-            "image": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bilinear",
-                      "crop_pct": 1.0, "max_side": 64}, "image_size": 32, "classes": CLASSES}
+    recipe = StageRecipe(name="stage2", model={"name": "va", "backbone": "resnet10t", "task": "single",
+                                               "num_classes": 2, "bounded": True},
+                         objective={"kind": "va", "num_classes": 2, "anchors": [[0.8, 0.5], [-0.8, -0.5]]},
+                         optimizer={}, image={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+                                              "interpolation": "bilinear", "crop_pct": 1.0, "max_side": 64},
+                         image_size=32, classes=CLASSES)
     ckpt = tmp / "ckpt"
     ckpt.mkdir()
     torch.manual_seed(0)
-    torch.save({"model": build_model(spec).state_dict(), "optimizer": {}}, ckpt / "state.pt")
-    (ckpt / "meta.json").write_text(json.dumps({"spec": spec, "epoch": 0}))
+    torch.save({"model": build_model(recipe).state_dict(), "optimizer": {}}, ckpt / "state.pt")
+    write_meta(ckpt, recipe, epoch=0)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     pipeline = PipelineRun(run_dir=tmp / "run", run=RunOptions(storage_path=str(tmp / "run")), tracking_uri=uri,
                            experiment="t", run_name="r", tags={}, params={}, register="emo-test")

@@ -275,7 +275,7 @@ def test_real_data_defaults_are_the_published_recipe(tmp_path):
     from pipelines import sticker
 
     args = _sticker_args("--data-root", str(tmp_path), "--model", "lora_v", "--num-workers", "2")
-    spec = sticker.sticker_spec(args, [f"c{i}" for i in range(7)])
+    spec = sticker.sticker_recipe(args, [f"c{i}" for i in range(7)]).to_dict()
     assert spec["batch_size"] == 16 and spec["epochs"] == 50 and spec["image_size"] == 448
     assert spec["optimizer"] == {"name": "adamw", "lr": pytest.approx(1e-3 * 16 * 2 / 512), "weight_decay": 0.05,
                                  "filter_bias_and_bn": True}
@@ -373,11 +373,11 @@ def test_demo_preset_with_the_recipe_machinery_learns_well_above_chance():
     Ray on the embedded SER30K-like data beat chance (1/7) by far. The Ray run is in tests/test_sticker.py."""
     from datasets_io import iter_local_batches
     from pipelines import data, sticker
-    from pipelines.specs import build_model, build_objective
+    from pipelines.recipe import build_model, build_objective
 
     args = _sticker_args("--num-epochs", "6", "--seed", "1")
     shards = data.demo_shards(images_per_class=60, image_size=64, seed=0)["ser30k"]
-    spec = sticker.sticker_spec(args, [f"c{i}" for i in range(7)])
+    recipe = sticker.sticker_recipe(args, [f"c{i}" for i in range(7)])
     tokenize = sticker.TokenizeText(args.text_encoder, args.max_text_len)
 
     def batches(split: str, epoch: int):
@@ -392,13 +392,13 @@ def test_demo_preset_with_the_recipe_machinery_learns_well_above_chance():
                    "text_mask": torch.from_numpy(text["text_mask"])}
 
     torch.manual_seed(1)
-    model = build_model(spec)
-    opt = core.build_optimizer(model, **spec["optimizer"])
-    state = core.TrainState(model, opt, core.build_scheduler(opt, epochs=6, **spec["scheduler"]),
+    model = build_model(recipe)
+    opt = core.build_optimizer(model, **recipe.optimizer)
+    state = core.TrainState(model, opt, core.build_scheduler(opt, epochs=6, **recipe.scheduler),
                             core.EarlyStopping(0))
-    objective, precision = build_objective(spec), core.Precision.for_device("cpu")
+    objective, precision = build_objective(recipe), core.Precision.for_device("cpu")
     core.fit(state, objective, precision, train_batches=lambda e: batches("train", e),
-             val_batches=lambda e: batches("val", e), epochs=6, monitor="accuracy", grad_clip=spec["grad_clip"],
+             val_batches=lambda e: batches("val", e), epochs=6, monitor="accuracy", grad_clip=recipe.grad_clip,
              log=lambda *_: None)
     test, _ = core.evaluate(model, batches("test", 0), objective, precision)
     assert test["n"] == 63 and test["accuracy"] > 2 / 7, state.history

@@ -79,7 +79,7 @@ def test_result_and_mlflow_runs(runs, workdir, model):
     assert probs.shape == (2, 7) and (probs.sum(axis=1) - 1).abs().max() < 1e-4
     assert set(out["class"]) <= set(result["classes"]) and (out["error"] == "").all()
     meta = json.loads((Path(result["best_checkpoints"][model]) / "meta.json").read_text())
-    assert meta["spec"]["objective"]["use_text"] is (model == "lora")
+    assert meta["recipe"]["objective"]["use_text"] is (model == "lora")
 
 
 def test_eval_reproduces_reported_test_accuracy(runs, workdir, capsys):

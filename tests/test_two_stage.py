@@ -102,7 +102,7 @@ def test_mlflow_has_parent_and_child_runs_with_artifacts(frameworks, workdir):
     assert list(out["error"] == "") == [True, False, True] and "unreadable image" in out["error"][1]
     ok = out[out["error"] == ""]
     assert ok["valence"].between(-1, 1).all() and ok["arousal"].between(-1, 1).all()
-    classes = json.loads((Path(result["best_checkpoints"]["stage2"]) / "meta.json").read_text())["spec"]["classes"]
+    classes = json.loads((Path(result["best_checkpoints"]["stage2"]) / "meta.json").read_text())["recipe"]["classes"]
     assert set(ok["nearest_category"]) <= set(classes)
     local = Path(mlflow.artifacts.download_artifacts(uri))
     assert "pytorch" not in (local / "MLmodel").read_text() and not list(local.rglob("*.pkl"))
@@ -126,7 +126,7 @@ def test_stage_two_starts_from_stage_one_best_and_freezes_the_published_cut(fram
     result = frameworks[("two_stage", "single")]
     s1_ckpt, s2_ckpt = (Path(result["best_checkpoints"][k]) for k in ("stage1", "stage2"))
     meta2 = json.loads((s2_ckpt / "meta.json").read_text())
-    assert meta2["spec"]["init_from"] == str(s1_ckpt)
+    assert meta2["recipe"]["init_from"] == str(s1_ckpt)
     # The best checkpoint is the best epoch (as logged to the stage's MLflow run), not the last one.
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     parent = client.get_run(result["mlflow_run_id"])
@@ -237,7 +237,7 @@ def test_predict_on_a_trained_checkpoint(frameworks, workdir, tmp_path, capsys):
     from datasets_io.images import prepare_image
     from datasets_io.shards import ImageTransform
     from pipelines import predict
-    from pipelines.specs import load_model_from_checkpoint
+    from pipelines.recipe import load_model_from_checkpoint
 
     run_dir = workdir / "runs" / "two_stage-multi"
     images = tmp_path / "imgs"
@@ -256,19 +256,19 @@ def test_predict_on_a_trained_checkpoint(frameworks, workdir, tmp_path, capsys):
     assert [Path(r["image"]).name for r in rows] == ["cold.png", "warm.jpg"]
     best = Path(frameworks[("two_stage", "multi")]["best_checkpoints"]["stage2"])
     model, meta = load_model_from_checkpoint(best)
-    spec = meta["spec"]
+    recipe = meta["recipe"]
     # Training's path: ingest stores each image as prepare_image's JPEG, the eval transform reads that.
-    image_cfg = {k: v for k, v in (spec.get("image") or {}).items() if k != "max_side"}
-    stored = [prepare_image(Path(r["image"]).read_bytes(), max_side=spec["image"]["max_side"] or 10 ** 6)
+    image_cfg = {k: v for k, v in recipe.image.items() if k != "max_side"}
+    stored = [prepare_image(Path(r["image"]).read_bytes(), max_side=recipe.image["max_side"] or 10 ** 6)
               for r in rows]
-    transform = ImageTransform(spec["image_size"], train=False, num_classes=1, **image_cfg)
+    transform = ImageTransform(recipe.image_size, train=False, num_classes=1, **image_cfg)
     batch = transform({"image": np.array(stored, dtype=object)})["image"]
     model.eval()
     with torch.no_grad():
         va = model(torch.from_numpy(batch))["va"].numpy()
     got = np.array([[float(r["valence"]), float(r["arousal"])] for r in rows])
     np.testing.assert_allclose(got, va, rtol=0, atol=1e-5)
-    classes = spec["classes"]
+    classes = recipe.classes
     for r in rows:
         assert float(r["valence_sam"]) == pytest.approx(float(r["valence"]) * 4 + 5, abs=1e-4)
         assert r["nearest_category"] in classes
