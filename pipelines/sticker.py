@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pipelines import cli
 from pipelines.recipe import EvalSet, StageRecipe
+from pipelines.registry import Pipeline
 
 # The published training (SER30K main.py + configs/pvt/pvt_small.py + README), for real data:
 # batch 16 per worker, lr 1e-3 x batch x workers / 512, AdamW wd 0.05 (biases, norms, position
@@ -376,6 +377,10 @@ def evaluate_only(args) -> int:
     print(json.dumps(result, indent=1, default=float))
     return 0
 
+
+PIPELINE = Pipeline(name="sticker", script="pipelines/sticker.py", data_flag="data_root",
+                    build_parser=build_parser, apply_defaults=apply_defaults, make_plan=make_plan,
+                    stages={"sticker": sticker_stage}, main=main)
 
 if __name__ == "__main__":
     sys.exit(cli.run_main(main))

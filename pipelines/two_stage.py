@@ -28,6 +28,7 @@ from typing import Optional
 
 from pipelines import cli
 from pipelines.recipe import MIX_KEY, EvalSet, StageRecipe
+from pipelines.registry import Pipeline
 
 # = emotion_models.losses.PUBLISHED_VA_SCALE (kept here so that parsing flags does not import torch):
 # an MSE on the SAM 1..9 scale is ((9 - 1) / 2)^2 = 16 x the MSE on the canonical [-1, 1] scale.
@@ -48,7 +49,6 @@ DEMO_DATA = dict(images_per_class=60, image_size=64, seed=0)
 FRAMEWORKS = ("one_stage-single", "two_stage-single", "one_stage-multi", "two_stage-multi", "dimensional")
 # Where stage two cuts by default: the published fine-tune (resnet conv1, bn1, layer1, layer2 frozen).
 DEFAULT_FREEZE = "published"
-COMPARE = ("test_pearson_v", "test_pearson_a", "test_ccc_v", "test_ccc_a", "test_mse", "test_categorical_accuracy")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -426,65 +426,6 @@ def run_frameworks(plan: Plan, pipeline, frameworks: list[str], seed: int, tag: 
     return sorted(rows, key=lambda r: order[r["framework"]])
 
 
-def summarize(rows: list[dict]) -> dict:
-    """``{framework: {metric: {"mean", "std", "n"}}}`` over seeds (sample std, ddof 1; 0 for one seed)."""
-    import numpy as np
-
-    out: dict = {}
-    for framework in dict.fromkeys(r["framework"] for r in rows):
-        mine = [r for r in rows if r["framework"] == framework]
-        out[framework] = {}
-        for key in COMPARE:
-            values = [r[key] for r in mine if isinstance(r.get(key), (int, float))]
-            if values:
-                arr = np.asarray(values, dtype=np.float64)
-                out[framework][key] = {"mean": float(arr.mean()),
-                                       "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, "n": len(arr)}
-    return out
-
-
-def comparison_table(summary: dict) -> str:
-    """The grid's comparison as a Markdown table (mean +- std over seeds when there are several)."""
-    heads = ["framework", "Pearson V", "Pearson A", "CCC V", "CCC A", "MSE", "cat. accuracy"]
-    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-    for framework, metrics in summary.items():
-        cells = [framework]
-        for key in COMPARE:
-            m = metrics.get(key)
-            cells.append("–" if m is None else (f"{m['mean']:.3f} ± {m['std']:.3f}" if m["n"] > 1
-                                                 else f"{m['mean']:.3f}"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def comparison_figure(summary: dict, title: str = ""):
-    """Bars of test Pearson V / A and CCC V / A per framework, with the std over seeds as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    keys = ("test_pearson_v", "test_pearson_a", "test_ccc_v", "test_ccc_a")
-    frameworks = list(summary)
-    x = np.arange(len(frameworks))
-    width = 0.8 / len(keys)
-    fig, ax = plt.subplots(figsize=(1.6 * len(frameworks) + 2, 3.6))
-    for i, key in enumerate(keys):
-        means = [summary[f].get(key, {}).get("mean", np.nan) for f in frameworks]
-        stds = [summary[f].get(key, {}).get("std", 0.0) for f in frameworks]
-        ax.bar(x + (i - (len(keys) - 1) / 2) * width, means, width, yerr=stds, capsize=2,
-               label=key.replace("test_", "").replace("_", " "))
-    ax.set_xticks(x, frameworks, rotation=15)
-    ax.set_ylabel("test score (dimensional set)")
-    ax.axhline(0, color="grey", linewidth=0.5)
-    ax.legend(fontsize=7, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0))
-    if title:
-        ax.set_title(title, fontsize=9, pad=22)
-    fig.tight_layout()
-    return fig
-
-
 def main(argv=None) -> int:
     args = apply_defaults(cli.parse_args(build_parser(), argv))
     from pipelines.runner import PipelineRun
@@ -510,6 +451,8 @@ def main(argv=None) -> int:
         pipeline.print_summary(result, path, f"two_stage {args.mode} / {args.task} on {plan.dataname}")
         return 0
 
+    from pipelines.grid import COMPARE, comparison_figure, comparison_table, summarize
+
     summary = summarize(rows)
     table = comparison_table(summary)
     title = (f"{plan.dataname}: {len(args.run_frameworks)} frameworks x {len(args.run_seeds)} seed(s) "
@@ -531,6 +474,10 @@ def main(argv=None) -> int:
     pipeline.print_summary(result, path, "two_stage grid")
     return 0
 
+
+PIPELINE = Pipeline(name="two_stage", script="pipelines/two_stage.py", data_flag="dataname",
+                    build_parser=build_parser, apply_defaults=apply_defaults, make_plan=make_plan,
+                    stages={"stage1": stage1, "stage2": stage2, "dimensional": dimensional_stage}, main=main)
 
 if __name__ == "__main__":
     sys.exit(cli.run_main(main))

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from pipelines import core
-from pipelines.recipe import build_model, build_objective
+from pipelines.recipe import StageRecipe, build_model, build_objective
 
-SPEC = {"model": {"name": "va", "backbone": "resnet10t", "task": "multi", "num_classes": 3},
-        "objective": {"kind": "va", "task": "multi", "alpha": 0.5, "num_classes": 3,
-                      "anchors": [[-0.8, 0.5], [0.0, -0.5], [0.8, 0.5]], "accuracy_from": "logits"}}
+SPEC = StageRecipe(name="core", model={"name": "va", "backbone": "resnet10t", "task": "multi", "num_classes": 3},
+                   objective={"kind": "va", "task": "multi", "alpha": 0.5, "num_classes": 3,
+                              "anchors": [[-0.8, 0.5], [0.0, -0.5], [0.8, 0.5]], "accuracy_from": "logits"},
+                   optimizer={})
 
 
 def test_early_stopping_keeps_the_first_of_tied_bests_and_stops_on_patience():

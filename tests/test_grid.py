@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from pipelines import cli, two_stage
+from pipelines import grid as comparison
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +41,7 @@ def test_grid_gives_five_rows_with_every_metric(grid):
     result = grid["result"]
     assert [r["framework"] for r in result["rows"]] == list(two_stage.FRAMEWORKS)
     for row in result["rows"]:
-        for key in two_stage.COMPARE:
+        for key in comparison.COMPARE:
             assert isinstance(row[key], float) and math.isfinite(row[key]), (row["framework"], key, row[key])
     assert set(result["summary"]) == set(two_stage.FRAMEWORKS)
     for framework in two_stage.FRAMEWORKS:
@@ -90,11 +91,11 @@ def test_grid_logs_children_table_and_chart_to_one_parent(grid):
 def test_summary_over_seeds_is_mean_and_sample_std():
     rows = [{"framework": "dimensional", "seed": s, "test_pearson_v": v, "test_mse": m}
             for s, v, m in ((42, 0.5, 0.1), (43, 0.7, 0.3), (44, 0.6, 0.2))]
-    summary = two_stage.summarize(rows)["dimensional"]
+    summary = comparison.summarize(rows)["dimensional"]
     assert summary["test_pearson_v"]["mean"] == pytest.approx(0.6)
     assert summary["test_pearson_v"]["std"] == pytest.approx(np.std([0.5, 0.7, 0.6], ddof=1))
     assert summary["test_pearson_v"]["n"] == 3 and "test_ccc_v" not in summary
-    assert "0.600 ± 0.100" in two_stage.comparison_table({"dimensional": summary})
+    assert "0.600 ± 0.100" in comparison.comparison_table({"dimensional": summary})
 
 
 def test_frameworks_and_seeds_flags():
