@@ -1,14 +1,16 @@
-"""Reading ingested shards for training: with Ray Data, or with plain pyarrow + PyTorch.
+"""Reading ingested shards for training, engine-free: this module never imports Ray.
 
 What a trainer needs from the output of :mod:`datasets_io.ingest`:
 
-* :func:`load_split` -> a ``ray.data.Dataset`` of one split;
-* :class:`ImageTransform` -> ``ds.map_batches(ImageTransform(...), batch_format="numpy")``
-  turns JPEG bytes + nullable targets into fixed-shape arrays with presence masks;
-* :func:`iter_local_batches` -> the same batches without Ray (tests, benchmarks, a plain loop).
+* :class:`ImageTransform` turns JPEG bytes + nullable targets into fixed-shape arrays with
+  presence masks (``ds.map_batches(ImageTransform(...), batch_format="numpy")`` on a Ray
+  Dataset from :func:`datasets_io.ray_data.load_split`, or a plain call on a numpy batch);
+* :func:`iter_local_batches` -> the same batches read with pyarrow (tests, benchmarks, a plain loop);
+* :func:`repeat_rows` / :func:`ra_epoch_rows`: repeated augmentation's rows (the Ray Data plan
+  is :func:`datasets_io.ray_data.repeated_augmentation`).
 
-The format itself (:data:`~datasets_io.ingest.SHARD_SCHEMA`, the manifest) is defined by
-the writer, :mod:`datasets_io.ingest`.
+The format itself (:data:`~datasets_io.records.SHARD_SCHEMA`, the manifest) is defined in
+:mod:`datasets_io.records`.
 """
 from __future__ import annotations
 
@@ -26,15 +28,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from datasets_io.ingest import SHARD_SCHEMA, read_manifest
-from datasets_io.records import SPLITS
+from datasets_io.records import SHARD_SCHEMA, SPLITS, read_manifest
 
 if TYPE_CHECKING:
-    import ray.data
     import torch
 
-__all__ = ["load_split", "split_folder", "ImageTransform", "to_tensors", "iter_local_batches",
-           "numpy_batch", "AUGMENTATIONS", "repeat_rows", "ra_epoch_rows", "repeated_augmentation"]
+__all__ = ["split_folder", "ImageTransform", "to_tensors", "iter_local_batches", "numpy_batch", "AUGMENTATIONS",
+           "repeat_rows", "ra_epoch_rows"]
 
 AUGMENTATIONS = ("basic", "randaugment", "none")
 RANDAUGMENT_POLICY = "rand-m9-mstd0.5"
@@ -57,16 +57,6 @@ def split_folder(out: str | os.PathLike, split: str) -> Path:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: split folder is missing from the ingest output")
     return folder
-
-
-def load_split(out: str | os.PathLike, split: str, *,
-               columns: Optional[Sequence[str]] = None) -> "ray.data.Dataset":
-    """The Parquet shards of one split as a (lazy) Ray Dataset."""
-    import ray.data
-
-    folder = split_folder(out, split)
-    return ray.data.read_parquet(str(folder), columns=list(columns) if columns else None,
-                                 file_extensions=["parquet"])
 
 
 # ----------------------------------------------------------------------------- transform
@@ -100,8 +90,8 @@ class ImageTransform:
                  seed: Optional[int] = None, keep_text: bool = False, interpolation: str = "bicubic",
                  crop_pct: Optional[float] = None, scale: Sequence[float] = (0.5, 1.0),
                  auto_augment: Optional[str] = None) -> None:
-        """``mean`` / ``std`` default to timm's ImageNet values (imported here, not at module
-        import, so Ray workers running the eval/basic path never import torch); ``interpolation``
+        """``mean`` / ``std`` default to timm's ImageNet values (timm is imported here, not at module
+        import, so importing this module stays light); ``interpolation``
         (``bicubic``, ``bilinear``, ``nearest``) and ``crop_pct`` (eval resize = ``S / crop_pct``,
         default timm's 0.875) follow the backbone's ``pretrained_cfg`` when the caller passes them
         (``emotion_models.va.data_config``)."""
@@ -218,21 +208,6 @@ def ra_epoch_rows(num_rows: int, repeats: int, multiple: int = 256) -> tuple[int
     target = num_rows // multiple * multiple if num_rows >= multiple else num_rows
     distinct = min(num_rows, math.ceil(target / repeats))
     return distinct * repeats, distinct
-
-
-def repeated_augmentation(ds: "ray.data.Dataset", repeats: int, num_rows: int,
-                          multiple: int = 256) -> "ray.data.Dataset":
-    """The training rows of one epoch under repeated augmentation (see :func:`ra_epoch_rows`).
-
-    A Ray Data plan runs afresh every epoch, so ``random_shuffle()`` (unseeded: Ray Data has no
-    epoch number to seed it with) picks a new random subset each epoch; ``limit`` keeps the
-    distinct images, :func:`repeat_rows` makes the copies. Apply before :class:`ImageTransform`.
-    """
-    if repeats <= 1:
-        return ds
-    _, distinct = ra_epoch_rows(num_rows, repeats, multiple)
-    return ds.random_shuffle().limit(distinct).map_batches(repeat_rows, fn_kwargs={"repeats": repeats},
-                                                           batch_format="pyarrow")
 
 
 def _targets(batch: dict[str, Any], n: int, num_classes: int) -> dict[str, np.ndarray]:
