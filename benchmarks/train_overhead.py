@@ -5,7 +5,7 @@
 (a) Ray Train: ``pipelines.train_loop.run_stage`` with ``--num-workers`` CPU workers (DDP over gloo),
     the shards streamed by Ray Data with decoding in ``map_batches``.
 (b) Bare PyTorch: ``pipelines.core.train_one_epoch`` in this one process, batches from
-    ``datasets_io.iter_local_batches`` (pyarrow + the same ImageTransform), torch using every core.
+    ``datasets_io.shards.iter_local_batches`` (pyarrow + the same ImageTransform), torch using every core.
 
 Both run the same number of epochs on the same demo shards; the first epoch (start-up, first
 decode) is excluded from both rates. It prints training samples/s for each and their ratio.
@@ -36,18 +36,18 @@ def recipe_for(args, num_classes: int) -> StageRecipe:
 
 
 def bare_loop(args, shards: Path, num_classes: int) -> float:
-    import datasets_io
+    from datasets_io.shards import ImageTransform, iter_local_batches
 
     torch.set_num_threads(os.cpu_count() or 1)
     recipe = recipe_for(args, num_classes)
     model, objective = build_model(recipe), build_objective(recipe)
     optimizer = core.build_optimizer(model.parameters(), lr=1e-3)
     precision = core.Precision.for_device("cpu")
-    transform = datasets_io.ImageTransform(args.image_size, train=True, num_classes=num_classes)
+    transform = ImageTransform(args.image_size, train=True, num_classes=num_classes)
     rates = []
     for epoch in range(args.epochs):
         start = time.perf_counter()
-        stats = core.train_one_epoch(model, datasets_io.iter_local_batches(
+        stats = core.train_one_epoch(model, iter_local_batches(
             shards, "train", transform, batch_size=args.batch_size, shuffle=True, seed=epoch),
             optimizer, objective, precision)
         rates.append(stats["samples"] / (time.perf_counter() - start))
@@ -83,15 +83,15 @@ def main() -> None:
                    help="size of the generated demo set (8 classes; about 70%% of it trains)")
     args = p.parse_args()
 
-    import datasets_io
     import ray
+    from datasets_io.records import read_manifest
     from pipelines import data
 
     # One quiet local Ray for the demo ingest and the Ray Train run (workers' lines stay in Ray's logs).
     ray.init(num_cpus=os.cpu_count(), log_to_driver=False)  # dashboard on: Ray Train V2 needs it
     shards = Path(args.shards) if args.shards else data.demo_shards(
         images_per_class=args.images_per_class, show_progress=False)["fi"]
-    num_classes = len(datasets_io.read_manifest(shards)["classes"])
+    num_classes = len(read_manifest(shards)["classes"])
     print(f"data {shards}, model {args.backbone} at {args.image_size} px, batch {args.batch_size}, "
           f"{args.epochs} epochs, {os.cpu_count()} cores")
     bare = bare_loop(args, shards, num_classes)

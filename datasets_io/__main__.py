@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from datasets_io.readers import LAYOUTS
+from datasets_io.layouts import LAYOUTS
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import zlib
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ import numpy as np
 from matplotlib.colors import hsv_to_rgb
 from PIL import Image
 
+from datasets_io import paths
 from datasets_io.lexicon import CATEGORY_SETS, Lexicon, canonical_to_sam, sam_to_canonical
 from datasets_io.readers import EMOTION6_CLASSES, stratified_split
 
@@ -237,11 +237,6 @@ def _check_options(images_per_class: int, image_size: int, which: Sequence[str])
 
 # ----------------------------------------------------------------------------- cache
 
-def default_cache_dir() -> Path:
-    """``$EMOTION_RAY_CACHE``, else ``~/.cache/emotion-ray``."""
-    return Path(os.environ.get("EMOTION_RAY_CACHE") or Path.home() / ".cache" / "emotion-ray").expanduser()
-
-
 def ensure_demo(cache_dir: Optional[PathLike] = None, **kwargs) -> dict[str, Path]:
     """The demo datasets under ``<cache_dir>/demo``, generated on first use.
 
@@ -256,7 +251,7 @@ def ensure_demo(cache_dir: Optional[PathLike] = None, **kwargs) -> dict[str, Pat
     params.update(kwargs, version=DEMO_VERSION)
     params["which"] = list(params["which"])
     _check_options(params["images_per_class"], params["image_size"], params["which"])
-    out = Path(cache_dir or default_cache_dir()).expanduser() / "demo"
+    out = Path(cache_dir or paths.cache_dir()).expanduser() / "demo"
     out.mkdir(parents=True, exist_ok=True)
     marker = out / MARKER
     with _locked(out / ".lock"):

@@ -1,9 +1,8 @@
 """Ingest: a dataset on disk -> validated JPEG rows in Parquet shards, as one Ray Data job.
 
-Output layout (complete only when ``manifest.json`` is present)::
-
-    <out>/manifest.json              classes, VA scale, counts, every skipped file + reason
-    <out>/{train,val,test}/*.parquet columns = records.COLUMNS, schema = SHARD_SCHEMA
+The output format (``<out>/manifest.json`` + ``<out>/{train,val,test}/*.parquet``, schema
+:data:`~datasets_io.records.SHARD_SCHEMA`) is defined in :mod:`datasets_io.records`; it is
+complete only when the manifest is present.
 
 The job streams: record metadata -> ``map_batches`` (read bytes, :func:`prepare_image`)
 -> a datasink that writes the good rows per split and returns the bad ones (path +
@@ -20,9 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
-import types
 import uuid
 from collections import Counter
 from dataclasses import asdict
@@ -38,30 +35,16 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
 from datasets_io.images import DEFAULT_MAX_PIXELS, BadImage, prepare_image
-from datasets_io.readers import ESCAPES, MISSING, read_dataset, read_json_object, reader_options
-from datasets_io.records import COLUMNS, SCHEMA_VERSION, SPLITS, VA_SCALE, ReaderResult
+from datasets_io.layouts import read_dataset, reader_options
+from datasets_io.readers import ESCAPES, MISSING
+from datasets_io.records import (COLUMNS, MANIFEST_NAME, SCHEMA_VERSION, SHARD_SCHEMA, SPLITS, VA_SCALE, ReaderResult,
+                                 is_ingested, read_manifest)
 
-__all__ = ["ingest", "is_ingested", "read_manifest", "SHARD_SCHEMA", "MANIFEST_NAME"]
+__all__ = ["ingest"]
 
-MANIFEST_NAME = "manifest.json"
 MAX_ROWS_PER_TASK = 1024  # upper bound on rows per write task = per file and split (~50 MB)
 _TASKS_PER_CPU = 4         # enough tasks to keep every core busy and balance stragglers
 _BATCH_SIZE = 16           # images per map_batches call inside a task (bounds its memory)
-
-# Explicit so that a block whose label_dist / valence are all null keeps its types.
-SHARD_SCHEMA = pa.schema([
-    ("image", pa.binary()),
-    ("image_id", pa.string()),
-    ("split", pa.string()),
-    ("label", pa.int64()),
-    ("label_dist", pa.list_(pa.float32())),
-    ("valence", pa.float32()),
-    ("arousal", pa.float32()),
-    ("va_source", pa.string()),
-    ("text", pa.string()),
-    ("group", pa.string()),
-])
-assert tuple(SHARD_SCHEMA.names) == COLUMNS, "SHARD_SCHEMA must follow records.COLUMNS"
 
 # What the map step emits: the shard columns plus the reason a row was rejected (null if good).
 _PREPARED_SCHEMA = SHARD_SCHEMA.append(pa.field("error", pa.string()))
@@ -127,23 +110,6 @@ def ingest(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(_summary(manifest, out, time.perf_counter() - start))
-    return manifest
-
-
-def is_ingested(out: str | os.PathLike) -> bool:
-    """Whether ``out`` is a complete ingest output (its manifest is written last)."""
-    return (Path(out) / MANIFEST_NAME).is_file()
-
-
-def read_manifest(out: str | os.PathLike) -> dict:
-    """Load ``<out>/manifest.json``; a one-line error if absent, unreadable or another schema."""
-    path = Path(out) / MANIFEST_NAME
-    manifest = read_json_object(path, f"not found; {out} is not a complete ingest output "
-                                      "(run: python -m datasets_io ingest ...)")
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {version!r}, this code reads {SCHEMA_VERSION}; "
-                         "re-ingest with --overwrite")
     return manifest
 
 
@@ -344,13 +310,3 @@ class _ShardSink(Datasink):
             for split, n in result["counts"].items():
                 self.counts[split] += n
             self.skipped.extend(result["skipped"])
-
-
-class _CallableModule(types.ModuleType):
-    """``datasets_io.ingest`` names this module and its function: calling the module runs it."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict:
-        return ingest(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -1,5 +1,8 @@
 """One reader per on-disk dataset layout, all yielding the same :class:`~datasets_io.records.Record`.
 
+The readers are registered, with how to recognise their folders and the dataset names that
+use them, in :mod:`datasets_io.layouts`; read a dataset with :func:`datasets_io.layouts.read_dataset`.
+
 =========  =====================================================================
 layout     on disk
 =========  =====================================================================
@@ -21,8 +24,6 @@ run stops before any training starts. Output is sorted by path and deterministic
 """
 from __future__ import annotations
 
-import inspect
-import json
 import os
 import posixpath
 import random
@@ -33,12 +34,12 @@ import numpy as np
 
 from datasets_io.lexicon import (CATEGORY_SETS, Lexicon, has_header, normalize_dist, parse_number, parse_va,
                                  read_table, resolve_categories, sam_to_canonical)
-from datasets_io.records import SPLITS, Record, ReaderResult
+from datasets_io.paths import IMAGE_EXTENSIONS
+from datasets_io.records import SPLITS, Record, ReaderResult, read_json_object
 
 PathLike = Union[str, Path]
 Ratios = Sequence[float]
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 SPLIT_FOLDER_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 DEFAULT_RATIOS = (0.8, 0.1, 0.1)
 
@@ -405,19 +406,6 @@ def read_ser30k(root: PathLike, lexicon: Union[None, PathLike, Lexicon] = None) 
     return _result(records, classes, members, layout="ser30k", categories=classes, lexicon=lexicon.source)
 
 
-def read_json_object(path: Path, missing: str, expected: str = "a JSON object") -> dict:
-    """A JSON file holding an object, or a one-line error naming the file (``missing`` when absent)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {missing}")
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(document, dict):
-        raise ValueError(f"{path}: expected {expected}")
-    return document
-
-
 def _load_json(path: Path) -> tuple[Path, dict]:
     return path, read_json_object(path, "SER30K split file is missing (train.json, val.json and test.json "
                                         "are all required)", "a JSON object with an 'annotations' list")
@@ -441,31 +429,3 @@ def _ser30k_classes(documents: dict[str, tuple[Path, dict]]) -> list[str]:
     if any(names != found[0][1] for _, names in found):
         raise ValueError(f"{found[0][0]}: 'categories' differ between the split files")
     return found[0][1] if found else list(SER30K_CLASSES)
-
-
-# ----------------------------------------------------------------------------- dispatch
-
-READERS: dict[str, Callable[..., ReaderResult]] = {
-    "folder": read_folder,
-    "ldl": read_ldl,
-    "emotion6": read_emotion6,
-    "ser30k": read_ser30k,
-}
-LAYOUTS = tuple(READERS)
-
-
-def reader_options(layout: str) -> list[str]:
-    """The options the reader of ``layout`` takes (besides the root)."""
-    if layout not in READERS:
-        raise ValueError(f"unknown dataset layout {layout!r}; known: {', '.join(LAYOUTS)}")
-    return list(inspect.signature(READERS[layout]).parameters)[1:]
-
-
-def read_dataset(layout: str, root: PathLike, **options) -> ReaderResult:
-    """Read the dataset at ``root`` with the reader of ``layout`` (one of :data:`LAYOUTS`)."""
-    accepted = reader_options(layout)
-    reader = READERS[layout]
-    extra = sorted(set(options) - set(accepted))
-    if extra:
-        raise ValueError(f"layout {layout!r} does not take {', '.join(extra)}; it takes {', '.join(accepted)}")
-    return reader(root, **options)

@@ -1,31 +1,48 @@
-"""The one record every reader yields, and the Parquet schema the ingest writes.
+"""The data format, engine-free: the record every reader yields, the Parquet schema of the
+shards and the manifest that marks an ingest output complete.
+
+An ingest output (written by :mod:`datasets_io.ingest`, read by :mod:`datasets_io.shards`
+and :mod:`datasets_io.ray_data`) is::
+
+    <out>/manifest.json              classes, VA scale, counts, every skipped file + reason
+    <out>/{train,val,test}/*.parquet columns = COLUMNS, schema = SHARD_SCHEMA
 
 Valence and arousal are always on the project's canonical scale, [-1, 1]
 (see :mod:`datasets_io.lexicon` for the converters from NRC 0..1 and SAM 1..9).
+This module imports pyarrow but neither Ray nor torch.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
+
+import pyarrow as pa
 
 SCHEMA_VERSION = 1
 VA_SCALE = "canonical[-1,1]"
 SPLITS = ("train", "val", "test")
 VA_SOURCES = ("measured", "lexicon", "none")
 
-# Column order of the Parquet shards (one row per image).
-COLUMNS = (
-    "image",       # bytes: JPEG, longer side <= max_side
-    "image_id",    # str: the image's path relative to the dataset root (posix)
-    "split",       # str: train | val | test
-    "label",       # int: class index, -1 if none
-    "label_dist",  # list<float> over the classes, or null
-    "valence",     # float on [-1, 1], or null
-    "arousal",     # float on [-1, 1], or null
-    "va_source",   # str: measured | lexicon | none
-    "text",        # str: embedded text (SER30K), "" otherwise
-    "group",       # str: topic (SER30K) or category folder; free-form grouping
-)
+# The Parquet schema of the shards (one row per image), in column order. Explicit types, so that
+# a block whose label_dist / valence are all null keeps them.
+SHARD_SCHEMA = pa.schema([
+    ("image", pa.binary()),                 # JPEG, longer side <= max_side
+    ("image_id", pa.string()),              # the image's path relative to the dataset root (posix)
+    ("split", pa.string()),                 # train | val | test
+    ("label", pa.int64()),                  # class index, -1 if none
+    ("label_dist", pa.list_(pa.float32())), # distribution over the classes, or null
+    ("valence", pa.float32()),              # on [-1, 1], or null
+    ("arousal", pa.float32()),              # on [-1, 1], or null
+    ("va_source", pa.string()),             # measured | lexicon | none
+    ("text", pa.string()),                  # embedded text (SER30K), "" otherwise
+    ("group", pa.string()),                 # topic (SER30K) or category folder; free-form grouping
+])
+COLUMNS = tuple(SHARD_SCHEMA.names)
+
+MANIFEST_NAME = "manifest.json"  # written last: its presence marks an ingest output complete
 
 
 @dataclass
@@ -55,3 +72,35 @@ class ReaderResult:
     classes: list[str]
     skipped: list[dict] = field(default_factory=list)  # {"path": ..., "reason": ...}
     params: dict = field(default_factory=dict)          # the reader's effective options
+
+
+# ----------------------------------------------------------------------------- the manifest
+
+def is_ingested(out: str | os.PathLike) -> bool:
+    """Whether ``out`` is a complete ingest output (its manifest is written last)."""
+    return (Path(out) / MANIFEST_NAME).is_file()
+
+
+def read_manifest(out: str | os.PathLike) -> dict:
+    """Load ``<out>/manifest.json``; a one-line error if absent, unreadable or another schema."""
+    path = Path(out) / MANIFEST_NAME
+    manifest = read_json_object(path, f"not found; {out} is not a complete ingest output "
+                                      "(run: python -m datasets_io ingest ...)")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema_version {version!r}, this code reads {SCHEMA_VERSION}; "
+                         "re-ingest with --overwrite")
+    return manifest
+
+
+def read_json_object(path: Path, missing: str, expected: str = "a JSON object") -> dict:
+    """A JSON file holding an object, or a one-line error naming the file (``missing`` when absent)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {missing}")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: expected {expected}")
+    return document

@@ -1,14 +1,16 @@
-"""Reading ingested shards for training: with Ray Data, or with plain pyarrow + PyTorch.
+"""Reading ingested shards for training, engine-free: this module never imports Ray.
 
 What a trainer needs from the output of :mod:`datasets_io.ingest`:
 
-* :func:`load_split` -> a ``ray.data.Dataset`` of one split;
-* :class:`ImageTransform` -> ``ds.map_batches(ImageTransform(...), batch_format="numpy")``
-  turns JPEG bytes + nullable targets into fixed-shape arrays with presence masks;
-* :func:`iter_local_batches` -> the same batches without Ray (tests, benchmarks, a plain loop).
+* :class:`ImageTransform` turns JPEG bytes + nullable targets into fixed-shape arrays with
+  presence masks (``ds.map_batches(ImageTransform(...), batch_format="numpy")`` on a Ray
+  Dataset from :func:`datasets_io.ray_data.load_split`, or a plain call on a numpy batch);
+* :func:`iter_local_batches` -> the same batches read with pyarrow (tests, benchmarks, a plain loop);
+* :func:`repeat_rows` / :func:`ra_epoch_rows`: repeated augmentation's rows (the Ray Data plan
+  is :func:`datasets_io.ray_data.repeated_augmentation`).
 
-The format itself (:data:`~datasets_io.ingest.SHARD_SCHEMA`, the manifest) is defined by
-the writer, :mod:`datasets_io.ingest`.
+The format itself (:data:`~datasets_io.records.SHARD_SCHEMA`, the manifest) is defined in
+:mod:`datasets_io.records`.
 """
 from __future__ import annotations
 
@@ -26,15 +28,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from datasets_io.ingest import SHARD_SCHEMA, read_manifest
-from datasets_io.records import SPLITS
+from datasets_io.records import SHARD_SCHEMA, SPLITS, read_manifest
 
 if TYPE_CHECKING:
-    import ray.data
     import torch
 
-__all__ = ["load_split", "split_folder", "ImageTransform", "to_tensors", "iter_local_batches",
-           "numpy_batch", "AUGMENTATIONS", "repeat_rows", "ra_epoch_rows", "repeated_augmentation"]
+__all__ = ["split_folder", "ImageTransform", "to_tensors", "iter_local_batches", "numpy_batch", "AUGMENTATIONS",
+           "repeat_rows", "ra_epoch_rows"]
 
 AUGMENTATIONS = ("basic", "randaugment", "none")
 RANDAUGMENT_POLICY = "rand-m9-mstd0.5"
@@ -59,16 +59,6 @@ def split_folder(out: str | os.PathLike, split: str) -> Path:
     return folder
 
 
-def load_split(out: str | os.PathLike, split: str, *,
-               columns: Optional[Sequence[str]] = None) -> "ray.data.Dataset":
-    """The Parquet shards of one split as a (lazy) Ray Dataset."""
-    import ray.data
-
-    folder = split_folder(out, split)
-    return ray.data.read_parquet(str(folder), columns=list(columns) if columns else None,
-                                 file_extensions=["parquet"])
-
-
 # ----------------------------------------------------------------------------- transform
 
 class ImageTransform:
@@ -81,10 +71,11 @@ class ImageTransform:
     ``has_va``, and ``text`` (object array of str) only when ``keep_text``. String and
     bytes columns are dropped otherwise, so ``iter_torch_batches`` can tensorise all.
 
-    Train: ``basic`` = RandomResizedCrop(``scale``, default (0.5, 1)) + horizontal flip;
+    Train: ``basic`` = timm's RandomResizedCrop(``scale``, default (0.5, 1)) + horizontal flip;
     ``randaugment`` adds timm's RandAugment ``auto_augment`` (default ``rand-m9-mstd0.5``) on top;
     ``none`` = the eval path. The DeiT recipe is ``scale=DEIT_SCALE, auto_augment=DEIT_RANDAUGMENT_POLICY``.
-    Eval: resize the shorter side to ``floor(S / crop_pct)`` (timm's, 0.875 by default), centre crop S.
+    Eval: resize the shorter side to ``floor(S / crop_pct)`` (timm's, 0.875 by default), centre crop S
+    (torchvision's resize + center_crop: timm's eval transform exactly, tests/test_crop_geometry.py).
     Resizes use ``interpolation`` (the backbone's ``pretrained_cfg``; bicubic by default).
 
     Randomness: each image draws from its own ``np.random.default_rng``. With ``seed``
@@ -100,8 +91,8 @@ class ImageTransform:
                  seed: Optional[int] = None, keep_text: bool = False, interpolation: str = "bicubic",
                  crop_pct: Optional[float] = None, scale: Sequence[float] = (0.5, 1.0),
                  auto_augment: Optional[str] = None) -> None:
-        """``mean`` / ``std`` default to timm's ImageNet values (imported here, not at module
-        import, so Ray workers running the eval/basic path never import torch); ``interpolation``
+        """``mean`` / ``std`` default to timm's ImageNet values (timm is imported here, not at module
+        import, so importing this module stays light); ``interpolation``
         (``bicubic``, ``bilinear``, ``nearest``) and ``crop_pct`` (eval resize = ``S / crop_pct``,
         default timm's 0.875) follow the backbone's ``pretrained_cfg`` when the caller passes them
         (``emotion_models.va.data_config``)."""
@@ -174,11 +165,11 @@ class ImageTransform:
             if self.augment == "none":
                 short = math.floor(size / self.crop_pct)
                 img.draft("RGB", (short, short))  # JPEG: decode at a reduced scale when possible
-                img = _resize_center_crop(img.convert("RGB"), short, size, _RESAMPLE[self.interpolation])
+                img = _resize_center_crop(img.convert("RGB"), short, size, self.interpolation)
             else:
                 img = img.convert("RGB")
-                box = _random_resized_crop_box(img.size, rng, scale=self.scale)
-                img = img.resize((size, size), _RESAMPLE[self.interpolation], box=box)
+                left, top, right, bottom = _random_resized_crop_box(img, rng, scale=self.scale)
+                img = _resized_crop(img, (left, top, right, bottom), size, self.interpolation)
                 if rng.random() < 0.5:
                     img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
                 if self._randaugment is not None:
@@ -220,21 +211,6 @@ def ra_epoch_rows(num_rows: int, repeats: int, multiple: int = 256) -> tuple[int
     return distinct * repeats, distinct
 
 
-def repeated_augmentation(ds: "ray.data.Dataset", repeats: int, num_rows: int,
-                          multiple: int = 256) -> "ray.data.Dataset":
-    """The training rows of one epoch under repeated augmentation (see :func:`ra_epoch_rows`).
-
-    A Ray Data plan runs afresh every epoch, so ``random_shuffle()`` (unseeded: Ray Data has no
-    epoch number to seed it with) picks a new random subset each epoch; ``limit`` keeps the
-    distinct images, :func:`repeat_rows` makes the copies. Apply before :class:`ImageTransform`.
-    """
-    if repeats <= 1:
-        return ds
-    _, distinct = ra_epoch_rows(num_rows, repeats, multiple)
-    return ds.random_shuffle().limit(distinct).map_batches(repeat_rows, fn_kwargs={"repeats": repeats},
-                                                           batch_format="pyarrow")
-
-
 def _targets(batch: dict[str, Any], n: int, num_classes: int) -> dict[str, np.ndarray]:
     """Labels, distributions and VA as dense arrays with presence masks (absent column = none)."""
     label = batch.get("label")
@@ -263,43 +239,43 @@ def _optional_floats(values: Optional[Sequence], n: int) -> tuple[np.ndarray, np
     return np.where(present, array, 0.0).astype(np.float32), present
 
 
-def _random_resized_crop_box(size: tuple[int, int], rng: np.random.Generator,
+def _random_resized_crop_box(image: Image.Image | tuple[int, int], rng: np.random.Generator,
                              scale: tuple[float, float] = (0.5, 1.0),
                              ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop sampling, from ``rng``; returns a PIL box (l, t, r, b)."""
-    width, height = size
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = round(math.sqrt(target * aspect))
-        h = round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            left = int(rng.integers(0, width - w + 1))
-            top = int(rng.integers(0, height - h + 1))
-            return left, top, left + w, top + h
-    # Fallback: the largest centred crop whose aspect is within ``ratio``.
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        w, h = round(height * ratio[1]), height
-    else:
-        w, h = width, height
-    left, top = (width - w) // 2, (height - h) // 2
-    return left, top, left + w, top + h
+    """A RandomResizedCrop box (l, t, r, b) of ``image`` (or of an image of that (w, h) size).
+
+    The sampling is timm's ``RandomResizedCropAndInterpolation.get_params`` (the DeiT recipe's),
+    run on Python's ``random`` seeded from ``rng``: one draw of ``rng`` per image, so the box
+    depends on the image's own generator only.
+    """
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    if not isinstance(image, Image.Image):
+        image = Image.new("1", tuple(image))  # only its size is read
+    with _global_random_seeded(int(rng.integers(2**31))):
+        top, left, height, width = RandomResizedCropAndInterpolation.get_params(image, scale, ratio)
+    if height < 1 or width < 1:  # a tiny image (a few pixels) can round to an empty crop: take it whole
+        return 0, 0, image.width, image.height
+    return left, top, left + width, top + height
 
 
-def _resize_center_crop(img: Image.Image, short: int, size: int,
-                        resample: int = Image.Resampling.BICUBIC) -> Image.Image:
-    """Resize the shorter side to ``short`` (aspect kept), then take the centred size x size."""
-    width, height = img.size
-    scale = short / min(width, height)
-    resized = (max(size, round(width * scale)), max(size, round(height * scale)))
-    img = img.resize(resized, resample)
-    left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
-    return img.crop((left, top, left + size, top + size))
+def _resized_crop(img: Image.Image, box: tuple[int, int, int, int], size: int, interpolation: str) -> Image.Image:
+    """Crop ``box`` and resize it to size x size: torchvision's ``resized_crop``, as timm's training crop."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    left, top, right, bottom = box
+    return F.resized_crop(img, top, left, bottom - top, right - left, [size, size],
+                          InterpolationMode(interpolation))
+
+
+def _resize_center_crop(img: Image.Image, short: int, size: int, interpolation: str = "bicubic") -> Image.Image:
+    """Resize the shorter side to ``short`` (aspect kept), then take the centred size x size:
+    torchvision's ``resize`` + ``center_crop``, i.e. timm's eval transform."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    return F.center_crop(F.resize(img, short, InterpolationMode(interpolation)), [size, size])
 
 
 @contextmanager

@@ -1,5 +1,8 @@
 """From a dataset name, a raw folder or an ingested shard folder to Ray Datasets of tensors.
 
+Dataset names, layouts, their detection and what each can serve come from the one registry,
+:mod:`datasets_io.layouts`; the default folders from :mod:`datasets_io.paths`.
+
 Everything here runs on the driver *before* any training starts, so a wrong path, an unknown
 dataset name or mismatched classes stop the job with one line. Data that is not yet ingested is
 ingested first with the same code as ``python -m datasets_io ingest``.
@@ -10,45 +13,20 @@ import os
 from pathlib import Path
 from typing import Optional
 
-import datasets_io
-from pipelines.tracking import home_dir
-
-# The paper's dataset names: on-disk layout and reader options.
-DATANAMES: dict[str, tuple[str, dict]] = {
-    "FI": ("folder", {"categories": "FI"}),
-    "Flickr": ("folder", {"categories": "Flickr"}),
-    "Instagram": ("folder", {"categories": "Instagram"}),
-    "FlickrLDL": ("ldl", {"categories": "FI"}),
-    "TwitterLDL": ("ldl", {"categories": "FI"}),
-    "Emotion6": ("emotion6", {}),
-    "SER30K": ("ser30k", {}),
-}
-DEMO_SETS = {"fi": ("folder", {"categories": "FI"}), "emotion6": ("emotion6", {}), "ser30k": ("ser30k", {})}
-
-
-def data_dir() -> Path:
-    """Where ingested shards are kept by default (``$EMOTION_RAY_DATA`` or ``<home>/data``)."""
-    return Path(os.environ.get("EMOTION_RAY_DATA", home_dir() / "data")).expanduser().resolve()
+from datasets_io.layouts import (DATASETS, DEMO_SETS, MEASURED_VA, dataset_options, detect_layout, ingest_options,
+                                 require)
+from datasets_io.paths import cache_dir as default_cache_dir
+from datasets_io.paths import data_dir
+from datasets_io.records import is_ingested, read_manifest
 
 
 def _known() -> str:
-    return ", ".join(DATANAMES)
-
-
-def detect_layout(root: Path) -> str:
-    """Guess the layout of a raw dataset folder (used when a path is given without a layout)."""
-    if (root / "ground_truth.txt").exists():
-        return "emotion6"
-    if (root / "Annotations" / "image-level").is_dir():
-        return "ser30k"
-    if any(p.suffix.lower() in (".csv", ".tsv") for p in root.iterdir() if p.is_file()):
-        return "ldl"
-    return "folder"
+    return ", ".join(DATASETS)
 
 
 def check_dataname(name: str, flag: str = "") -> None:
     """A known dataset name or an existing path; anything else stops with one line (before any work)."""
-    if name in DATANAMES or Path(name).expanduser().exists():
+    if name in DATASETS or Path(name).expanduser().exists():
         return
     where = f" ({flag})" if flag else ""
     if os.sep in name or name.startswith("."):
@@ -67,16 +45,16 @@ def resolve_shards(name_or_path: str, *, data_root: Optional[str] = None, max_si
     path = Path(name_or_path).expanduser()
     if path.exists():
         path = path.resolve()
-        if datasets_io.is_ingested(path):
+        if is_ingested(path):
             return path
         if not path.is_dir():
             raise ValueError(f"{path}: neither an ingested shard folder nor a raw dataset folder")
         layout = detect_layout(path)
         return _ingest_once(layout, path, data_dir() / path.name, {"seed": seed}, max_side, lexicon, show_progress)
     check_dataname(name_or_path)
-    layout, options = DATANAMES[name_or_path]
+    layout, options = dataset_options(name_or_path)
     out = data_dir() / name_or_path
-    if datasets_io.is_ingested(out):
+    if is_ingested(out):
         return out
     if data_root is None:
         raise FileNotFoundError(
@@ -90,25 +68,25 @@ def resolve_shards(name_or_path: str, *, data_root: Optional[str] = None, max_si
 
 def _ingest_once(layout: str, root: Path, out: Path, options: dict, max_side: int, lexicon: Optional[str],
                  show_progress: bool) -> Path:
-    from datasets_io.readers import reader_options
-
-    accepted = reader_options(layout)  # e.g. SER30K ships its own split: no seed
-    options = {k: v for k, v in options.items() if k in accepted}
-    if not datasets_io.is_ingested(out):
+    options = ingest_options(layout, options)  # e.g. SER30K ships its own split: no seed
+    if not is_ingested(out):
+        from datasets_io.ingest import ingest
         from pipelines import cli
 
         cli.init_ray()  # Ray started here, not inside the ingest, so that the console settings apply
-        datasets_io.ingest(layout, root, out, max_side=max_side, reader_options=options, lexicon_path=lexicon,
-                           show_progress=show_progress)
+        ingest(layout, root, out, max_side=max_side, reader_options=options, lexicon_path=lexicon,
+               show_progress=show_progress)
     return out
 
 
 def demo_shards(cache_dir: Optional[str] = None, *, images_per_class: int = 60, image_size: int = 64,
                 seed: int = 0, show_progress: bool = True) -> dict[str, Path]:
-    """Generate the embedded demo datasets (once) and ingest them (once); returns their shard folders."""
-    cache = Path(cache_dir).expanduser().resolve() if cache_dir else Path(datasets_io.default_cache_dir())
-    raw = datasets_io.ensure_demo(cache / "raw", images_per_class=images_per_class, image_size=image_size,
-                                  seed=seed)
+    """Generate the embedded demo datasets (once) and ingest them (once); returns their shard folders,
+    keyed as :data:`datasets_io.layouts.DEMO_SETS` (``demo_key(role)`` names the one for a role)."""
+    from datasets_io.demo import ensure_demo
+
+    cache = Path(cache_dir or default_cache_dir()).expanduser().resolve()
+    raw = ensure_demo(cache / "raw", images_per_class=images_per_class, image_size=image_size, seed=seed)
     shards = {}
     for key, (layout, options) in DEMO_SETS.items():
         out = cache / "shards" / f"demo-{key}-{images_per_class}-{image_size}-{seed}"
@@ -120,7 +98,7 @@ def demo_shards(cache_dir: Optional[str] = None, *, images_per_class: int = 60, 
 def check_shards(path: Path, *, role: str, need_va: bool = False, need_labels: bool = False,
                  splits=("train", "val", "test")) -> dict:
     """Read a manifest and make sure it can serve ``role``; returns the manifest."""
-    manifest = {**datasets_io.read_manifest(path), "shards": str(path)}
+    manifest = {**read_manifest(path), "shards": str(path)}
     counts = manifest.get("counts", {})
     empty = [s for s in splits if not counts.get(s)]
     if empty:
@@ -128,9 +106,8 @@ def check_shards(path: Path, *, role: str, need_va: bool = False, need_labels: b
                          f"(counts {counts})")
     if need_labels and not manifest.get("classes"):
         raise ValueError(f"{path}: the {role} dataset has no classes in its manifest")
-    if need_va and manifest.get("layout") != "emotion6":
-        raise ValueError(f"{path}: the {role} dataset must carry measured valence/arousal "
-                         f"(an Emotion6-layout dataset), not layout {manifest.get('layout')!r}")
+    if need_va:
+        require(manifest, MEASURED_VA, path, role)
     return manifest
 
 
@@ -142,15 +119,18 @@ def training_datasets(path: Path, *, image_size: int, num_classes: int, seed: in
     ``emotion_models.va.data_config``) prepares images as the backbone's pretrained_cfg says;
     without it, timm's ImageNet defaults.
     """
+    from datasets_io.ray_data import load_split
+    from datasets_io.shards import ImageTransform
+
     out = {}
     for split in splits:
         # Training crops are drawn fresh each epoch (seed=None): a seeded transform would repeat the
         # same crop of an image every epoch. Evaluation has no randomness.
-        transform = datasets_io.ImageTransform(image_size, train=split == "train", num_classes=num_classes,
-                                               augment=augment if split == "train" else "none",
-                                               seed=None if split == "train" else seed, keep_text=keep_text,
-                                               **(image_cfg or {}))
-        ds = datasets_io.load_split(path, split).map_batches(transform, batch_format="numpy")
+        transform = ImageTransform(image_size, train=split == "train", num_classes=num_classes,
+                                   augment=augment if split == "train" else "none",
+                                   seed=None if split == "train" else seed, keep_text=keep_text,
+                                   **(image_cfg or {}))
+        ds = load_split(path, split).map_batches(transform, batch_format="numpy")
         # Training shows one line per epoch; Ray Data's per-operator bars, streamed from every
         # worker each epoch, would bury it (the ingest keeps its bars).
         ds.context.enable_progress_bars = False

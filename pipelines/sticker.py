@@ -225,8 +225,8 @@ def sticker_datasets(path, *, image_size: int, num_classes: int, seed: int, augm
     """Ray Datasets of tensors + tokenised text per split. ``train``: repeated augmentation (when
     ``repeated_aug`` > 1, over ``train_rows`` rows), RandomResizedCrop(``crop_scale``), flip and
     RandAugment(``auto_augment``); fresh draws every epoch. Others: resize + centre crop."""
-    import datasets_io
-    from datasets_io.shards import repeated_augmentation
+    from datasets_io.ray_data import load_split, repeated_augmentation
+    from datasets_io.shards import ImageTransform
     from pipelines import data
 
     tokenize = TokenizeText(text_encoder, max_text_len)
@@ -234,10 +234,10 @@ def sticker_datasets(path, *, image_size: int, num_classes: int, seed: int, augm
                                   splits=[s for s in splits if s != "train"], keep_text=True)
     if "train" in splits:
         # Unseeded, as data.training_datasets does: a seeded transform would repeat an image's crop every epoch.
-        transform = datasets_io.ImageTransform(image_size, train=True, num_classes=num_classes, augment=augment,
-                                               seed=None, keep_text=True, scale=tuple(crop_scale),
-                                               auto_augment=auto_augment)
-        train = datasets_io.load_split(path, "train")
+        transform = ImageTransform(image_size, train=True, num_classes=num_classes, augment=augment,
+                                   seed=None, keep_text=True, scale=tuple(crop_scale),
+                                   auto_augment=auto_augment)
+        train = load_split(path, "train")
         if repeated_aug > 1:
             if not train_rows:
                 raise ValueError("repeated augmentation needs the number of training rows")
@@ -267,20 +267,20 @@ def published_protocol(history: list[dict]) -> dict:
 
 def make_plan(args, splits=("train", "val", "test")) -> dict:
     """Resolve, ingest and check the SER30K data; build its Ray Datasets. Raises before any training."""
+    from datasets_io.layouts import STICKERS, demo_key, require
     from pipelines import data
 
     if args.demo:
         print("no --data-root: running the embedded SER30K-like demo (generated once, then cached)")
         path = data.demo_shards(images_per_class=args.demo_images_per_class, image_size=args.demo_image_size,
-                                seed=DEMO_DATA["seed"])["ser30k"]
+                                seed=DEMO_DATA["seed"])[demo_key("sticker")]
     else:
         root = Path(args.data_root).expanduser()
         if not root.exists():
             raise FileNotFoundError(f"{root}: no such SER30K folder (--data-root)")
         path = data.resolve_shards(str(root), max_side=args.max_side, seed=args.seed)
     manifest = data.check_shards(path, role="sticker", need_labels=True)
-    if manifest.get("layout") != "ser30k":
-        raise ValueError(f"{path}: a sticker dataset must have the SER30K layout, not {manifest.get('layout')!r}")
+    require(manifest, STICKERS, path, "sticker")
     classes = manifest["classes"]
     datasets = sticker_datasets(path, image_size=args.image_size, num_classes=len(classes), seed=args.seed,
                                 augment=args.augment, max_text_len=args.max_text_len, text_encoder=args.text_encoder,

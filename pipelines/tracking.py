@@ -15,15 +15,11 @@ from typing import Any, Optional
 
 import numpy as np
 
+from datasets_io.paths import home_dir
 from pipelines.recipe import jsonable
 
 EXPERIMENT = "emotion-ray"
 MODEL_CHECKPOINT = "checkpoint"  # = pipelines.mlflow_model.CHECKPOINT: the pyfunc's artifact
-
-
-def home_dir() -> Path:
-    """Where runs, MLflow's database and artifacts go by default (``$EMOTION_RAY_HOME``)."""
-    return Path(os.environ.get("EMOTION_RAY_HOME", Path.home() / "emotion-ray")).expanduser().resolve()
 
 
 def default_tracking_uri() -> str:

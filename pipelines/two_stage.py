@@ -254,6 +254,7 @@ def _max_side(manifest: dict) -> Optional[int]:
 
 def make_plan(args: argparse.Namespace) -> Plan:
     """Resolve, ingest and check the data, then build the Ray Datasets; raises before any training."""
+    from datasets_io.layouts import demo_key
     from datasets_io.lexicon import Lexicon
     from emotion_models.va import data_config
     from pipelines import data
@@ -265,8 +266,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         print("no --dataname: running the embedded demo (generated once, then cached)")
         shards = data.demo_shards(images_per_class=args.demo_images_per_class, image_size=args.demo_image_size,
                                   seed=DEMO_DATA["seed"])
-        dim_path, dataname = shards["emotion6"], "demo-FI"
-        cat_path = shards["fi"] if needs_categorical else None
+        dim_path, dataname = shards[demo_key("dimensional")], "demo-FI"
+        cat_path = shards[demo_key("categorical")] if needs_categorical else None
     else:
         if args.dataname is not None and needs_categorical:
             cat_path = data.resolve_shards(args.dataname, data_root=args.data_root, max_side=args.max_side,

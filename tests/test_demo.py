@@ -9,7 +9,8 @@ import pytest
 from matplotlib.colors import rgb_to_hsv
 from PIL import Image
 
-from datasets_io.demo import SER30K_WORDS, default_cache_dir, ensure_demo, make_demo
+from datasets_io.demo import SER30K_WORDS, ensure_demo, make_demo
+from datasets_io.paths import cache_dir
 from datasets_io.lexicon import CATEGORY_SETS
 from datasets_io.readers import read_emotion6, read_folder, read_ser30k
 
@@ -101,7 +102,7 @@ def test_same_seed_same_bytes(tmp_path):
 
 def test_ensure_demo_builds_once_and_rebuilds_on_new_params(tmp_path, monkeypatch):
     monkeypatch.setenv("EMOTION_RAY_CACHE", str(tmp_path / "cache"))
-    assert default_cache_dir() == tmp_path / "cache"
+    assert cache_dir() == tmp_path / "cache"
     roots = ensure_demo(images_per_class=1, image_size=16, which=("fi",))
     assert roots == {"fi": tmp_path / "cache" / "demo" / "fi"}
     marker = tmp_path / "cache" / "demo" / ".complete"

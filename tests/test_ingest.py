@@ -15,9 +15,10 @@ import torch
 from PIL import Image
 
 from datasets_io.demo import make_demo
-from datasets_io.readers import read_dataset
+from datasets_io.layouts import read_dataset
 from datasets_io.records import COLUMNS, SPLITS, VA_SCALE
-from datasets_io.shards import ImageTransform, iter_local_batches, load_split, numpy_batch, to_tensors
+from datasets_io.ray_data import load_split
+from datasets_io.shards import ImageTransform, iter_local_batches, numpy_batch, to_tensors
 from test_images import bad_files, encode, noise
 
 ingest_module = importlib.import_module("datasets_io.ingest")
@@ -354,15 +355,6 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: dataset root not found "
                                                   "(or not a folder)"]
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
-
-
-def test_package_imports_lazily():
-    code = ("import sys, datasets_io\n"
-            "assert not {'ray', 'torch', 'pyarrow'} & set(sys.modules), 'eager import'\n"
-            "from datasets_io import Record, read_manifest, ingest\n"
-            "assert callable(ingest) and ingest.read_manifest is read_manifest and 'ray' in sys.modules\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
 
 
 def test_cli_reader_error_and_demo(tmp_path, capsys):

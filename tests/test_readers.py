@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from datasets_io.lexicon import CATEGORY_SETS, Lexicon, sam_to_canonical
-from datasets_io.readers import (ESCAPES, LAYOUTS, MISSING, read_dataset, read_emotion6, read_folder, read_ldl,
-                                 read_ser30k, stratified_split)
+from datasets_io.layouts import LAYOUTS, read_dataset
+from datasets_io.readers import ESCAPES, MISSING, read_emotion6, read_folder, read_ldl, read_ser30k, stratified_split
 
 FI = CATEGORY_SETS["FI"]
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from datasets_io.shards import (DEIT_RANDAUGMENT_POLICY, DEIT_SCALE, ImageTransform, ra_epoch_rows, repeat_rows,
-                                repeated_augmentation)
+from datasets_io.ray_data import repeated_augmentation
+from datasets_io.shards import DEIT_RANDAUGMENT_POLICY, DEIT_SCALE, ImageTransform, ra_epoch_rows, repeat_rows
 from pipelines import core
 
 
@@ -371,7 +371,7 @@ def test_fit_with_the_recipe_schedule_resumes_exactly(tmp_path):
 def test_demo_preset_with_the_recipe_machinery_learns_well_above_chance():
     """The demo's LORA (byte text), timm optimizer groups and schedule, RandAugment crops: 6 epochs without
     Ray on the embedded SER30K-like data beat chance (1/7) by far. The Ray run is in tests/test_sticker.py."""
-    from datasets_io import iter_local_batches
+    from datasets_io.shards import iter_local_batches
     from pipelines import data, sticker
     from pipelines.recipe import build_model, build_objective
 

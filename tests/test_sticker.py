@@ -112,7 +112,7 @@ def test_eval_scores_a_published_format_checkpoint_on_val_and_test(ray_session, 
     import numpy as np
     import torch
 
-    from datasets_io import ImageTransform, iter_local_batches
+    from datasets_io.shards import ImageTransform, iter_local_batches
     from emotion_models.metrics import classification_metrics
     from pipelines import data
 
@@ -176,7 +176,7 @@ def test_repeated_augmentation_epoch_has_deits_length(ray_session, workdir):
     """--repeated-aug 3 under Ray Train: each epoch trains on ra_epoch_rows(N, 3) rows split over the workers."""
     from mlflow import MlflowClient
 
-    from datasets_io import read_manifest
+    from datasets_io.records import read_manifest
     from datasets_io.shards import ra_epoch_rows
     from pipelines import data
 
@@ -229,7 +229,7 @@ def test_eval_scores_a_lora_checkpoint_with_a_local_bert(ray_session, workdir, c
 
     import numpy as np
 
-    from datasets_io import ImageTransform, iter_local_batches
+    from datasets_io.shards import ImageTransform, iter_local_batches
     from pipelines import data
 
     shards = data.demo_shards(images_per_class=6, image_size=64, seed=0)["ser30k"]
