@@ -294,7 +294,7 @@ def test_va_objective_reports_the_ldl_score_for_both_heads():
     nearest = losses.nearest_anchor(va_pred, anchors)
     assert single["ldl_jaccard"] == pytest.approx(
         skm.jaccard_score(true_hot, np.eye(3, dtype=int)[nearest], average="weighted", zero_division=0))
-    multi = VAObjective(task="multi", num_classes=3, anchors=anchors, accuracy_from="logits").metrics(
+    multi = VAObjective(num_classes=3, anchors=anchors, accuracy_from="logits").metrics(
         {**arrays, "prob": prob})
     assert multi["ldl_jaccard"] == pytest.approx(
         skm.jaccard_score(true_hot, metrics.dominant_labels(prob), average="weighted", zero_division=0))
