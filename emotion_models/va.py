@@ -177,8 +177,6 @@ def build_va(
     task: str = "single",
     num_classes: int = 8,
     bounded: bool = True,
-    freeze_until: FreezeSpec = None,
-    freeze_bn: bool = True,
     weights: Optional[str] = None,
     drop_rate: float = 0.0,
     **timm_kwargs,
@@ -187,7 +185,8 @@ def build_va(
 
     ``weights`` is a backbone state dict (timm / torchvision style, DDP or Lightning prefixes
     allowed); a classifier checkpoint's head keys are reported as unexpected and ignored.
-    Extra keyword arguments go to ``timm.create_model`` (e.g. ``drop_path_rate``).
+    Extra keyword arguments go to ``timm.create_model`` (e.g. ``drop_path_rate``). Freezing is
+    :meth:`VARegressor.freeze`, called after any weights are loaded.
     """
     if not timm.is_model(backbone):
         raise ValueError(f"unknown timm backbone {backbone!r}")
@@ -195,6 +194,4 @@ def build_va(
     model = VARegressor(net, task=task, num_classes=num_classes, bounded=bounded, drop_rate=drop_rate)
     if weights:
         load_weights(model.backbone, weights)
-    if freeze_until is not None:
-        model.freeze(freeze_until, freeze_bn=freeze_bn)
     return model

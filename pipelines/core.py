@@ -195,13 +195,17 @@ class EarlyStopping:
 
 def build_optimizer(params, name: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.0,
                     momentum: float = 0.9, filter_bias_and_bn: bool = False) -> torch.optim.Optimizer:
-    """An optimizer over ``params`` (an iterable of parameters, or a module).
+    """timm's ``create_optimizer_v2`` over ``params`` (an iterable of parameters, or a module).
 
-    ``filter_bias_and_bn=True`` (the DeiT/PVT recipe) needs the *unwrapped* module: timm's
-    ``create_optimizer_v2`` then exempts biases, every 1-D parameter (norm weights) and the names
-    the model's ``no_weight_decay()`` returns (position embeddings, cls/query tokens) from weight
-    decay, and skips frozen parameters. Otherwise every trainable parameter decays (the plain path
-    the two-stage pipeline has always used).
+    ``"adamw"`` / ``"adam"`` are torch's ``AdamW`` / ``Adam`` with their default betas and eps;
+    ``"sgd"`` is torch's ``SGD`` with Nesterov momentum (timm's ``"sgd"``).
+
+    ``filter_bias_and_bn=True`` (the DeiT/PVT recipe) needs the *unwrapped* module: timm then
+    exempts biases, every 1-D parameter (norm weights) and the names the model's
+    ``no_weight_decay()`` returns (position embeddings, cls/query tokens) from weight decay, and
+    skips frozen parameters. Otherwise every trainable parameter decays, in one group (the plain
+    path the two-stage pipeline has always used): timm gets the list of trainable parameters, not
+    the module, since given a module it would apply ``no_weight_decay()`` even then.
     """
     name = name.lower()
     if name not in ("adamw", "adam", "sgd"):
@@ -212,23 +216,16 @@ def build_optimizer(params, name: str = "adamw", lr: float = 1e-3, weight_decay:
         if hasattr(params, "module"):
             raise TypeError("pass the unwrapped model (core.unwrap), not its DDP wrapper: "
                             "no_weight_decay() names are matched against its named_parameters()")
-        if not any(p.requires_grad for p in params.parameters()):
-            raise ValueError("no trainable parameters: every layer is frozen")
-        from timm.optim import create_optimizer_v2
-
-        # timm's "sgd" is SGD with Nesterov momentum, as below.
-        return create_optimizer_v2(params, opt=name, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                   filter_bias_and_bn=True)
-    if isinstance(params, nn.Module):
-        params = params.parameters()
-    params = [p for p in params if p.requires_grad]
-    if not params:
+        trainable = any(p.requires_grad for p in params.parameters())
+    else:
+        params = [p for p in (params.parameters() if isinstance(params, nn.Module) else params) if p.requires_grad]
+        trainable = bool(params)
+    if not trainable:
         raise ValueError("no trainable parameters: every layer is frozen")
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True)
+    from timm.optim import create_optimizer_v2
+
+    return create_optimizer_v2(params, opt=name, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                               filter_bias_and_bn=filter_bias_and_bn)
 
 
 def linear_scaled_lr(base_lr: float, batch_size: int, world_size: int, reference: int = 512) -> float:
@@ -239,44 +236,42 @@ def linear_scaled_lr(base_lr: float, batch_size: int, world_size: int, reference
 def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: int = 0,
                     name: str = "cosine", min_lr_ratio: float = 0.01, min_lr: float = 1e-5,
                     warmup_lr: float = 1e-5):
-    """A per-epoch schedule; :func:`step_scheduler` advances it once at the end of each epoch.
+    """A per-epoch timm scheduler (``create_scheduler_v2``); :func:`step_scheduler` advances it.
 
-    ``"cosine"`` / ``"constant"``: linear warm-up to the base lr as a fraction of it, then a cosine
-    down to ``min_lr_ratio`` x lr (or constant), as a ``LambdaLR``.
-    ``"timm_cosine"`` (the DeiT/PVT recipe): timm's ``CosineLRScheduler`` in epochs, warm-up from
-    ``warmup_lr`` over ``warmup_epochs`` epochs, then cosine over ``epochs`` down to ``min_lr``
-    (absolute values; ``min_lr_ratio`` is not used). Epoch ``e`` trains at the schedule's value at
-    ``e``: it is stepped with ``step(e + 1)`` after epoch ``e`` (timm's own train.py; the
-    published DeiT/PVT/LORA loop calls ``step(e)``, which trains epochs 0 and 1 both at ``warmup_lr``).
+    Epoch ``e`` trains at the schedule's value at ``e``: it is stepped with ``step(e + 1)`` after
+    epoch ``e`` (timm's own train.py; the published DeiT/PVT/LORA loop calls ``step(e)``, which
+    trains epochs 0 and 1 both at the warm-up start).
+
+    ``"cosine"`` / ``"constant"`` (the two-stage pipeline): epoch ``e < warmup_epochs`` trains at
+    ``lr * (e + 1) / (warmup_epochs + 1)`` (timm's linear warm-up from ``lr / (warmup_epochs + 1)``),
+    then a cosine over the remaining ``epochs - warmup_epochs`` epochs down to ``min_lr_ratio * lr``
+    (``warmup_prefix``), or the constant lr. ``lr`` is the optimizer's (one lr for all groups).
+    ``"timm_cosine"`` (the DeiT/PVT recipe): warm-up from ``warmup_lr`` over ``warmup_epochs``
+    epochs, then cosine over ``epochs`` (warm-up included) down to ``min_lr`` (absolute values;
+    ``min_lr_ratio`` is not used).
     """
+    from timm.scheduler import create_scheduler_v2
+
     if name == "timm_cosine":
-        from timm.scheduler import CosineLRScheduler
-
-        return CosineLRScheduler(optimizer, t_initial=epochs, lr_min=min_lr, warmup_t=warmup_epochs,
-                                 warmup_lr_init=warmup_lr, t_in_epochs=True)
-
-    def factor(epoch: int) -> float:
-        if warmup_epochs and epoch < warmup_epochs:
-            return (epoch + 1) / (warmup_epochs + 1)
-        if name == "constant":
-            return 1.0
-        span = max(epochs - warmup_epochs, 1)
-        progress = min((epoch - warmup_epochs) / span, 1.0)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
+        scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=epochs, min_lr=min_lr,
+                                           warmup_lr=warmup_lr, warmup_epochs=warmup_epochs)
+        return scheduler
     if name not in ("cosine", "constant"):
         raise ValueError(f"unknown scheduler {name!r}; known: cosine, constant, timm_cosine")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    base = {group.get("initial_lr", group["lr"]) for group in optimizer.param_groups}
+    if len(base) != 1:
+        raise ValueError(f"the {name!r} schedule needs one lr for every param group, got {sorted(base)}")
+    lr = base.pop()
+    scheduler, _ = create_scheduler_v2(optimizer, sched=name, num_epochs=max(epochs - warmup_epochs, 1),
+                                       min_lr=min_lr_ratio * lr, warmup_lr=lr / (warmup_epochs + 1),
+                                       warmup_epochs=warmup_epochs, warmup_prefix=True)
+    return scheduler
 
 
 def step_scheduler(scheduler, next_epoch: int) -> None:
-    """End-of-epoch step: timm schedulers are told the epoch about to start, torch ones just step."""
-    from timm.scheduler.scheduler import Scheduler
-
-    if isinstance(scheduler, Scheduler):
-        scheduler.step(next_epoch)
-    else:
-        scheduler.step()
+    """End-of-epoch step of a :func:`build_scheduler` schedule: timm's schedulers are told the epoch
+    about to start (and set every param group's lr to its value there)."""
+    scheduler.step(next_epoch)
 
 
 def seed_everything(seed: int) -> None:

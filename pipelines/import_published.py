@@ -113,7 +113,7 @@ def import_checkpoint(path: str | Path, backbone: str = "resnet101", dataname: O
     recipe = StageRecipe(
         name="published",
         model={"name": "va", "backbone": backbone, "task": task, "num_classes": num_classes or 8, "bounded": False},
-        objective={"kind": "va", "task": task, "alpha": 0.9, "va_loss": "mse", "num_classes": len(classes),
+        objective={"kind": "va", "alpha": 0.9, "va_loss": "mse", "num_classes": len(classes),
                    "anchors": anchors, "accuracy_from": "anchors", "va_scale": 16.0},
         optimizer={}, classes=classes, head_classes=head_classes,
         image_size=PUBLISHED_IMAGE_SIZE, image=dict(PUBLISHED_IMAGE))

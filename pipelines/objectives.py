@@ -24,13 +24,11 @@ class VAObjective:
     (``alpha`` is the VA weight, as published; ``va_scale`` 16 gives the published balance, see
     :data:`emotion_models.losses.PUBLISHED_VA_SCALE`; rows
     with a label distribution train the category head with KL, rows with a hard label with
-    cross-entropy). ``task`` records which the spec asked for (checkpoint metadata); nothing reads it.
-    Accuracy (``accuracy_from``): ``"logits"`` scores the category head; ``"anchors"`` decodes the
+    cross-entropy). Accuracy (``accuracy_from``): ``"logits"`` scores the category head; ``"anchors"`` decodes the
     predicted VA to the nearest of ``anchors`` (C x 2, canonical scale) — how a single-task model,
     or any model on a dataset whose classes differ from its head's (Emotion6), is scored.
     """
 
-    task: str = "single"
     alpha: float = 0.5
     va_loss: str = "mse"
     va_scale: float = 1.0

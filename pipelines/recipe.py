@@ -109,6 +109,7 @@ def build_objective(recipe: StageRecipe, objective: Optional[dict] = None):
 
     cfg = dict(objective or recipe.objective)
     kind = cfg.pop("kind")
+    cfg.pop("task", None)  # recorded by checkpoints written before 0.4; the model's task decides
     if kind == "va":
         anchors = cfg.pop("anchors", None)
         return VAObjective(anchors=None if anchors is None else np.asarray(anchors, dtype=np.float32), **cfg)

@@ -226,9 +226,9 @@ def stage_recipe(args, *, name: str, head_classes: list[str], classes: list[str]
     )
 
 
-def va_objective(task: str, alpha: float, va_loss: str, classes: list[str], anchors, accuracy_from: str,
+def va_objective(alpha: float, va_loss: str, classes: list[str], anchors, accuracy_from: str,
                  va_scale: float = 1.0) -> dict:
-    return {"kind": "va", "task": task, "alpha": alpha, "va_loss": va_loss, "num_classes": len(classes),
+    return {"kind": "va", "alpha": alpha, "va_loss": va_loss, "num_classes": len(classes),
             "anchors": anchors, "accuracy_from": accuracy_from, "va_scale": va_scale}
 
 
@@ -304,15 +304,15 @@ def make_plan(args: argparse.Namespace) -> Plan:
     return plan
 
 
-def _dimensional_objective(plan: Plan, task: Optional[str] = None) -> dict:
+def _dimensional_objective(plan: Plan) -> dict:
     a = plan.args
-    return va_objective(task or a.task, a.alpha2, a.va_loss, plan.dim_classes, plan.dim_anchors, "anchors",
+    return va_objective(a.alpha2, a.va_loss, plan.dim_classes, plan.dim_anchors, "anchors",
                         a.va_loss_scale)
 
 
 def _categorical_objective(plan: Plan, task: str) -> dict:
     a = plan.args
-    return va_objective(task, a.alpha, a.va_loss, plan.classes, plan.anchors,
+    return va_objective(a.alpha, a.va_loss, plan.classes, plan.anchors,
                         "anchors" if task == "single" else "logits", a.va_loss_scale)
 
 
@@ -342,7 +342,7 @@ def stage1(plan: Plan, *, task: Optional[str] = None, seed: Optional[int] = None
     if score_dimensional is None:
         score_dimensional = a.mode == "one_stage"
     if score_dimensional and plan.dim_sets is not None:
-        tests["test"] = EvalSet(plan.dim_sets["test"], _dimensional_objective(plan, task), plan.dim_classes)
+        tests["test"] = EvalSet(plan.dim_sets["test"], _dimensional_objective(plan), plan.dim_classes)
     return recipe, {"train": plan.cat_sets["train"], "val": plan.cat_sets["val"]}, tests
 
 
@@ -356,7 +356,7 @@ def stage2(plan: Plan, init_from: str, *, task: Optional[str] = None, seed: Opti
                       epochs=a.stage2_epochs, lr=a.stage2_lr, decay=a.stage2_decay, monitor="pearson_mean",
                       init_from=init_from, task=task, seed=seed, image=plan.image,
                       freeze_until=_stage2_freeze(a), mix=task == "multi",
-                      objective=_dimensional_objective(plan, task))
+                      objective=_dimensional_objective(plan))
     datasets = {"train": plan.dim_sets["train"], "val": plan.dim_sets["val"]}
     if task == "multi":
         datasets[MIX_KEY] = plan.cat_sets["train"]
@@ -374,7 +374,7 @@ def dimensional_stage(plan: Plan, *, seed: Optional[int] = None, name: str = "di
     recipe = stage_recipe(a, name=name, head_classes=plan.dim_classes, classes=plan.dim_classes,
                       epochs=a.num_epochs, lr=a.lr, decay=a.decay, monitor="pearson_mean", task="single",
                       seed=seed, image=plan.image, freeze_until=a.dimensional_freeze,
-                      objective=_dimensional_objective(plan, "single"))
+                      objective=_dimensional_objective(plan))
     tests = {"test": EvalSet(plan.dim_sets["test"])}
     if plan.cat_sets is not None:
         tests.update(_categorical_test(plan, "single"))

@@ -11,7 +11,7 @@ from pipelines import core
 from pipelines.recipe import StageRecipe, build_model, build_objective
 
 SPEC = StageRecipe(name="core", model={"name": "va", "backbone": "resnet10t", "task": "multi", "num_classes": 3},
-                   objective={"kind": "va", "task": "multi", "alpha": 0.5, "num_classes": 3,
+                   objective={"kind": "va", "alpha": 0.5, "num_classes": 3,
                               "anchors": [[-0.8, 0.5], [0.0, -0.5], [0.8, 0.5]], "accuracy_from": "logits"},
                    optimizer={})
 
@@ -29,18 +29,102 @@ def test_early_stopping_keeps_the_first_of_tied_bests_and_stops_on_patience():
     assert low.step(3.0, 0) and low.step(2.0, 1) and not low.step(2.5, 2) and not low.should_stop
 
 
-def test_scheduler_warms_up_then_follows_a_cosine_per_epoch():
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = core.build_scheduler(opt, epochs=6, warmup_epochs=2, min_lr_ratio=0.0)
+def _trained_lrs(sched_kwargs: dict, epochs: int, lr: float = 1.0) -> list[float]:
+    """The lr each epoch trains at, stepped as ``fit`` steps it."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = core.build_scheduler(opt, epochs=epochs, **sched_kwargs)
     lrs = []
-    for _ in range(6):
+    for epoch in range(epochs):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
-        sched.step()
+        core.step_scheduler(sched, epoch + 1)
+    return lrs
+
+
+def test_scheduler_warms_up_then_follows_a_cosine_per_epoch():
+    lrs = _trained_lrs({"warmup_epochs": 2, "min_lr_ratio": 0.0}, epochs=6)
     assert lrs[0] == pytest.approx(1 / 3) and lrs[1] == pytest.approx(2 / 3)
     assert lrs[2] == pytest.approx(1.0)
     assert lrs[3] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
     assert lrs == sorted(lrs[:3]) + sorted(lrs[3:], reverse=True) and lrs[5] < lrs[3]
+
+
+def _lambda_lr_factor(epoch: int, epochs: int, warmup: int, name: str, ratio: float) -> float:
+    """The schedule as the project wrote it by hand before it used timm's (a torch LambdaLR factor)."""
+    if warmup and epoch < warmup:
+        return (epoch + 1) / (warmup + 1)
+    if name == "constant":
+        return 1.0
+    progress = min((epoch - warmup) / max(epochs - warmup, 1), 1.0)
+    return ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize("name", ["cosine", "constant"])
+@pytest.mark.parametrize("epochs, warmup", [(6, 0), (10, 2), (3, 5)])
+def test_timm_schedule_trains_each_epoch_at_the_hand_written_lambda_lr_value(name, epochs, warmup):
+    lr, ratio = 2e-3, 0.01
+    lrs = _trained_lrs({"warmup_epochs": warmup, "name": name, "min_lr_ratio": ratio}, epochs, lr=lr)
+    expected = [lr * _lambda_lr_factor(e, epochs, warmup, name, ratio) for e in range(epochs)]
+    np.testing.assert_allclose(lrs, expected, rtol=0, atol=1e-12 * lr)
+    # The same numbers as the torch LambdaLR itself produced.
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    reference = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: _lambda_lr_factor(e, epochs, warmup, name, ratio))
+    torch_lrs = []
+    for _ in range(epochs):
+        torch_lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        reference.step()
+    np.testing.assert_allclose(lrs, torch_lrs, rtol=0, atol=1e-12 * lr)
+
+
+def test_cosine_schedule_needs_one_lr_for_all_groups():
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [a]}, {"params": [b], "lr": 0.5}], lr=1.0)
+    with pytest.raises(ValueError, match="one lr"):
+        core.build_scheduler(opt, epochs=4)
+
+
+@pytest.mark.parametrize("name, reference", [
+    ("adamw", lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd)),
+    ("adam", lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd)),
+    ("sgd", lambda params, lr, wd: torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=0.9, nesterov=True)),
+])
+def test_plain_optimizer_is_torchs_own_with_its_defaults_and_one_identical_step(name, reference):
+    """timm's factory on the plain path: torch's class, torch's defaults, frozen parameters left out."""
+    def model():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 2))
+        net[0].requires_grad_(False)
+        return net
+
+    ours_net, ref_net = model(), model()
+    ours = core.build_optimizer(iter([p for p in ours_net.parameters() if p.requires_grad]), name, lr=0.1,
+                                weight_decay=0.05)
+    ref = reference([p for p in ref_net.parameters() if p.requires_grad], 0.1, 0.05)
+    assert type(ours) is type(ref)
+    assert len(ours.param_groups) == len(ref.param_groups) == 1
+    strip = lambda group: {k: v for k, v in group.items() if k != "params"}  # noqa: E731
+    assert strip(ours.param_groups[0]) == strip(ref.param_groups[0])
+    assert [id(p) for p in ours.param_groups[0]["params"]] == [id(p) for p in ours_net.parameters() if p.requires_grad]
+    # From a module, the plain path takes its trainable parameters too.
+    assert len(core.build_optimizer(ours_net, name).param_groups[0]["params"]) == 4
+
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    for net, opt in ((ours_net, ours), (ref_net, ref)):
+        for _ in range(2):  # the second step uses the momentum / moment buffers
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for (pname, a), b in zip(ours_net.state_dict().items(), ref_net.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{pname} differs from torch's {name}")
+
+
+def test_plain_optimizer_refuses_a_fully_frozen_model():
+    net = torch.nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable"):
+        core.build_optimizer(net.parameters())
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        core.build_optimizer(torch.nn.Linear(2, 2).parameters(), "lamb")
 
 
 def _toy_batches(seed: int, n_batches: int = 4, size: int = 16):

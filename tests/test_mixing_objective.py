@@ -72,7 +72,7 @@ def _arrays():
 
 
 def test_va_accuracy_by_nearest_anchor():
-    obj = VAObjective(task="single", num_classes=3, anchors=ANCHORS, accuracy_from="anchors")
+    obj = VAObjective(num_classes=3, anchors=ANCHORS, accuracy_from="anchors")
     m = obj.metrics(_arrays())
     # Nearest anchors: 0, 1, 2, 2 against labels 0, 1, 1, 0.
     assert np.asarray(losses.nearest_anchor(_arrays()["va_pred"], ANCHORS)).tolist() == [0, 1, 2, 2]
@@ -83,7 +83,7 @@ def test_va_accuracy_by_nearest_anchor():
 
 
 def test_va_accuracy_from_the_category_head():
-    obj = VAObjective(task="multi", num_classes=3, anchors=ANCHORS, accuracy_from="logits")
+    obj = VAObjective(num_classes=3, anchors=ANCHORS, accuracy_from="logits")
     m = obj.metrics(_arrays())
     # Head argmax: 0, 2, 1, 0 against labels 0, 1, 1, 0.
     assert m["accuracy"] == pytest.approx(3 / 4)

@@ -70,7 +70,7 @@ def _bn_stats(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def test_freeze_stage_two_trains_only_the_last_stage_and_heads():
     torch.manual_seed(0)
-    model = build_va(TINY, task="multi", num_classes=4, freeze_until="layer3").train()
+    model = build_va(TINY, task="multi", num_classes=4).freeze("layer3").train()
     expected = {n for n, _ in model.named_parameters() if n.startswith(("backbone.layer4.", "va_head.", "cls_head."))}
     assert _trainable_names(model) == expected
     assert {id(p) for p in model.trainable_parameters()} == \
@@ -100,7 +100,7 @@ def test_published_freeze_trains_layer3_layer4_and_batchnorm_statistics_follow_t
     """The published fine-tune: conv1, bn1, layer1, layer2 frozen; layer3, layer4 and the heads train;
     frozen BatchNorm statistics keep updating (the model is in train mode) unless ``freeze_bn``."""
     torch.manual_seed(0)
-    model = build_va(TINY, task="multi", num_classes=4, freeze_until="published", freeze_bn=freeze_bn).train()
+    model = build_va(TINY, task="multi", num_classes=4).freeze("published", freeze_bn=freeze_bn).train()
     trainable = _trainable_names(model)
     assert trainable == {n for n, _ in model.named_parameters()
                          if n.startswith(("backbone.layer3.", "backbone.layer4.", "va_head.", "cls_head."))}
