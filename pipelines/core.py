@@ -398,9 +398,12 @@ def fit(
         step_scheduler(state.scheduler, epoch + 1)
         state.epoch = epoch + 1
         scalar_val = {k: v for k, v in val_metrics.items() if isinstance(v, (int, float))}
-        state.history.append({"epoch": epoch, "lr": lr, **{f"train_{k}": v for k, v in train_stats.items()},
+        seconds = time.perf_counter() - start
+        # The one place the train_ / val_ prefixes are made: Ray reports, MLflow curves and Tune use these rows.
+        state.history.append({"epoch": epoch, "lr": lr, "epoch_seconds": seconds,
+                              **{f"train_{k}": v for k, v in train_stats.items()},
                               **{f"val_{k}": v for k, v in scalar_val.items()}})
-        result = EpochResult(epoch, train_stats, val_metrics, improved, lr, time.perf_counter() - start)
+        result = EpochResult(epoch, train_stats, val_metrics, improved, lr, seconds)
         log(format_epoch(result, monitor, epochs))
         if on_epoch_end is not None:
             on_epoch_end(result, state)

@@ -112,25 +112,37 @@ def check_shards(path: Path, *, role: str, need_va: bool = False, need_labels: b
 
 
 def training_datasets(path: Path, *, image_size: int, num_classes: int, seed: int, augment: str = "basic",
-                      splits=("train", "val"), keep_text: bool = False, image_cfg: Optional[dict] = None) -> dict:
+                      splits=("train", "val"), keep_text: bool = False, image_cfg: Optional[dict] = None,
+                      crop_scale: Optional[tuple] = None, auto_augment: Optional[str] = None,
+                      repeated_aug: int = 1, train_rows: Optional[int] = None) -> dict:
     """Ray Datasets of decoded, normalised tensors per split (augmentation on ``train`` only).
 
     ``image_cfg`` (``mean``, ``std``, ``interpolation``, ``crop_pct``; see
     ``emotion_models.va.data_config``) prepares images as the backbone's pretrained_cfg says;
-    without it, timm's ImageNet defaults.
+    without it, timm's ImageNet defaults. ``train``: RandomResizedCrop (``crop_scale``), flip,
+    ``augment`` (RandAugment with the ``auto_augment`` policy), and DeiT's repeated augmentation
+    when ``repeated_aug`` > 1 (over ``train_rows`` rows); fresh draws every epoch. Others: resize +
+    centre crop.
     """
-    from datasets_io.ray_data import load_split
+    from datasets_io.ray_data import load_split, repeated_augmentation
     from datasets_io.shards import ImageTransform
 
     out = {}
     for split in splits:
+        train = split == "train"
         # Training crops are drawn fresh each epoch (seed=None): a seeded transform would repeat the
         # same crop of an image every epoch. Evaluation has no randomness.
-        transform = ImageTransform(image_size, train=split == "train", num_classes=num_classes,
-                                   augment=augment if split == "train" else "none",
-                                   seed=None if split == "train" else seed, keep_text=keep_text,
-                                   **(image_cfg or {}))
-        ds = load_split(path, split).map_batches(transform, batch_format="numpy")
+        options = {k: v for k, v in (("scale", tuple(crop_scale) if crop_scale else None),
+                                     ("auto_augment", auto_augment)) if v is not None and train}
+        transform = ImageTransform(image_size, train=train, num_classes=num_classes,
+                                   augment=augment if train else "none", seed=None if train else seed,
+                                   keep_text=keep_text, **(image_cfg or {}), **options)
+        ds = load_split(path, split)
+        if train and repeated_aug > 1:
+            if not train_rows:
+                raise ValueError("repeated augmentation needs the number of training rows")
+            ds = repeated_augmentation(ds, repeated_aug, train_rows)
+        ds = ds.map_batches(transform, batch_format="numpy")
         # Training shows one line per epoch; Ray Data's per-operator bars, streamed from every
         # worker each epoch, would bury it (the ingest keeps its bars).
         ds.context.enable_progress_bars = False

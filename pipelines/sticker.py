@@ -225,26 +225,12 @@ def sticker_datasets(path, *, image_size: int, num_classes: int, seed: int, augm
     """Ray Datasets of tensors + tokenised text per split. ``train``: repeated augmentation (when
     ``repeated_aug`` > 1, over ``train_rows`` rows), RandomResizedCrop(``crop_scale``), flip and
     RandAugment(``auto_augment``); fresh draws every epoch. Others: resize + centre crop."""
-    from datasets_io.ray_data import load_split, repeated_augmentation
-    from datasets_io.shards import ImageTransform
     from pipelines import data
 
     tokenize = TokenizeText(text_encoder, max_text_len)
     sets = data.training_datasets(path, image_size=image_size, num_classes=num_classes, seed=seed, augment=augment,
-                                  splits=[s for s in splits if s != "train"], keep_text=True)
-    if "train" in splits:
-        # Unseeded, as data.training_datasets does: a seeded transform would repeat an image's crop every epoch.
-        transform = ImageTransform(image_size, train=True, num_classes=num_classes, augment=augment,
-                                   seed=None, keep_text=True, scale=tuple(crop_scale),
-                                   auto_augment=auto_augment)
-        train = load_split(path, "train")
-        if repeated_aug > 1:
-            if not train_rows:
-                raise ValueError("repeated augmentation needs the number of training rows")
-            train = repeated_augmentation(train, repeated_aug, train_rows)
-        train = train.map_batches(transform, batch_format="numpy")
-        train.context.enable_progress_bars = False
-        sets["train"] = train
+                                  splits=splits, keep_text=True, crop_scale=crop_scale, auto_augment=auto_augment,
+                                  repeated_aug=repeated_aug, train_rows=train_rows)
     return {k: sets[k].map_batches(tokenize, batch_format="numpy") for k in splits}
 
 

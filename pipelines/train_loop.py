@@ -202,17 +202,15 @@ class _MlflowEpochLogger:
             for key, value in tags.items():
                 self.client.set_tag(self.run_id, key, value)
 
-    def __call__(self, result: core.EpochResult, extra: Optional[dict] = None) -> None:
+    def __call__(self, row: dict) -> None:
+        """Log one epoch's row (``core.fit``'s history row: ``epoch``, ``lr``, ``train_*``, ``val_*``, ...)."""
         if self.client is None:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        values = {"lr": result.lr, "epoch_seconds": result.seconds,
-                  **{f"train_{k}": v for k, v in result.train.items()},
-                  **{f"val_{k}": v for k, v in result.val.items()}, **(extra or {})}
-        metrics = [Metric(k, float(v), now, result.epoch) for k, v in values.items()
-                   if isinstance(v, (int, float)) and v == v]
+        metrics = [Metric(k, float(v), now, int(row["epoch"])) for k, v in row.items()
+                   if k != "epoch" and isinstance(v, (int, float)) and v == v]
         self.client.log_batch(self.run_id, metrics=metrics)
 
 
@@ -284,20 +282,18 @@ def fit_worker(config: dict) -> dict:
 
     def on_epoch_end(result: core.EpochResult, st: core.TrainState) -> None:
         epochs_run.append(result.epoch)
-        extra = {}
         if recipe.test_every_epoch and "test" in context.tests:
             # The published protocol's figure (best test accuracy over epochs), recorded beside the
             # val-selected model, never used to select it. Every rank takes part (gathered metrics).
             test_metrics, _ = core.evaluate(eval_model, _iter_batches(ray.train.get_dataset_shard("test"), batch_size,
                                                                       train=False, seed=seed, epoch=result.epoch),
                                             objective, precision)
-            st.history[-1][EPOCH_TEST_KEY] = extra[EPOCH_TEST_KEY] = test_metrics["accuracy"]
+            st.history[-1][EPOCH_TEST_KEY] = test_metrics["accuracy"]
             log(f"[{recipe.name}] epoch {result.epoch + 1}: test accuracy {test_metrics['accuracy']:.4f} "
                 f"(published protocol, not used for selection)")
-        metrics = {**st.history[-1], **extra, "improved": int(result.improved),
-                   "best_epoch": st.early_stopping.best_epoch}
         if mlflow_log is not None:
-            mlflow_log(result, extra)
+            mlflow_log(st.history[-1])
+        metrics = {**st.history[-1], "improved": int(result.improved), "best_epoch": st.early_stopping.best_epoch}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
