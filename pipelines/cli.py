@@ -131,11 +131,10 @@ def init_ray(address: Optional[str] = None) -> None:
 
     if os.environ.get("RAY_TRAIN_V2_ENABLED", "1").strip().lower() in ("0", "false", "no"):
         raise ValueError("these pipelines need Ray Train V2: unset RAY_TRAIN_V2_ENABLED (or set it to 1)")
-    if ray.is_initialized():
-        return
-    address = address or _ADDRESS or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, **console.ray_init_kwargs())
-    console.filter_worker_output()
+    if not ray.is_initialized():
+        address = address or _ADDRESS or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, **console.ray_init_kwargs())
+    console.start_relay()
 
 
 def cpus_per_worker(args) -> float:

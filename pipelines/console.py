@@ -2,20 +2,20 @@
 
 Quiet (the default):
 
-- the driver's ``ray`` logger is set to ERROR (``ray.init(logging_level=...)``) and Ray Data's
-  *console* handler to ERROR; Ray Data's log file (``<session>/logs/ray-data/``) keeps everything;
-- Ray Data does not announce each execution and its plan (``DataContext.print_on_execution_start``);
-- of the output Ray forwards from workers, actors, the raylet and the GCS, only the lines the
-  project wrote (:func:`mark`) are printed, without Ray's ``(RayTrainWorker pid=...)`` prefix;
-  everything else still goes to the session's log files (``/tmp/ray/session_latest/logs``);
+- Ray starts with ``log_to_driver=False``: the output of workers, actors, the raylet and the GCS
+  goes to the session's log files (``/tmp/ray/session_latest/logs``), not to the console; the
+  driver's ``ray`` logger is at ERROR (``ray.init(logging_level=...)``);
+- the project's own worker lines (one per epoch, test scores, a resume) reach the driver through a
+  small named actor, the relay (:func:`start_relay`, :func:`emitter`): rank 0 puts a line, a thread
+  of the driver prints it, and the current epoch's progress drives one live bar;
+- Ray Data does not announce each execution and its plan (``DataContext.print_on_execution_start``),
+  and its console handler is at ERROR (its log file keeps everything);
 - MLflow's INFO lines (database creation) and artifact download bars are hidden
   (``MLFLOW_LOGGING_LEVEL``, ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR``; values you set win).
 
-``--verbose`` or ``EMOTION_RAY_VERBOSE=1`` leaves Ray's and MLflow's output as Ray prints it.
-
-Filtering the forwarded output uses Ray's driver-side dispatcher of worker output
-(``ray._private.ray_logging.global_worker_stdstream_dispatcher``), the hook ``log_to_driver``
-installs; if a Ray version lacks it, nothing is filtered (and ``tests/test_console.py`` fails).
+``--verbose`` or ``EMOTION_RAY_VERBOSE=1`` leaves Ray's and MLflow's output as Ray prints it (workers'
+lines forwarded with Ray's ``(RayTrainWorker pid=...)`` prefix); no relay is started. Only public
+Ray APIs are used: ``ray.init`` options, a named actor, ``ray.get_actor``.
 """
 from __future__ import annotations
 
@@ -25,10 +25,7 @@ import sys
 from typing import Callable, Optional
 
 ENV = "EMOTION_RAY_VERBOSE"
-# Worker-side lines meant for the console carry this tag; the driver strips it (log files keep it).
-MARK = "[emotion-ray] "
-_HANDLER_NAME = "ray_print_logs"
-# Rank 0's progress through the current epoch, at most once a second: ``[emotion-ray] @progress {json}``.
+# Rank 0's progress through the current epoch, at most once a second: ``@progress {json}``.
 PROGRESS = "@progress "
 
 
@@ -37,11 +34,6 @@ def is_verbose(flag: Optional[bool] = None) -> bool:
     if flag:
         return True
     return os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def mark(message: str) -> str:
-    """A worker's line that the quiet console keeps."""
-    return f"{MARK}{message}"
 
 
 class EpochProgress:
@@ -121,90 +113,117 @@ def configure(verbose: Optional[bool] = None) -> bool:
 
 
 def quiet_ray_data_console() -> None:
-    """Ray Data's console handler at ERROR, its file handler untouched, through Ray Data's own
-    ``RAY_DATA_LOGGING_CONFIG`` (a copy of its default config; one the user set is respected)."""
-    import copy
-    import tempfile
-    from pathlib import Path
+    """Ray Data's console handlers at ERROR; its file handler (the session's ray-data log) untouched."""
+    import ray.data  # noqa: F401 - configures the "ray.data" logger's handlers
 
-    import yaml
-
-    try:
-        import ray.data._internal.logging as data_logging
-    except ImportError:  # pragma: no cover - an older/newer Ray without this module
-        return
-    if os.environ.get(data_logging.RAY_DATA_LOGGING_CONFIG_ENV_VAR_NAME):
-        return
-    config = copy.deepcopy(data_logging.DEFAULT_CONFIG)
-    config["handlers"]["console"]["level"] = "ERROR"
-    path = Path(tempfile.gettempdir()) / f"emotion-ray-ray-data-logging-{os.getuid()}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    os.environ[data_logging.RAY_DATA_LOGGING_CONFIG_ENV_VAR_NAME] = str(path)
-    data_logging.configure_logging()
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler) is logging.StreamHandler or type(handler).__name__ == "PlainRayHandler":
+            handler.setLevel(logging.ERROR)
 
 
 def ray_init_kwargs(verbose: Optional[bool] = None) -> dict:
-    """``ray.init`` arguments for the console mode (worker output is forwarded, then filtered)."""
+    """``ray.init`` arguments for the console mode."""
     if is_verbose(verbose):
         return {"log_to_driver": True}
-    return {"log_to_driver": True, "logging_level": logging.ERROR}
+    return {"log_to_driver": False, "logging_level": logging.ERROR}
 
 
-def filter_worker_output(verbose: Optional[bool] = None) -> bool:
-    """After ``ray.init``: print only the project's marked lines of forwarded worker output.
+RELAY = "emotion-ray-console"   # the named actor carrying the project's worker lines to the driver
+_printer: Optional["_Printer"] = None
 
-    Returns whether the filter is installed (False when verbose, or when Ray lacks the hook).
-    """
-    try:
-        from ray._private import worker as ray_worker
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:
-        return False
-    verbose = is_verbose(verbose)
-    names = [name for name, _ in dispatcher.handlers]
-    if _HANDLER_NAME not in names:
-        return False  # log_to_driver=False: nothing is forwarded
-    original = ray_worker.print_to_stdstream
-    ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
 
-    bar = _Bar(sys.stderr)
+def _relay_class():
+    import ray
 
-    def handle(data: dict) -> None:
+    @ray.remote(num_cpus=0, max_concurrency=1)
+    class ConsoleRelay:
+        def __init__(self):
+            self.lines: list[str] = []
+
+        def put(self, line: str) -> None:
+            self.lines.append(line)
+
+        def take(self) -> list[str]:
+            lines, self.lines = self.lines, []
+            return lines
+
+    return ConsoleRelay
+
+
+class _Printer:
+    """Driver side: prints what the relay holds, every ``interval_s``, from a daemon thread."""
+
+    def __init__(self, relay, stream=None, interval_s: float = 0.25):
+        import threading
+
+        self.relay, self.stream, self.interval_s = relay, stream, interval_s
+        self.bar = _Bar(stream or sys.stderr)
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="emotion-ray-console", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stopped.wait(self.interval_s):
+            try:
+                self.drain()
+            except Exception:  # noqa: BLE001 - Ray shut down: nothing left to print
+                return
+
+    def drain(self) -> None:
         import json
 
-        ours, rest = [], []
-        for line in data.get("lines", []):
-            if MARK in line:
-                ours.append(line.split(MARK, 1)[1])
-            else:
-                rest.append(line)
-        out = sys.stderr if data.get("is_err") else sys.stdout
-        for line in ours:
-            if line.startswith(PROGRESS):
-                try:
-                    bar.update(json.loads(line[len(PROGRESS):]))
-                except ValueError:
-                    pass
-                continue
-            bar.close()
-            print(line, file=out, flush=True)
-        if verbose and rest:
-            original({**data, "lines": rest}, ignore_prefix=ignore_prefix)
+        import ray
 
-    dispatcher.remove_handler(_HANDLER_NAME)
-    dispatcher.add_handler(_HANDLER_NAME, handle)
-    if not verbose and not getattr(original, "_emotion_ray", False):
-        # Messages the GCS pushes to the driver (``listen_error_messages``) bypass the dispatcher;
-        # of those only the raylet's worker start-up notice is dropped (real errors still print).
-        def errors(data: dict, ignore_prefix: bool = False) -> None:
-            lines = [line for line in data.get("lines", []) if not any(n in line for n in _GCS_NOISE)]
-            if lines:
-                original({**data, "lines": lines}, ignore_prefix=ignore_prefix)
-
-        errors._emotion_ray = True
-        ray_worker.print_to_stdstream = errors
-    return not verbose
+        with self.lock:
+            for line in ray.get(self.relay.take.remote()):
+                if line.startswith(PROGRESS):
+                    try:
+                        self.bar.update(json.loads(line[len(PROGRESS):]))
+                    except ValueError:
+                        pass
+                    continue
+                self.bar.close()
+                print(line, file=self.stream or sys.stdout, flush=True)
 
 
-# Notices pushed by the GCS that are expected on a small machine (see the README's console section).
-_GCS_NOISE = ("PYTHON worker processes have been started",)
+def start_relay(verbose: Optional[bool] = None, stream=None) -> bool:
+    """After ``ray.init`` on the driver: start the relay and its printer (quiet mode only).
+
+    Returns whether the relay runs. Idempotent within a process.
+    """
+    global _printer
+    if is_verbose(verbose):
+        return False
+    if _printer is None:
+        relay = _relay_class().options(name=RELAY, get_if_exists=True, lifetime=None).remote()
+        _printer = _Printer(relay, stream)
+    return True
+
+
+def flush() -> None:
+    """Print what the relay holds now (the driver calls it at the end of each stage)."""
+    if _printer is not None:
+        try:
+            _printer.drain()
+        except Exception:  # noqa: BLE001 - Ray already shut down
+            pass
+
+
+def emitter(logger: logging.Logger) -> Callable[[str], None]:
+    """Worker side: a function that shows a line on the driver's console.
+
+    With the relay (quiet mode) the line goes through it; without (``--verbose``) it is logged, and
+    Ray forwards it with the worker's prefix.
+    """
+    import ray
+
+    try:
+        relay = ray.get_actor(RELAY)
+    except ValueError:
+        return logger.info
+
+    def emit(line: str) -> None:
+        ray.get(relay.put.remote(line))  # waited for: a worker that exits next loses nothing
+
+    return emit

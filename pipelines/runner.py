@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+from pipelines import console
 from pipelines.recipe import RESULT_FILE, RUN_STATE_FILE, StageRecipe, jsonable
 from pipelines.tracking import Tracker, log_stage_artifacts
 from pipelines.train_loop import EvalSet, RunOptions, StageOutcome, run_stage
@@ -97,8 +98,11 @@ class PipelineRun:
         print(f"[{name}] training: {recipe.epochs} epochs max, monitor val_{recipe.monitor} "
               f"({recipe.monitor_mode}), {self.run.num_workers} workers")
         tests = tests or {}
-        outcome: StageOutcome = run_stage(recipe, datasets, self.run, tests=tests, fault=self._fault(name),
-                                          mlflow={"tracking_uri": self.tracker.uri, "run_id": child})
+        try:
+            outcome: StageOutcome = run_stage(recipe, datasets, self.run, tests=tests, fault=self._fault(name),
+                                              mlflow={"tracking_uri": self.tracker.uri, "run_id": child})
+        finally:
+            console.flush()  # the stage's last worker lines before the driver's own
         if not outcome.best_checkpoint:
             raise RuntimeError(f"stage {name} reported no checkpoint")
         test_results = outcome.info.pop("tests", {})

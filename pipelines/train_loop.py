@@ -238,9 +238,8 @@ def fit_worker(config: dict) -> dict:
     context = StageContext(**config["context"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    # Logged, not printed: Ray Train tees print() to the console twice. Marked: the quiet console
-    # (pipelines.console) prints only marked lines of the workers' output.
-    log = (lambda message: logger.info(console.mark(message))) if rank == 0 else (lambda *_: None)
+    # Rank 0's lines reach the driver's console (pipelines.console: through the relay when quiet).
+    log = console.emitter(logger) if rank == 0 else (lambda *_: None)
     model, objective, precision = build_for_device(recipe, ray.train.torch.get_device())
     if ctx.get_world_size() > 1:
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})

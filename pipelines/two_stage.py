@@ -433,7 +433,7 @@ def main(argv=None) -> int:
 
     plan = make_plan(args)
     mode = "grid" if args.grid else args.mode
-    prefix = f"two_stage-grid" if args.grid else f"two_stage-{args.mode}-{args.task}"
+    prefix = "two_stage-grid" if args.grid else f"two_stage-{args.mode}-{args.task}"
     pipeline = PipelineRun.from_args(args, pipeline="two_stage", run_name_prefix=prefix,
                                      tags={"mode": mode, "task": args.task, "dataname": plan.dataname,
                                            "demo": str(args.demo), "frameworks": ",".join(args.run_frameworks)})

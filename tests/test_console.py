@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 import warnings
 
-import pytest
-
 from pipelines import console
 
 
@@ -17,77 +15,82 @@ def test_verbose_flag_and_environment(monkeypatch):
     assert console.is_verbose(None)
     monkeypatch.setenv(console.ENV, "0")
     assert not console.is_verbose(None)
-    assert console.ray_init_kwargs(False)["log_to_driver"] is True  # the project's worker lines need it
-    assert "logging_level" not in console.ray_init_kwargs(True)
+    # Quiet: Ray forwards nothing to the console (the project's lines take the relay); verbose: everything.
+    assert console.ray_init_kwargs(False)["log_to_driver"] is False
+    assert console.ray_init_kwargs(True) == {"log_to_driver": True}
 
 
-@pytest.fixture
-def fake_forwarding(monkeypatch):
-    """Ray's driver-side dispatcher of forwarded worker output, as log_to_driver=True sets it up."""
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+class _Stream:
+    def __init__(self, tty: bool):
+        self.lines, self.tty = [], tty
 
-    printed = []
-    saved = list(dispatcher.handlers)
-    dispatcher.handlers = [("ray_print_logs", lambda data: printed.append(data))]
-    monkeypatch.setattr("ray._private.worker.print_to_stdstream",
-                        lambda data, ignore_prefix: printed.append(data))
-    yield dispatcher, printed
-    dispatcher.handlers = saved
+    def write(self, text):
+        self.lines.append(text)
 
+    def flush(self):
+        pass
 
-def _emit(dispatcher):
-    dispatcher.emit({"lines": ["Reporting training result 1: TrainingReport(...)",
-                               console.mark("epoch 1/6  loss 0.1"),
-                               "Starting execution of Dataset train_0"],
-                     "pid": 123, "actor_name": "RayTrainWorker", "is_err": True, "ip": "127.0.0.1"})
+    def isatty(self):
+        return self.tty
 
 
-def test_quiet_console_prints_only_the_projects_worker_lines(fake_forwarding, capsys):
-    dispatcher, ray_printed = fake_forwarding
-    assert console.filter_worker_output(verbose=False) is True
-    _emit(dispatcher)
-    out = capsys.readouterr()
-    assert out.err.splitlines() == ["epoch 1/6  loss 0.1"]   # no Ray prefix, no Ray lines
-    assert ray_printed == []
-    # Messages the GCS pushes (listen_error_messages -> print_to_stdstream): start-up notice dropped,
-    # real errors kept.
-    import ray._private.worker as ray_worker
+def test_worker_lines_reach_the_driver_through_the_relay_and_nothing_else(ray_session, monkeypatch):
+    """A Ray task (as a Train worker would) emits lines; the driver's printer prints exactly them, in order."""
+    import logging
 
-    ray_worker.print_to_stdstream({"lines": ["WARNING: 8 PYTHON worker processes have been started on node"],
-                                   "pid": "raylet", "is_err": False}, ignore_prefix=False)
-    ray_worker.print_to_stdstream({"lines": ["A worker died or was killed while executing a task"],
-                                   "pid": "raylet", "is_err": False}, ignore_prefix=False)
-    assert [d["lines"] for d in ray_printed] == [["A worker died or was killed while executing a task"]]
+    import ray
+
+    monkeypatch.setattr(console, "_printer", None)
+    out = _Stream(tty=False)
+    assert console.start_relay(verbose=False, stream=out)
+
+    @ray.remote(num_cpus=0)
+    def worker_side():
+        emit = console.emitter(logging.getLogger("t"))
+        for i in range(3):
+            emit(f"epoch {i + 1}/3  loss 0.{i}")
+        print("Reporting training result 1: TrainingReport(...)")   # Ray's own chatter: not forwarded
+        return True
+
+    assert ray.get(worker_side.remote())
+    console.flush()
+    printed = "".join(out.lines).splitlines()
+    assert printed == ["epoch 1/3  loss 0.0", "epoch 2/3  loss 0.1", "epoch 3/3  loss 0.2"]
+    console._printer.stopped.set()
 
 
-def test_verbose_console_passes_rays_lines_through(fake_forwarding, capsys):
-    dispatcher, ray_printed = fake_forwarding
-    assert console.filter_worker_output(verbose=True) is False
-    _emit(dispatcher)
-    assert capsys.readouterr().err.splitlines() == ["epoch 1/6  loss 0.1"]
-    assert [d["lines"] for d in ray_printed] == [["Reporting training result 1: TrainingReport(...)",
-                                                  "Starting execution of Dataset train_0"]]
+def test_without_the_relay_a_worker_logs_its_lines(ray_session):
+    """--verbose starts no relay: the worker's lines go to its logger (Ray forwards them with its prefix)."""
+    import logging
+
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def worker_side():
+        return console.emitter(logging.getLogger("t")) == logging.getLogger("t").info
+
+    assert ray.get(worker_side.remote())
+    assert console.start_relay(verbose=True) is False
 
 
 def test_quiet_configure_hides_ray_datas_console_not_its_file(monkeypatch):
     import logging
 
-    monkeypatch.delenv("RAY_DATA_LOGGING_CONFIG", raising=False)
     monkeypatch.delenv(console.ENV, raising=False)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     monkeypatch.setattr(ctx, "print_on_execution_start", True)
-    assert console.configure(False) is False
-    assert ctx.print_on_execution_start is False
     handlers = logging.getLogger("ray.data").handlers
-    levels = {type(h).__name__: h.level for h in handlers}
-    assert levels["SessionFileHandler"] <= logging.INFO and levels["PlainRayHandler"] == logging.ERROR, levels
-    # Put Ray Data's default logging back for the other tests.
-    monkeypatch.delenv("RAY_DATA_LOGGING_CONFIG")
-    import ray.data._internal.logging as data_logging
-
-    data_logging.configure_logging()
+    saved = [(h, h.level) for h in handlers]
+    try:
+        assert console.configure(False) is False
+        assert ctx.print_on_execution_start is False
+        levels = {type(h).__name__: h.level for h in handlers}
+        assert levels["SessionFileHandler"] <= logging.INFO and levels["PlainRayHandler"] == logging.ERROR, levels
+    finally:
+        for handler, level in saved:
+            handler.setLevel(level)
 
 
 def test_train_data_config_avoids_the_deprecated_exclude_resources():
@@ -101,8 +104,7 @@ def test_train_data_config_avoids_the_deprecated_exclude_resources():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RayDeprecationWarning)
         config = EvalSplitDataConfig()
-        options = config._resolve_execution_options("val")
-    assert options.preserve_order == DataContext.get_current().execution_options.preserve_order
+    assert config._options.preserve_order == DataContext.get_current().execution_options.preserve_order
 
 
 def test_stage_runs_record_their_datasets_as_mlflow_inputs(tmp_path):
@@ -131,23 +133,28 @@ def test_stage_runs_record_their_datasets_as_mlflow_inputs(tmp_path):
     assert {(t.key, t.value) for t in inp.tags} == {("mlflow.data.context", "dimensional")}
 
 
-def test_epoch_progress_reaches_the_driver_as_a_bar_only_on_a_terminal(fake_forwarding, capsys, monkeypatch):
-    dispatcher, ray_printed = fake_forwarding
+def test_epoch_progress_becomes_one_bar_on_a_terminal_and_nothing_elsewhere(ray_session, monkeypatch):
+    import logging
+
+    monkeypatch.setattr(console, "_printer", None)
     sent = []
-    progress = console.EpochProgress("stage1", 6, lambda m: sent.append(console.mark(m)), interval_s=0.0)
+    progress = console.EpochProgress("stage1", 6, sent.append, interval_s=0.0)
     for epoch, steps in ((0, 4), (1, 2)):
         for step in range(steps):
             progress(epoch, step)
     last = json.loads(sent[-1].split(console.PROGRESS, 1)[1])
     assert last == {"stage": "stage1", "epoch": 2, "epochs": 6, "step": 2, "total": 4}   # total: epoch 1's steps
-    console.filter_worker_output(verbose=False)
-    data = {"lines": [*sent, console.mark("epoch 2/6  loss 0.1")], "pid": 1, "is_err": True}
-    dispatcher.emit(data)
-    assert capsys.readouterr().err.splitlines() == ["epoch 2/6  loss 0.1"]   # not a terminal: no bar
-    import sys
-
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    console.filter_worker_output(verbose=False)
-    dispatcher.emit(data)
-    err = capsys.readouterr().err
-    assert "[stage1] epoch 2/6" in err and err.rstrip().endswith("epoch 2/6  loss 0.1")
+    for tty in (False, True):
+        out = _Stream(tty)
+        monkeypatch.setattr(console, "_printer", None)
+        console.start_relay(verbose=False, stream=out)
+        emit = console.emitter(logging.getLogger("t"))
+        for line in [*sent, "epoch 2/6  loss 0.1"]:
+            emit(line)
+        console.flush()
+        text = "".join(out.lines)
+        if tty:
+            assert "[stage1] epoch 2/6" in text and text.rstrip().endswith("epoch 2/6  loss 0.1")
+        else:
+            assert text.splitlines() == ["epoch 2/6  loss 0.1"]   # not a terminal: no bar
+        console._printer.stopped.set()
