@@ -98,7 +98,7 @@ class Tracker:
     def log_model(self, run_id: str, checkpoint_dir: str, name: str = "model",
                   registered_model_name: Optional[str] = None):
         """Log a checkpoint as the code-based pyfunc of :mod:`pipelines.mlflow_model` (weights as a
-        state dict plus the spec that rebuilds the model; no pickle); returns MLflow's ModelInfo.
+        state dict plus the recipe that rebuilds the model; no pickle); returns MLflow's ModelInfo.
         With ``registered_model_name`` it is also registered (a new version)."""
         import mlflow
 
@@ -111,11 +111,8 @@ class Tracker:
         shard folder), schema (the shards' Parquet columns) and profile (images per split)."""
         from mlflow.entities import DatasetInput, InputTag
 
-        inputs = []
-        for role, manifest in manifests.items():
-            dataset = manifest_dataset(role, manifest)
-            inputs.append(DatasetInput(dataset._to_mlflow_entity(),
-                                       tags=[InputTag("mlflow.data.context", role)]))
+        inputs = [DatasetInput(manifest_dataset(role, manifest), tags=[InputTag("mlflow.data.context", role)])
+                  for role, manifest in manifests.items()]
         if inputs:
             self.client.log_inputs(run_id, datasets=inputs)
 
@@ -170,31 +167,20 @@ def manifest_digest(manifest: dict) -> str:
 
 
 def manifest_dataset(role: str, manifest: dict):
-    """An ``mlflow.data`` dataset describing an ingested shard folder from its manifest."""
-    import warnings
+    """The MLflow dataset entity (``mlflow.entities.Dataset``) describing an ingested shard folder:
+    name, the manifest's digest, a local source, the shards' column schema, the split counts."""
+    from mlflow.entities import Dataset
 
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
-    source_path = manifest.get("shards") or manifest.get("root") or ""
-    with warnings.catch_warnings():  # two local-file source classes are registered; either is right
-        warnings.simplefilter("ignore")
-        source = resolve_dataset_source(str(source_path))
+    source_path = str(manifest.get("shards") or manifest.get("root") or "")
     counts = {k: int(v) for k, v in (manifest.get("counts") or {}).items()}
     profile = {"counts": counts, "num_rows": sum(counts.values()), "layout": manifest.get("layout"),
                "classes": manifest.get("classes"), "num_skipped": manifest.get("num_skipped", 0)}
-
-    class ManifestDataset(MetaDataset):
-        @property
-        def profile(self):
-            return profile
-
-        def to_dict(self):
-            return {**super().to_dict(), "profile": json.dumps(jsonable(profile))}
-
-    name = f"{role}:{Path(str(source_path)).name or manifest.get('layout', role)}"
-    return ManifestDataset(source, name=name, digest=manifest_digest(manifest),
-                           schema=_shard_schema(manifest.get("shards")))
+    schema = _shard_schema(manifest.get("shards"))
+    return Dataset(name=f"{role}:{Path(source_path).name or manifest.get('layout', role)}",
+                   digest=manifest_digest(manifest), source_type="local",
+                   source=json.dumps({"uri": source_path}),
+                   schema=json.dumps({"mlflow_colspec": schema.to_dict()}) if schema is not None else None,
+                   profile=json.dumps(jsonable(profile)))
 
 
 def _shard_schema(shards: Optional[str]):
