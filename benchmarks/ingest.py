@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,11 +27,10 @@ import ray
 from PIL import Image
 from ray.data import DataContext
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets_io.demo import render_va  # noqa: E402  (repository root on sys.path first)
-from datasets_io.images import prepare_image  # noqa: E402
-from datasets_io.ingest import ingest  # noqa: E402
+from datasets_io.demo import render_va
+from datasets_io.images import prepare_image
+from datasets_io.ingest import ingest
 
 CLASSES = ("negative", "neutral", "positive")
 

@@ -35,19 +35,16 @@ import contextlib
 import ctypes
 import functools
 import resource
-import sys
 import time
-from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from emotion_models import create_model  # noqa: E402
-from emotion_models.pvt import stage_grids  # noqa: E402
-from emotion_models.reattention import naive_selection_scores, selection_scores  # noqa: E402
-from emotion_models.text import TEXT_LEN, tokenize  # noqa: E402
+from emotion_models import create_model
+from emotion_models.pvt import stage_grids
+from emotion_models.reattention import naive_selection_scores, selection_scores
+from emotion_models.text import TEXT_LEN, tokenize
 
 MODELS: dict[str, tuple[str, dict]] = {
     "resnet101_va": ("va", {"backbone": "resnet101"}),

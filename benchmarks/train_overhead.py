@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from pipelines import core  # noqa: E402
-from pipelines.recipe import StageRecipe, build_model, build_objective  # noqa: E402
+from pipelines import core
+from pipelines.recipe import StageRecipe, build_model, build_objective
 
 
 def recipe_for(args, num_classes: int) -> StageRecipe:
