@@ -3,18 +3,7 @@
 The readers are registered, with how to recognise their folders and the dataset names that
 use them, in :mod:`datasets_io.layouts`; read a dataset with :func:`datasets_io.layouts.read_dataset`.
 
-=========  =====================================================================
-layout     on disk
-=========  =====================================================================
-folder     a folder per category (FI, Flickr, Instagram), optionally inside
-           ``train/ val/ test/`` folders; otherwise a seeded stratified split
-ldl        a CSV/TSV of image name + votes over the categories (FlickrLDL,
-           TwitterLDL) and a folder of images
-emotion6   ``ground_truth.txt`` (SAM valence/arousal + 7 probabilities) and
-           ``images/<emotion>/<n>.jpg``
-ser30k     ``Annotations/image-level/{train,val,test}.json`` and
-           ``Images/<topic>/<file_name>``
-=========  =====================================================================
+The layouts on disk are tabled there too.
 
 Readers never open images (the ingest validates the bytes), but they do check that every
 file an annotation names exists and stays inside the dataset root; files that do not are
