@@ -11,7 +11,22 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from datasets_io.errors import DataError
 from datasets_io.layouts import LAYOUTS
+
+
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low`` (a bad flag value is argparse's usage error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--layout", required=True, choices=LAYOUTS, help="on-disk layout of --root")
     ingest.add_argument("--root", required=True, help="dataset folder")
     ingest.add_argument("--out", required=True, help="output folder (<out>/<split>/*.parquet + manifest.json)")
-    ingest.add_argument("--max-side", type=int, default=512, help="shrink the longer side to this (default 512)")
-    ingest.add_argument("--max-pixels", type=int, default=None,
+    ingest.add_argument("--max-side", type=_at_least(1), default=512,
+                        help="shrink the longer side to this (default 512)")
+    ingest.add_argument("--max-pixels", type=_at_least(1), default=None,
                         help="reject images whose header declares more pixels (default 64 megapixels)")
     ingest.add_argument("--overwrite", action="store_true", help="replace a complete earlier output")
     ingest.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
@@ -34,14 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--seed", type=int, default=None, help="seed of that split (reader default 42)")
     ingest.add_argument("--lexicon", default=None,
                         help="NRC-VAD lexicon file to map other category names (emotion6: unused, VA is measured)")
-    ingest.add_argument("--num-output-files", type=int, default=None, help="files per split (default: by size)")
+    ingest.add_argument("--num-output-files", type=_at_least(1), default=None,
+                        help="files per split (default: by size)")
     ingest.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
 
     demo = commands.add_parser("demo", help="write the synthetic demo datasets (FI-, Emotion6-, SER30K-like)")
     demo.add_argument("--out", required=True, help="output folder")
-    demo.add_argument("--images-per-class", type=int, default=40)
+    demo.add_argument("--images-per-class", type=_at_least(1), default=40)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--image-size", type=int, default=64)
+    demo.add_argument("--image-size", type=_at_least(8), default=64)
     return parser
 
 
@@ -76,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (ValueError, OSError) as err:  # FileNotFoundError, FileExistsError, bad options, bad data
+    except (DataError, OSError) as err:  # bad data or options; FileNotFoundError, FileExistsError, ...
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2

@@ -34,6 +34,7 @@ import ray
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
+from datasets_io.errors import DataError
 from datasets_io.images import DEFAULT_MAX_PIXELS, BadImage, prepare_image
 from datasets_io.layouts import read_dataset, reader_options
 from datasets_io.readers import ESCAPES, MISSING
@@ -121,7 +122,7 @@ def _read_records(layout: str, root: Path, options: dict, lexicon_path) -> Reade
         options = {**options, "lexicon": Path(lexicon_path)}
     result = read_dataset(layout, root, **options)
     if not result.records:
-        raise ValueError(f"{root}: the {layout!r} reader found no images")
+        raise DataError(f"{root}: the {layout!r} reader found no images")
     for record in result.records:
         if record.split not in SPLITS:
             raise ValueError(f"{root}: record {record.path!r} has split {record.split!r}, "

@@ -37,6 +37,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional, Union
 
+from datasets_io.errors import DataError
 from datasets_io.readers import (EMOTION6_TABLE, SER30K_ANNOTATIONS, read_emotion6, read_folder, read_ldl,
                                  read_ser30k)
 from datasets_io.records import ReaderResult, is_ingested, read_manifest
@@ -123,7 +124,7 @@ def get_layout(name: str) -> Layout:
     try:
         return _BY_NAME[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown dataset layout {name!r}; known: {', '.join(LAYOUTS)}") from None
+        raise DataError(f"unknown dataset layout {name!r}; known: {', '.join(LAYOUTS)}") from None
 
 
 def reader_options(layout: str) -> list[str]:
@@ -136,7 +137,7 @@ def read_dataset(layout: str, root: Union[str, os.PathLike], **options) -> Reade
     entry = get_layout(layout)
     extra = sorted(set(options) - set(entry.options))
     if extra:
-        raise ValueError(f"layout {layout!r} does not take {', '.join(extra)}; it takes {', '.join(entry.options)}")
+        raise DataError(f"layout {layout!r} does not take {', '.join(extra)}; it takes {', '.join(entry.options)}")
     return entry.reader(root, **options)
 
 
@@ -158,7 +159,7 @@ def detect_layout(root: Union[str, os.PathLike]) -> str:
 def dataset_options(name: str) -> tuple[str, dict]:
     """``(layout, reader options)`` of one of the paper's dataset names (FI, ..., SER30K)."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known names: {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; known names: {', '.join(DATASETS)}")
     layout, options = DATASETS[name]
     return layout, dict(options)
 
@@ -172,7 +173,7 @@ def layout_of(name_or_root: Union[str, os.PathLike]) -> str:
         return str(read_manifest(path).get("layout"))
     if path.is_dir():
         return detect_layout(path)
-    raise ValueError(f"{name_or_root}: neither a known dataset name ({', '.join(DATASETS)}) nor a dataset folder")
+    raise DataError(f"{name_or_root}: neither a known dataset name ({', '.join(DATASETS)}) nor a dataset folder")
 
 
 def has(layout: str, capability: str) -> bool:
@@ -192,8 +193,8 @@ def require(manifest: Mapping[str, Any], capability: str, path: Union[str, os.Pa
     layout = manifest.get("layout")
     if not has(layout, capability):
         fitting = " or ".join(entry.name for entry in REGISTRY if capability in entry.capabilities)
-        raise ValueError(f"{path}: the {role} dataset must {CAPABILITIES[capability]} "
-                         f"(layout {fitting or 'none registered'}), not layout {layout!r}")
+        raise DataError(f"{path}: the {role} dataset must {CAPABILITIES[capability]} "
+                        f"(layout {fitting or 'none registered'}), not layout {layout!r}")
 
 
 def demo_key(role: str) -> str:

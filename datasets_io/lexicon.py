@@ -29,6 +29,8 @@ from typing import Iterable, Mapping, Sequence, Union
 
 import numpy as np
 
+from datasets_io.errors import DataError
+
 FloatOrArray = Union[float, np.ndarray]
 
 # NRC-VAD v1 (Mohammad, ACL 2018): word -> (valence, arousal), both on the lexicon's 0..1 scale.
@@ -97,15 +99,15 @@ def resolve_categories(spec: Union[str, Sequence[str]]) -> list[str]:
     if isinstance(spec, str):
         by_lower = {name.lower(): names for name, names in CATEGORY_SETS.items()}
         if spec.lower() not in by_lower:
-            raise ValueError(f"unknown category set {spec!r}; built-in sets: {', '.join(CATEGORY_SETS)} "
-                             "(or pass a list of category names)")
+            raise DataError(f"unknown category set {spec!r}; built-in sets: {', '.join(CATEGORY_SETS)} "
+                            "(or pass a list of category names)")
         return list(by_lower[spec.lower()])
     names = [str(name).strip().lower() for name in spec]
     if not names:
-        raise ValueError("the category list is empty")
+        raise DataError("the category list is empty")
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
-        raise ValueError(f"category names repeat (case-insensitively): {', '.join(repeated)}")
+        raise DataError(f"category names repeat (case-insensitively): {', '.join(repeated)}")
     return names
 
 
@@ -140,12 +142,12 @@ class Lexicon:
         if has_header(rows):
             rows = rows[1:]  # e.g. "Word  Valence  Arousal  Dominance"
         if not rows:
-            raise ValueError(f"{path}: no lexicon entries")
+            raise DataError(f"{path}: no lexicon entries")
         entries = dict(ANCHORS_NRC)
         for lineno, fields in rows:
             where = f"{path}:{lineno}"
             if len(fields) < 3:
-                raise ValueError(f"{where}: expected 'word valence arousal [dominance]', got {len(fields)} field(s)")
+                raise DataError(f"{where}: expected 'word valence arousal [dominance]', got {len(fields)} field(s)")
             entries[fields[0]] = parse_va(fields[1:3], where, (0.0, 1.0), "the NRC-VAD v1 range")
         return cls(entries, source=f"builtin+{path}")
 
@@ -178,9 +180,9 @@ class Lexicon:
             listed = ", ".join(known[:_MAX_LISTED])
             if len(known) > _MAX_LISTED:
                 listed += f", ... ({len(known)} in all)"
-            raise ValueError(f"unknown emotion categor{'y' if len(unknown) == 1 else 'ies'} "
-                             f"{', '.join(map(repr, unknown))} (lexicon: {self.source}); known: {listed}; "
-                             "pass an NRC-VAD lexicon file to map other names")
+            raise DataError(f"unknown emotion categor{'y' if len(unknown) == 1 else 'ies'} "
+                            f"{', '.join(map(repr, unknown))} (lexicon: {self.source}); known: {listed}; "
+                            "pass an NRC-VAD lexicon file to map other names")
 
     def va(self, name: str) -> tuple[float, float]:
         """(valence, arousal) of one category on the canonical scale."""
@@ -220,7 +222,7 @@ def parse_va(fields: Sequence[str], where: str, bounds: tuple[float, float], sca
     v, a = (parse_number(text, f"{where}: {what}") for text, what in zip(fields, ("valence", "arousal")))
     low, high = bounds
     if not (low <= v <= high and low <= a <= high):
-        raise ValueError(f"{where}: valence/arousal {v:g}/{a:g} outside {scale} {low:g}..{high:g}")
+        raise DataError(f"{where}: valence/arousal {v:g}/{a:g} outside {scale} {low:g}..{high:g}")
     return v, a
 
 
@@ -229,9 +231,9 @@ def parse_number(text: str, where: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"{where}: {text!r} is not a number") from None
+        raise DataError(f"{where}: {text!r} is not a number") from None
     if not math.isfinite(value):
-        raise ValueError(f"{where}: {text!r} is not a finite number")
+        raise DataError(f"{where}: {text!r} is not a finite number")
     return value
 
 
@@ -242,10 +244,10 @@ def normalize_dist(values: Sequence[float], where: str = "distribution") -> np.n
     """
     weights = np.asarray(values, dtype=np.float64).ravel()
     if not np.all(np.isfinite(weights)) or np.any(weights < 0):
-        raise ValueError(f"{where}: weights must be finite and non-negative, got {weights.tolist()}")
+        raise DataError(f"{where}: weights must be finite and non-negative, got {weights.tolist()}")
     total = weights.sum()
     if total <= 0:
-        raise ValueError(f"{where}: all weights are zero")
+        raise DataError(f"{where}: all weights are zero")
     return weights / total
 
 
@@ -269,7 +271,7 @@ def read_table(path: Path) -> list[tuple[int, list[str]]]:
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     numbered = [(lineno, line) for lineno, line in enumerate(lines, start=1) if line.strip()]
     if not numbered:
         return []

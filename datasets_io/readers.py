@@ -21,6 +21,7 @@ from typing import Callable, Hashable, Optional, Sequence, Union
 
 import numpy as np
 
+from datasets_io.errors import DataError
 from datasets_io.lexicon import (CATEGORY_SETS, Lexicon, has_header, normalize_dist, parse_number, parse_va,
                                  read_table, resolve_categories, sam_to_canonical)
 from datasets_io.paths import IMAGE_EXTENSIONS
@@ -138,8 +139,8 @@ def _assign_splits(records: list[Record], key: Callable[[Record], Hashable], rat
 def _check_ratios(ratios: Ratios) -> tuple[float, float, float]:
     values = tuple(float(r) for r in ratios)
     if len(values) != 3 or any(r < 0 for r in values) or abs(sum(values) - 1.0) > 1e-6:
-        raise ValueError(f"split_ratios must be three non-negative numbers (train, val, test) summing to 1, "
-                         f"got {list(ratios)}")
+        raise DataError(f"split_ratios must be three non-negative numbers (train, val, test) summing to 1, "
+                        f"got {list(ratios)}")
     return values
 
 
@@ -156,7 +157,7 @@ def _inside(root: Path, path: PathLike, what: str) -> Path:
     """``path`` (relative to ``root`` or absolute) resolved; it must be a folder inside the root."""
     resolved = (root / path).resolve()
     if not resolved.is_relative_to(root):
-        raise ValueError(f"{what} {path} is outside the dataset root {root}")
+        raise DataError(f"{what} {path} is outside the dataset root {root}")
     if not resolved.is_dir():
         raise FileNotFoundError(f"{what} {resolved} does not exist or is not a folder")
     return resolved
@@ -185,15 +186,15 @@ def read_folder(root: PathLike, categories: Union[None, str, Sequence[str]] = No
     folders = {split: _category_folders(folder) for split, folder in split_roots.items()}
     on_disk = sorted({name for by_name in folders.values() for name in by_name})
     if not on_disk:
-        raise ValueError(f"{members.root}: no category folders")
+        raise DataError(f"{members.root}: no category folders")
     classes = on_disk if categories is None else resolve_categories(categories)
     unknown = [by_name[name] for by_name in folders.values() for name in by_name if name not in classes]
     if unknown:
-        raise ValueError(f"{unknown[0]}: folder is not one of the categories {classes}")
+        raise DataError(f"{unknown[0]}: folder is not one of the categories {classes}")
     absent = [name for name in classes if name not in on_disk]
     if absent:
-        raise ValueError(f"{members.root}: no folder for categor{'y' if len(absent) == 1 else 'ies'} "
-                         f"{', '.join(absent)}")
+        raise DataError(f"{members.root}: no folder for categor{'y' if len(absent) == 1 else 'ies'} "
+                        f"{', '.join(absent)}")
     anchors = lexicon.va_many(classes)
 
     records = []
@@ -222,8 +223,8 @@ def _split_folders(root: Path) -> dict[Optional[str], Path]:
         return {None: root}
     if len(present) < len(SPLITS):
         missing = [" or ".join(SPLIT_FOLDER_NAMES[s]) for s in SPLITS if found[s] is None]
-        raise ValueError(f"{root}: has split folder(s) {', '.join(present)} but no {'; no '.join(missing)} "
-                         "folder; provide all three or none (then a seeded split is made)")
+        raise DataError(f"{root}: has split folder(s) {', '.join(present)} but no {'; no '.join(missing)} "
+                        "folder; provide all three or none (then a seeded split is made)")
     return found
 
 
@@ -233,7 +234,7 @@ def _category_folders(folder: Path) -> dict[str, Path]:
     for path in _visible_dirs(folder):
         name = path.name.lower()
         if name in by_name:
-            raise ValueError(f"{path}: folder name repeats {by_name[name].name} case-insensitively")
+            raise DataError(f"{path}: folder name repeats {by_name[name].name} case-insensitively")
         by_name[name] = path
     return by_name
 
@@ -269,13 +270,13 @@ def read_ldl(root: PathLike, table: Optional[PathLike] = None, images_dir: Optio
 
     rows = read_table(table_path)
     if not rows:
-        raise ValueError(f"{table_path}: the table is empty")
+        raise DataError(f"{table_path}: the table is empty")
     image_col, vote_cols, rows = _ldl_columns(table_path, rows, classes)
     records = []
     for lineno, fields in rows:
         where = f"{table_path}:{lineno}"
         if len(fields) <= max(image_col, *vote_cols):
-            raise ValueError(f"{where}: expected at least {max(image_col, *vote_cols) + 1} fields, got {len(fields)}")
+            raise DataError(f"{where}: expected at least {max(image_col, *vote_cols) + 1} fields, got {len(fields)}")
         votes = [parse_number(fields[col], f"{where}: vote for {name}") for col, name in zip(vote_cols, classes)]
         dist = normalize_dist(votes, where)
         rel = members.get(images_rel, fields[image_col])
@@ -294,8 +295,8 @@ def _find_table(root: Path) -> Path:
                     if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in TABLE_EXTENSIONS)
     if len(tables) != 1:
         found = ", ".join(p.name for p in tables) or "none"
-        raise ValueError(f"{root}: expected exactly one *.csv/*.tsv/*.txt label table, found {found}; "
-                         "pass table=")
+        raise DataError(f"{root}: expected exactly one *.csv/*.tsv/*.txt label table, found {found}; "
+                        "pass table=")
     return tables[0]
 
 
@@ -308,7 +309,7 @@ def _ldl_columns(path: Path, rows: list[tuple[int, list[str]]],
         image_col = next((header.index(n) for n in IMAGE_COLUMN_NAMES if n in header), 0)
         missing = [name for name in classes if name not in header]
         if missing:
-            raise ValueError(f"{path}:{lineno}: no column for {', '.join(missing)} in header {first}")
+            raise DataError(f"{path}:{lineno}: no column for {', '.join(missing)} in header {first}")
         return image_col, [header.index(name) for name in classes], rows[1:]
     return 0, list(range(1, len(classes) + 1)), rows
 
@@ -337,8 +338,8 @@ def read_emotion6(root: PathLike, split_ratios: Ratios = DEFAULT_RATIOS, seed: i
     for lineno, fields in rows:
         where = f"{path}:{lineno}"
         if len(fields) != n_fields:
-            raise ValueError(f"{where}: expected {n_fields} fields (image, valence, arousal, "
-                             f"{len(EMOTION6_CLASSES)} probabilities), got {len(fields)}")
+            raise DataError(f"{where}: expected {n_fields} fields (image, valence, arousal, "
+                            f"{len(EMOTION6_CLASSES)} probabilities), got {len(fields)}")
         valence, arousal = parse_va(fields[1:3], where, (1.0, 9.0), "the SAM scale")
         dist = normalize_dist([parse_number(text, f"{where}: probability") for text in fields[3:]], where)
         rel = members.get("images", fields[0])
@@ -376,16 +377,16 @@ def read_ser30k(root: PathLike, lexicon: Union[None, PathLike, Lexicon] = None) 
     for split, (path, document) in documents.items():
         annotations = document.get("annotations")
         if not isinstance(annotations, list):
-            raise ValueError(f"{path}: expected an 'annotations' list")
+            raise DataError(f"{path}: expected an 'annotations' list")
         for index, entry in enumerate(annotations):
             where = f"{path}: annotation #{index}"
             if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("topic", "file_name")):
-                raise ValueError(f"{where}: needs string fields 'topic' and 'file_name'")
+                raise DataError(f"{where}: needs string fields 'topic' and 'file_name'")
             anno = entry.get("anno")
             if isinstance(anno, str) and anno.strip().isdigit():
                 anno = int(anno)
             if isinstance(anno, bool) or not isinstance(anno, int) or not 1 <= anno <= len(classes):
-                raise ValueError(f"{where}: anno {anno!r} is not in 1..{len(classes)}")
+                raise DataError(f"{where}: anno {anno!r} is not in 1..{len(classes)}")
             rel = members.get("Images", entry["topic"], entry["file_name"])
             if rel is not None:
                 label = anno - 1
@@ -413,8 +414,8 @@ def _ser30k_classes(documents: dict[str, tuple[Path, dict]]) -> list[str]:
                                                   for c in categories):
             names = [c["name"] for c in sorted(categories, key=lambda c: c["id"])]
         else:
-            raise ValueError(f"{path}: 'categories' must be a list of names or of {{'id', 'name'}} objects")
+            raise DataError(f"{path}: 'categories' must be a list of names or of {{'id', 'name'}} objects")
         found.append((path, resolve_categories(names)))
     if any(names != found[0][1] for _, names in found):
-        raise ValueError(f"{found[0][0]}: 'categories' differ between the split files")
+        raise DataError(f"{found[0][0]}: 'categories' differ between the split files")
     return found[0][1] if found else list(SER30K_CLASSES)

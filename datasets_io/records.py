@@ -21,6 +21,8 @@ from typing import Optional
 
 import pyarrow as pa
 
+from datasets_io.errors import DataError
+
 SCHEMA_VERSION = 1
 VA_SCALE = "canonical[-1,1]"
 SPLITS = ("train", "val", "test")
@@ -88,8 +90,8 @@ def read_manifest(out: str | os.PathLike) -> dict:
                                       "(run: python -m datasets_io ingest ...)")
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {version!r}, this code reads {SCHEMA_VERSION}; "
-                         "re-ingest with --overwrite")
+        raise DataError(f"{path}: schema_version {version!r}, this code reads {SCHEMA_VERSION}; "
+                        "re-ingest with --overwrite")
     return manifest
 
 
@@ -100,7 +102,7 @@ def read_json_object(path: Path, missing: str, expected: str = "a JSON object") 
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise DataError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(document, dict):
-        raise ValueError(f"{path}: expected {expected}")
+        raise DataError(f"{path}: expected {expected}")
     return document

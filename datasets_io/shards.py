@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from datasets_io.errors import DataError
 from datasets_io.records import SHARD_SCHEMA, SPLITS, read_manifest
 
 if TYPE_CHECKING:
@@ -143,7 +144,7 @@ class ImageTransform:
         pixels = np.empty((n, self.image_size, self.image_size, 3), dtype=np.uint8)
         for i, data in enumerate(images):
             if data is None:
-                raise ValueError("ImageTransform: a row has no image bytes (not an ingest shard?)")
+                raise DataError("ImageTransform: a row has no image bytes (not an ingest shard?)")
             key = str(ids[i]) if ids is not None else str(i)
             if repeats is not None:
                 key = f"{key}#{int(repeats[i])}"

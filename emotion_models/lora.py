@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
+from emotion_models.errors import ModelConfigError
 from emotion_models.pvt import PRETRAINED_NEW, PVT_SMALL, PyramidVisionTransformer
 from emotion_models.registry import register_model
 from emotion_models.text import TEXT_LEN, build_text_model, text_features
@@ -179,7 +180,7 @@ def build_lora(text_encoder: str = "bytes", weights: Optional[str] = None, **kwa
     ``weights``: a LORA checkpoint (the published ``checkpoint.pth`` too) or an ImageNet PVT trunk.
     """
     if text_encoder is None:
-        raise ValueError("lora needs a text encoder ('bert:PATH' or 'bytes'); lora_v is the image-only model")
+        raise ModelConfigError("lora needs a text encoder ('bert:PATH' or 'bytes'); lora_v is the image-only model")
     return _build(weights, text_encoder=text_encoder, **kwargs)
 
 
@@ -187,5 +188,5 @@ def build_lora(text_encoder: str = "bytes", weights: Optional[str] = None, **kwa
 def build_lora_v(weights: Optional[str] = None, **kwargs) -> Lora:
     """LORA-V: LORA without the text branch (``checkpoint_v.pth`` or an ImageNet PVT trunk as ``weights``)."""
     if kwargs.pop("text_encoder", None) is not None:
-        raise ValueError("lora_v has no text branch; use create_model('lora', text_encoder=...)")
+        raise ModelConfigError("lora_v has no text branch; use create_model('lora', text_encoder=...)")
     return _build(weights, **kwargs)

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 
+from emotion_models.errors import ModelConfigError
 from emotion_models.reattention import select_tokens, selection_scores
 
 __all__ = ["PyramidVisionTransformer", "PVT_SMALL", "PRETRAINED_NEW", "stage_grids"]
@@ -152,14 +153,14 @@ class PyramidVisionTransformer(nn.Module):
         for name, values in (("embed_dims", embed_dims), ("num_heads", num_heads), ("mlp_ratios", mlp_ratios),
                              ("sr_ratios", sr_ratios), ("locals", locals)):
             if len(values) != num_stages:
-                raise ValueError(f"{name} has {len(values)} entries for {num_stages} stages")
+                raise ModelConfigError(f"{name} has {len(values)} entries for {num_stages} stages")
         if locals[-1]:
-            raise ValueError("locals[-1] must be 0: the last stage always selects, through its own cls token")
+            raise ModelConfigError("locals[-1] must be 0: the last stage always selects, through its own cls token")
         if alpha < 1:
-            raise ValueError(f"alpha must be >= 1, got {alpha}")
+            raise ModelConfigError(f"alpha must be >= 1, got {alpha}")
         if any(flag and depth < 2 for flag, depth in zip(locals, depths)):
-            raise ValueError("a stage with locals=1 needs at least two blocks (one block's map scores reduced "
-                             "cells, not tokens)")
+            raise ModelConfigError("a stage with locals=1 needs at least two blocks (one block's map scores reduced "
+                                   "cells, not tokens)")
         self.embed_dims = tuple(embed_dims)
         self.num_heads = tuple(num_heads)
         self.sr_ratios = tuple(sr_ratios)
@@ -216,11 +217,12 @@ class PyramidVisionTransformer(nn.Module):
         for i in self.selecting_stages():
             (height, width), sr, keep = grids[i], self.sr_ratios[i], self.selected_per_head(i)
             if sr > 1 and (height % sr or width % sr or height * width == sr * sr):
-                raise ValueError(f"img_size={img_size}: stage {i + 1}'s {height}x{width} grid must be a multiple of "
-                                 f"its reduction ratio {sr}, and larger than it, for local re-attention")
+                raise ModelConfigError(f"img_size={img_size}: stage {i + 1}'s {height}x{width} grid must be a "
+                                       f"multiple of its reduction ratio {sr}, and larger than it, for local "
+                                       "re-attention")
             if height * width < keep:
-                raise ValueError(f"img_size={img_size}: stage {i + 1} has {height * width} tokens, too few to keep "
-                                 f"alpha*sr^2 = {keep} per head; use a larger image or a smaller alpha")
+                raise ModelConfigError(f"img_size={img_size}: stage {i + 1} has {height * width} tokens, too few to "
+                                       f"keep alpha*sr^2 = {keep} per head; use a larger image or a smaller alpha")
 
     def weight_targets(self) -> dict:
         """A pretrained PVT file fits this trunk without the re-attention additions (see ``load_weights``)."""

@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch.nn as nn
 
+from emotion_models.errors import ModelConfigError
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -36,7 +38,7 @@ def create_model(name: str, **kwargs) -> nn.Module:
     try:
         builder = _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+        raise ModelConfigError(f"unknown model {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
     return builder(**kwargs)
 
 

@@ -24,6 +24,8 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
+from emotion_models.errors import ModelConfigError
+
 __all__ = [
     "PAD_ID", "CLS_ID", "EOS_ID", "VOCAB_SIZE", "TEXT_LEN", "BYTE_TEXT_DIM", "tokenize", "tokenize_numpy",
     "key_padding_mask", "ByteTextEncoder", "build_text_model", "text_features", "make_tokenizer",
@@ -147,7 +149,7 @@ def _parse_spec(spec: Optional[str]) -> tuple[Optional[str], Optional[str]]:
         return "bytes", None
     if spec.startswith("bert:") and len(spec) > len("bert:"):
         return "bert", spec[len("bert:"):]
-    raise ValueError(f"unknown text encoder {spec!r}; use 'bert:PATH' (a local BERT folder) or 'bytes'")
+    raise ModelConfigError(f"unknown text encoder {spec!r}; use 'bert:PATH' (a local BERT folder) or 'bytes'")
 
 
 def build_text_model(spec: str, max_len: int = TEXT_LEN) -> tuple[str, nn.Module, int]:

@@ -13,6 +13,7 @@ import timm
 import torch
 import torch.nn as nn
 
+from emotion_models.errors import ModelConfigError
 from emotion_models.registry import register_model
 from emotion_models.weights import load_weights
 
@@ -32,7 +33,7 @@ def backbone_stages(backbone: nn.Module) -> list[str]:
     """
     entries = [info["module"] for info in getattr(backbone, "feature_info", [])]
     if not entries:
-        raise ValueError(f"{type(backbone).__name__} has no timm feature_info; freeze by module name instead")
+        raise ModelConfigError(f"{type(backbone).__name__} has no timm feature_info; freeze by module name instead")
 
     def is_stage(name: str) -> bool:
         if name.rsplit(".", 1)[-1].startswith("stem"):
@@ -81,13 +82,14 @@ def _freeze_end(backbone: nn.Module, names: list[str], until: Union[int, str]) -
         raise TypeError(f"freeze: expected an int, a module name or 'all_but_last', got {until!r}")
     if isinstance(until, int):
         if not 0 <= until <= len(stages):
-            raise ValueError(f"freeze: {until} stages requested, the backbone has {len(stages)} ({', '.join(stages)})")
+            raise ModelConfigError(f"freeze: {until} stages requested, the backbone has {len(stages)} "
+                                   f"({', '.join(stages)})")
         if until == 0:  # the stem: everything registered before the first stage
             return names.index(stages[0]) - 1
         until = stages[until - 1]
     if not until or until not in names:
-        raise ValueError(f"freeze: unknown stage {until!r}; valid: {', '.join(stages)}, 'published', 'all_but_last', "
-                         f"0..{len(stages)} or any module name of the backbone")
+        raise ModelConfigError(f"freeze: unknown stage {until!r}; valid: {', '.join(stages)}, 'published', "
+                               f"'all_but_last', 0..{len(stages)} or any module name of the backbone")
     return max(i for i, n in enumerate(names) if n == until or n.startswith(until + "."))
 
 
@@ -189,7 +191,7 @@ def build_va(
     :meth:`VARegressor.freeze`, called after any weights are loaded.
     """
     if not timm.is_model(backbone):
-        raise ValueError(f"unknown timm backbone {backbone!r}")
+        raise ModelConfigError(f"unknown timm backbone {backbone!r}")
     net = timm.create_model(backbone, pretrained=False, num_classes=0, global_pool="avg", **timm_kwargs)
     model = VARegressor(net, task=task, num_classes=num_classes, bounded=bounded, drop_rate=drop_rate)
     if weights:

@@ -32,6 +32,8 @@ from typing import Any, Mapping, Sequence, Union
 import torch
 import torch.nn as nn
 
+from emotion_models.errors import ModelConfigError
+
 __all__ = ["LoadReport", "load_weights", "read_checkpoint", "read_state_dict", "HEAD_PATTERN"]
 
 _log = logging.getLogger(__name__)
@@ -75,14 +77,14 @@ def read_checkpoint(path: Union[str, Path]) -> Any:
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise ValueError(f"{path}: reading .safetensors needs the 'safetensors' package") from None
+            raise ModelConfigError(f"{path}: reading .safetensors needs the 'safetensors' package") from None
         return load_file(str(path), device="cpu")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path}: not a readable weights file ({reason})") from None
+        raise ModelConfigError(f"{path}: not a readable weights file ({reason})") from None
 
 
 def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
@@ -93,10 +95,10 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
             obj = obj[key]
             break
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
+        raise ModelConfigError(f"{path}: expected a state dict, found {type(obj).__name__}")
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise ValueError(f"{path}: contains no tensors")
+        raise ModelConfigError(f"{path}: contains no tensors")
     return tensors
 
 
@@ -141,8 +143,8 @@ def load_weights(model: nn.Module, path: Union[str, Path]) -> LoadReport:
         candidates.append((len(own.keys() & stripped.keys()), name == "", name, module, new_patterns, stripped))
     matched, _, name, module, new_patterns, state = max(candidates, key=lambda c: (c[0], c[1]))
     if matched == 0:
-        raise ValueError(f"{path}: matches no parameter of {type(model).__name__} "
-                         f"(file has e.g. {_names(sorted(state), 3)})")
+        raise ModelConfigError(f"{path}: matches no parameter of {type(model).__name__} "
+                               f"(file has e.g. {_names(sorted(state), 3)})")
 
     own = module.state_dict()
     new = [re.compile(p) for p in new_patterns]
@@ -164,7 +166,7 @@ def load_weights(model: nn.Module, path: Union[str, Path]) -> LoadReport:
             problems.append(f"unexpected {len(unexpected)}: {_names(unexpected)}")
         if wrong_shape:
             problems.append(f"other shape {len(wrong_shape)}: {_names(wrong_shape, 3)}")
-        raise ValueError(f"{path}: does not fit {label} ({'; '.join(problems)})")
+        raise ModelConfigError(f"{path}: does not fit {label} ({'; '.join(problems)})")
 
     module.load_state_dict(usable, strict=False)
     report = LoadReport(target=name, loaded=len(usable), in_file=len(state), skipped_head=skipped,

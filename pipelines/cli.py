@@ -81,6 +81,14 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = 
         unknown = sorted(set(values) - known)
         if unknown:
             raise UsageError(f"{pre.config}: unknown setting(s) {', '.join(unknown)}")
+        for action in parser._actions:  # argparse checks choices on the command line only, not on defaults
+            value = values.get(action.dest)
+            if action.choices is None or value is None:
+                continue
+            bad = [v for v in (value if isinstance(value, list) else [value]) if v not in action.choices]
+            if bad:
+                raise UsageError(f"{pre.config}: {action.dest}: {bad[0]!r} is not one of "
+                                 f"{', '.join(map(str, action.choices))}")
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
     if any(a.dest == "verbose" for a in parser._actions):  # every entry point with the Ray flags
@@ -130,7 +138,7 @@ def init_ray(address: Optional[str] = None) -> None:
     from pipelines import console
 
     if os.environ.get("RAY_TRAIN_V2_ENABLED", "1").strip().lower() in ("0", "false", "no"):
-        raise ValueError("these pipelines need Ray Train V2: unset RAY_TRAIN_V2_ENABLED (or set it to 1)")
+        raise UsageError("these pipelines need Ray Train V2: unset RAY_TRAIN_V2_ENABLED (or set it to 1)")
     if not ray.is_initialized():
         address = address or _ADDRESS or os.environ.get("RAY_ADDRESS")
         ray.init(address=address, **console.ray_init_kwargs())
@@ -158,11 +166,27 @@ def fmt(value) -> str:
     return str(value)
 
 
+def one_line_errors() -> tuple[type[BaseException], ...]:
+    """The errors that are the user's, reported as one line: a bad flag (:class:`UsageError`), bad input
+    data (:class:`datasets_io.errors.DataError`), a model or checkpoint that cannot be built or loaded
+    (:class:`emotion_models.errors.ModelConfigError`) and a missing file or a file where a folder belongs
+    (or the other way round). Any other exception, a plain ``ValueError`` or ``KeyError`` included, is a bug."""
+    from datasets_io.errors import DataError
+    from emotion_models.errors import ModelConfigError  # imported here: emotion_models imports torch
+
+    return UsageError, DataError, ModelConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError
+
+
 def run_main(fn: Callable[[], int | None]) -> int:
-    """Run ``fn``; configuration errors become one ``error: ...`` line and exit code 2."""
+    """Run ``fn``; the user's errors (:func:`one_line_errors`) become one ``error: ...`` line and exit code 2.
+
+    Every other exception propagates with its traceback: a bug is not reported as bad input.
+    """
     try:
         return int(fn() or 0)
-    except (UsageError, ValueError, FileNotFoundError, KeyError) as exc:
-        message = str(exc).strip("'\"")
+    except Exception as exc:
+        if not isinstance(exc, one_line_errors()):
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"error: {message}", file=sys.stderr)
         return 2

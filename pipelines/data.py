@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from datasets_io.errors import DataError
 from datasets_io.layouts import (DATASETS, DEMO_SETS, MEASURED_VA, dataset_options, detect_layout, ingest_options,
                                  require)
 from datasets_io.paths import cache_dir as default_cache_dir
@@ -31,7 +32,7 @@ def check_dataname(name: str, flag: str = "") -> None:
     where = f" ({flag})" if flag else ""
     if os.sep in name or name.startswith("."):
         raise FileNotFoundError(f"{name}: no such dataset folder{where}")
-    raise ValueError(f"unknown dataset {name!r}; known names: {_known()} (or a path to a dataset folder){where}")
+    raise DataError(f"unknown dataset {name!r}; known names: {_known()} (or a path to a dataset folder){where}")
 
 
 def resolve_shards(name_or_path: str, *, data_root: Optional[str] = None, max_side: int = 512,
@@ -48,7 +49,7 @@ def resolve_shards(name_or_path: str, *, data_root: Optional[str] = None, max_si
         if is_ingested(path):
             return path
         if not path.is_dir():
-            raise ValueError(f"{path}: neither an ingested shard folder nor a raw dataset folder")
+            raise DataError(f"{path}: neither an ingested shard folder nor a raw dataset folder")
         layout = detect_layout(path)
         return _ingest_once(layout, path, data_dir() / path.name, {"seed": seed}, max_side, lexicon, show_progress)
     check_dataname(name_or_path)
@@ -102,10 +103,10 @@ def check_shards(path: Path, *, role: str, need_va: bool = False, need_labels: b
     counts = manifest.get("counts", {})
     empty = [s for s in splits if not counts.get(s)]
     if empty:
-        raise ValueError(f"{path}: the {role} dataset has no images in split(s) {', '.join(empty)} "
-                         f"(counts {counts})")
+        raise DataError(f"{path}: the {role} dataset has no images in split(s) {', '.join(empty)} "
+                        f"(counts {counts})")
     if need_labels and not manifest.get("classes"):
-        raise ValueError(f"{path}: the {role} dataset has no classes in its manifest")
+        raise DataError(f"{path}: the {role} dataset has no classes in its manifest")
     if need_va:
         require(manifest, MEASURED_VA, path, role)
     return manifest

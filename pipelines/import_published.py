@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from emotion_models.errors import ModelConfigError
 from pipelines import cli
 from pipelines.recipe import StageRecipe
 
@@ -58,8 +59,8 @@ def convert_state(state: dict, source: str = "checkpoint") -> tuple[dict, Option
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     for key in ("FC_va.weight", "FC_va.bias"):
         if key not in state:
-            raise ValueError(f"{source}: not a published VA checkpoint (no {key}; keys start "
-                             f"{', '.join(sorted(state)[:3])})")
+            raise ModelConfigError(f"{source}: not a published VA checkpoint (no {key}; keys start "
+                                   f"{', '.join(sorted(state)[:3])})")
     out = {}
     for key, value in state.items():
         if key.startswith("FC_va."):
@@ -71,7 +72,7 @@ def convert_state(state: dict, source: str = "checkpoint") -> tuple[dict, Option
         else:
             prefix = next((p for p in PREFIXES if key.startswith(p)), None)
             if prefix is None:
-                raise ValueError(f"{source}: unexpected key {key!r} for a published VA checkpoint")
+                raise ModelConfigError(f"{source}: unexpected key {key!r} for a published VA checkpoint")
             out["backbone." + PREFIXES[prefix] + key[len(prefix):]] = value
     classes = int(state["FC_cat.weight"].shape[0]) if "FC_cat.weight" in state else None
     return out, classes
@@ -88,11 +89,12 @@ def import_checkpoint(path: str | Path, backbone: str = "resnet101", dataname: O
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is reported with its name
-        raise ValueError(f"{path}: not a readable torch state dict ({type(exc).__name__}: {exc})") from None
+        raise ModelConfigError(f"{path}: not a readable torch state dict ({type(exc).__name__}: {exc})") from None
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
         raw = raw["state_dict"]
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a bare state dict (published checkpoints are), got {type(raw).__name__}")
+        raise ModelConfigError(f"{path}: expected a bare state dict (published checkpoints are), "
+                               f"got {type(raw).__name__}")
     state, num_classes = convert_state(raw, str(path))
     info = parse_name(path)
     data = (dataname or info.get("data") or "").strip()
@@ -103,11 +105,16 @@ def import_checkpoint(path: str | Path, backbone: str = "resnet101", dataname: O
     set_name = next((k for k in CATEGORY_SETS if k.lower() == data.lower()), "FI")
     classes = list(CATEGORY_SETS[set_name])
     model = build_va(backbone, task=task, num_classes=num_classes or 8, bounded=False)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # same names, other shapes (e.g. a ResNet-50 file with --backbone resnet101)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]  # torch's first line is only "Error(s) in loading ..."
+        raise ModelConfigError(f"{path}: does not fit --backbone {backbone} ({detail})") from None
     mismatch = [k for k in missing if not k.endswith("num_batches_tracked")] + list(unexpected)
     if mismatch:
-        raise ValueError(f"{path}: does not fit --backbone {backbone} ({len(mismatch)} keys differ, e.g. "
-                         f"{', '.join(mismatch[:3])})")
+        raise ModelConfigError(f"{path}: does not fit --backbone {backbone} ({len(mismatch)} keys differ, e.g. "
+                               f"{', '.join(mismatch[:3])})")
     model.eval()
     anchors = Lexicon.builtin().va_many(classes).tolist()
     recipe = StageRecipe(

@@ -1,0 +1,144 @@
+"""The user's errors end in one ``error: ...`` line (exit 2); a bug keeps its traceback."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from datasets_io.errors import DataError
+from emotion_models.errors import ModelConfigError
+from pipelines import cli
+
+
+def _raiser(exc: BaseException):
+    def fn():
+        raise exc
+    return fn
+
+
+@pytest.mark.parametrize("exc", [
+    cli.UsageError("--lr must be positive"),
+    DataError("data/x/ground_truth.txt:3: 'abc' is not a number"),
+    ModelConfigError("w.pt: does not fit VARegressor (missing 1: va_head.bias)"),
+    FileNotFoundError("data/missing: no such dataset folder"),
+    NotADirectoryError("data/file.txt: not a folder"),
+    IsADirectoryError("data/folder: is a folder"),
+])
+def test_project_errors_are_one_line(exc, capsys):
+    assert cli.run_main(_raiser(exc)) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: {exc}"]
+
+
+def test_multi_line_message_stays_one_line(capsys):
+    assert cli.run_main(_raiser(DataError("first\nsecond"))) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: first second"]
+
+
+@pytest.mark.parametrize("exc", [ValueError("bug"), KeyError("bug"), TypeError("bug"), RuntimeError("bug")])
+def test_a_bug_keeps_its_traceback(exc, capsys):
+    with pytest.raises(type(exc)) as info:
+        cli.run_main(_raiser(exc))
+    assert info.value is exc
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_success_returns_zero():
+    assert cli.run_main(lambda: None) == 0
+    assert cli.run_main(lambda: 3) == 3
+
+
+def test_project_errors_are_value_errors():
+    assert issubclass(DataError, ValueError) and issubclass(ModelConfigError, ValueError)
+    assert issubclass(cli.UsageError, ValueError)
+
+
+def test_config_value_outside_choices_is_a_usage_error(tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cli.add_config_arg(parser)
+    parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"optimizer": "rmsprop"}))
+    with pytest.raises(cli.UsageError, match="'rmsprop' is not one of adam, sgd"):
+        cli.parse_args(parser, ["--config", str(config)])
+    config.write_text(json.dumps({"optimizer": "sgd"}))
+    assert cli.parse_args(parser, ["--config", str(config)]).optimizer == "sgd"
+
+
+# ----------------------------------------------------------------------------- real bad input
+
+def test_unknown_layout_is_a_data_error():
+    from datasets_io.layouts import dataset_options, get_layout
+
+    with pytest.raises(DataError, match="unknown dataset layout 'nope'"):
+        get_layout("nope")
+    with pytest.raises(DataError, match="unknown dataset 'nope'"):
+        dataset_options("nope")
+
+
+def test_unknown_category_is_a_data_error():
+    from datasets_io.lexicon import Lexicon, resolve_categories
+
+    with pytest.raises(DataError, match="unknown emotion category 'zzz-not-an-emotion'"):
+        Lexicon.builtin().va("zzz-not-an-emotion")
+    with pytest.raises(DataError, match="unknown category set"):
+        resolve_categories("NoSuchSet")
+
+
+def test_bad_lexicon_file_is_a_data_error(tmp_path):
+    from datasets_io.lexicon import Lexicon
+
+    path = tmp_path / "lexicon.txt"
+    path.write_text("joy\t0.9\t0.5\ngloom\t0.1\tabc\n")
+    with pytest.raises(DataError, match=r"lexicon.txt:2: arousal: 'abc' is not a number"):
+        Lexicon.from_file(path)
+
+
+def test_unknown_dataset_name_in_pipelines_is_a_data_error():
+    from pipelines.data import check_dataname
+
+    with pytest.raises(DataError, match="unknown dataset 'NoSuchSet'"):
+        check_dataname("NoSuchSet")
+
+
+def _tiny_model():
+    from emotion_models import create_model
+
+    return create_model("va", backbone="resnet10t", task="single", num_classes=2)
+
+
+def test_checkpoint_that_partly_fits_is_a_model_config_error(tmp_path, capsys):
+    from emotion_models.weights import load_weights
+
+    model = _tiny_model()
+    state = model.state_dict()
+    removed = next(k for k in state if k.startswith("backbone.") and k.endswith("conv1.0.weight"))
+    del state[removed]
+    path = tmp_path / "partial.pt"
+    torch.save(state, path)
+    with pytest.raises(ModelConfigError, match=r"partial.pt: does not fit VARegressor \(missing 1"):
+        load_weights(_tiny_model(), path)
+    assert cli.run_main(lambda: load_weights(_tiny_model(), path)) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {path}: does not fit")
+
+
+def test_unreadable_weights_file_is_a_model_config_error(tmp_path):
+    from emotion_models.weights import load_weights
+
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelConfigError, match="garbage.pt: not a readable weights file"):
+        load_weights(_tiny_model(), path)
+
+
+def test_unknown_model_or_backbone_is_a_model_config_error():
+    from emotion_models import create_model
+
+    with pytest.raises(ModelConfigError, match="unknown model 'nope'"):
+        create_model("nope")
+    with pytest.raises(ModelConfigError, match="unknown timm backbone 'no_such_net'"):
+        create_model("va", backbone="no_such_net")
