@@ -123,10 +123,15 @@ def read_meta(checkpoint_dir: str | Path) -> dict:
     path = Path(checkpoint_dir) / META_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: not an emotion-ray checkpoint (no {META_FILE})")
-    meta = json.loads(path.read_text())
+    from emotion_models.errors import ModelConfigError
+
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ModelConfigError(f"{path}: not valid JSON ({exc})") from None
     stored = meta.pop("recipe", None) or meta.pop("spec", None)  # "spec": checkpoints written before 0.4
     if not isinstance(stored, dict):
-        raise ValueError(f"{path}: no stage recipe in it")
+        raise ModelConfigError(f"{path}: no stage recipe in it")
     return {**meta, "recipe": StageRecipe.from_dict(stored)}
 
 

@@ -337,16 +337,17 @@ def evaluate_only(args) -> int:
     plan = make_plan(args, splits=("val", "test"))
     recipe = read_meta(ckpt_dir)["recipe"] if ckpt_dir else sticker_recipe(args, plan["classes"])
     if weights:  # a file that does not fit the model exactly stops here, in one line, before Ray starts
+        from emotion_models.errors import ModelConfigError
         from emotion_models.weights import load_weights
 
         report = load_weights(build_model(recipe.replace(model={k: v for k, v in recipe.model.items()
                                                                  if k != "weights"})), weights)
         if report.skipped_head:
-            raise ValueError(f"{weights}: its classifier does not have the dataset's {len(plan['classes'])} "
+            raise ModelConfigError(f"{weights}: its classifier does not have the dataset's {len(plan['classes'])} "
                              f"classes ({', '.join(report.skipped_head)} of another size)")
         if report.target or report.new:  # scoring needs every tensor from the file
             left = report.new or [f"everything outside {report.target}"]
-            raise ValueError(f"{weights}: not a whole {args.model} checkpoint ({', '.join(left[:4])} not in it)")
+            raise ModelConfigError(f"{weights}: not a whole {args.model} checkpoint ({', '.join(left[:4])} not in it)")
     cli.init_ray(args.address)
     run = RunOptions(storage_path=str(cli.storage_root(args.storage_path) / "eval"), num_workers=args.num_workers,
                      use_gpu=args.use_gpu, cpus_per_worker=cli.cpus_per_worker(args))

@@ -279,7 +279,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     import timm
 
     if not timm.is_model(args.backbone):
-        raise ValueError(f"--backbone {args.backbone}: not a timm model name")
+        raise cli.UsageError(f"--backbone {args.backbone}: not a timm model name")
     # Images are prepared as the backbone's pretrained_cfg says (mean, std, interpolation, crop).
     image_cfg = data_config(args.backbone)
     plan = Plan(args=args, dataname=dataname, classes=None, anchors=None, manifests={}, cat_sets=None)
