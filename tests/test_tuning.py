@@ -1,4 +1,5 @@
-"""Tests of the ``tuning`` sweep CLI.
+"""Tests of the ``tuning`` sweep CLI, through what it leaves behind: its exit code and stdout,
+``trials.csv``, ``best_config.yaml``, the checkpoints' ``meta.json`` and the MLflow runs.
 
 One tiny two_stage sweep runs once (module-scoped) and the slow tests read what it left behind:
 stage one trained once (one epoch), then one stage-two trial (two epochs) per lr of the grid
@@ -14,8 +15,10 @@ import contextlib
 import csv
 import io
 import json
+import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,12 +34,38 @@ TINY = ["--demo-images-per-class", "6", "--image-size", "32", "--backbone", "res
         "--num-workers", "1", "--seed", "3"]
 GRID = [3e-3, 10.0, 1e-3]
 WRECKING_LR = 10.0
+CPU_RETURN_S = 60       # how long the stopped trial's CPUs may take to come back
 
 
 def _client(uri: str):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+def _sweep_runs(uri: str, name: str):
+    """(parent run, {sweep_trial tag: child run}) of the sweep called ``name``."""
+    client = _client(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    parents = client.search_runs(experiments, filter_string=f"tags.sweep = 'true' and tags.mlflow.runName = '{name}'")
+    assert len(parents) == 1, parents
+    parent = parents[0]
+    children = client.search_runs(experiments, filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return parent, {r.data.tags["sweep_trial"]: r for r in children}
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _cpus_back(ray, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0.0) < ray.cluster_resources()["CPU"]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -52,59 +81,60 @@ def swept(ray_session, tmp_path_factory):
     with contextlib.redirect_stdout(out):
         assert sweep.main(argv) == 0
     sweep_dir = tmp / "runs" / "tiny"
-    state = json.loads((sweep_dir / "sweep_state.json").read_text())
-    rows = list(csv.DictReader((sweep_dir / "trials.csv").open()))
-    return SimpleNamespace(tmp=tmp, dir=sweep_dir, uri=uri, argv=argv, stdout=out.getvalue(), rows=rows,
-                           parent=state["parent_run_id"], state=state)
-
-
-def _children(swept) -> dict:
-    client = _client(swept.uri)
-    parent = client.get_run(swept.parent)
-    runs = client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.mlflow.parentRunId = '{swept.parent}'")
-    return {r.data.tags["sweep_trial"]: r for r in runs}
+    parent, children = _sweep_runs(uri, "tiny")
+    return SimpleNamespace(tmp=tmp, dir=sweep_dir, uri=uri, argv=argv, stdout=out.getvalue(),
+                           rows=_rows(sweep_dir / "trials.csv"), parent=parent, children=children)
 
 
 @pytest.mark.slow
 def test_every_trial_is_a_child_run_with_lr_decay_alpha(swept):
     client = _client(swept.uri)
-    parent = client.get_run(swept.parent)
-    assert parent.data.tags["pipeline"] == "two_stage" and parent.data.tags["sweep"] == "true"
-    assert parent.info.status == "FINISHED"
+    parent = swept.parent
+    assert parent.data.tags["pipeline"] == "two_stage" and parent.info.status == "FINISHED"
     assert parent.data.params["space.lr"] == f"grid({', '.join(repr(v) for v in GRID)})"
-    children = _children(swept)
-    assert "stage1" in children                     # stage one trained once, as a child of the sweep
-    trials = {k: r for k, r in children.items() if k != "stage1"}
-    assert len(trials) == len(GRID)
+    assert parent.data.metrics["best_val_mse"] == pytest.approx(float(swept.rows[0]["val_mse"]))
+    stage1 = swept.children.pop("stage1")           # stage one trained once, as a child of the sweep
+    assert stage1.info.status == "FINISHED" and len(client.get_metric_history(stage1.info.run_id, "val_mse")) == 1
+    trials = swept.children
+    assert sorted(trials) == sorted(r["trial_id"] for r in swept.rows)
     assert sorted(float(r.data.params["lr"]) for r in trials.values()) == sorted(GRID)
-    for run in trials.values():
-        assert run.info.status != "RUNNING"
+    by_id = {r["trial_id"]: r for r in swept.rows}
+    for trial_id, run in trials.items():
+        row = by_id[trial_id]
+        assert row["mlflow_run_id"] == run.info.run_id
+        assert run.data.tags["pipeline"] == "two_stage"
         assert float(run.data.params["alpha"]) == 0.9       # --task single: alpha2 kept at its flag value
         assert 1e-5 <= float(run.data.params["decay"]) <= 1e-3  # a decade either side of the demo's 1e-4
-        assert run.data.params["optimizer.lr"] == run.data.params["lr"]  # the stage-two spec the trial trained
-        if run.info.status == "FINISHED":  # a stopped trial's worker may log an epoch Tune never saw
-            assert run.data.metrics["best_val_mse"] == pytest.approx(
-                min(m.value for m in client.get_metric_history(run.info.run_id, "val_mse")))
-    # Every trial started from the one stage-one checkpoint of the sweep.
-    for row in swept.rows:
+        # Per-epoch curves at step = epoch: one point per epoch Tune got, training and validation.
+        history = client.get_metric_history(run.info.run_id, "val_mse")
+        assert [m.step for m in history] == list(range(int(row["epochs_run"])))
+        assert any(k.startswith("train_") for k in run.data.metrics)
+        assert run.data.metrics["best_val_mse"] == pytest.approx(min(m.value for m in history))
+        assert run.data.metrics["best_val_mse"] == pytest.approx(float(row["val_mse"]))
+        assert run.data.metrics["best_epoch"] == int(row["best_epoch"])
+        # The stage-two spec the trial trained, from the one stage-one checkpoint of the sweep.
         meta = json.loads((Path(row["checkpoint"]) / "meta.json").read_text())
-        assert meta["spec"]["init_from"] == swept.state["stage1_checkpoint"]
+        assert meta["spec"]["optimizer"]["lr"] == pytest.approx(float(run.data.params["lr"]))
+    inits = {json.loads((Path(r["checkpoint"]) / "meta.json").read_text())["spec"]["init_from"] for r in swept.rows}
+    assert len(inits) == 1 and Path(next(iter(inits))).is_relative_to(swept.dir)
 
 
 @pytest.mark.slow
-def test_asha_stops_the_wrecked_trial_and_frees_its_cpus(swept, ray_session):
-    from ray.tune import ExperimentAnalysis
-
-    analysis = ExperimentAnalysis(str(swept.dir / "tune"))
-    epochs = {t.config["lr"]: t.last_result["training_iteration"] for t in analysis.trials}
+def test_asha_stops_the_wrecked_trial_and_its_cpus_come_back(swept, ray_session):
+    epochs = {float(r["lr"]): int(r["epochs_run"]) for r in swept.rows}
+    assert len(swept.rows) == len(GRID) and set(epochs) == set(GRID)   # the sweep ran every trial
     assert epochs[WRECKING_LR] < 2, epochs                  # max_t = the trial's 2 epochs
     assert all(n == 2 for lr, n in epochs.items() if lr != WRECKING_LR), epochs
-    stopped = next(r for r in _children(swept).values() if r.data.params.get("lr") == str(WRECKING_LR))
+    statuses = {float(r["lr"]): r["status"] for r in swept.rows}
+    assert statuses == {lr: "stopped_by_scheduler" if lr == WRECKING_LR else "completed" for lr in GRID}
+    runs = {float(r.data.params["lr"]): r for r in swept.children.values() if "lr" in r.data.params}
+    stopped = runs[WRECKING_LR]
     assert stopped.info.status == "KILLED" and stopped.data.tags["stopped_by_scheduler"] == "true"
     assert stopped.data.metrics["last_val_mse"] > 0.5
-    # The stopped trial's Ray Train workers gave their CPUs back.
-    assert ray_session.available_resources().get("CPU") == ray_session.cluster_resources()["CPU"]
+    assert all(runs[lr].info.status == "FINISHED" for lr in GRID if lr != WRECKING_LR)
+    # The stopped trial's Ray Train workers give their CPUs back (Ray Train's own placement-group
+    # cleaner removes their placement group once the trial's controller is gone).
+    assert _cpus_back(ray_session, CPU_RETURN_S), ray_session.available_resources()
 
 
 @pytest.mark.slow
@@ -112,13 +142,15 @@ def test_ranked_table_trials_csv_and_best_config(swept):
     mse = [float(r["val_mse"]) for r in swept.rows]
     assert mse == sorted(mse) and [r["rank"] for r in swept.rows] == ["1", "2", "3"]
     assert swept.rows[-1]["status"] == "stopped_by_scheduler" and float(swept.rows[-1]["lr"]) == WRECKING_LR
-    lines = swept.stdout.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("rank  trial"))
-    assert header and all(h in lines[header] for h in ("lr", "decay", "alpha", "val_mse", "epochs", "status"))
-    printed = [line.split()[1] for line in lines[header + 1:header + 4]]
-    assert printed == [r["trial_id"] for r in swept.rows]
-    assert str(swept.dir / "best_config.yaml") in swept.stdout and swept.parent in swept.stdout
-    best = yaml.safe_load((swept.dir / "best_config.yaml").read_text())
+    out = swept.stdout
+    table = out[out.index("trials ranked by val_mse (min)"):]
+    assert all(h in table for h in ("lr", "decay", "alpha", "val_mse", "epochs", "status"))
+    positions = [table.index(r["trial_id"]) for r in swept.rows]   # the table lists the trials best first
+    assert positions == sorted(positions)
+    best_config = swept.dir / "best_config.yaml"
+    assert str(best_config) in out and swept.parent.info.run_id in out
+    assert f"pipelines/two_stage.py --config {best_config}" in out
+    best = yaml.safe_load(best_config.read_text())
     # A trial is stage two: the searched lr and decay are stage two's; stage one keeps the base flags.
     assert best["stage2_lr"] == pytest.approx(float(swept.rows[0]["lr"]))
     assert best["stage2_decay"] == pytest.approx(float(swept.rows[0]["decay"]))
@@ -150,9 +182,115 @@ def test_same_command_reports_the_finished_sweep_again(swept):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert sweep.main(swept.argv) == 0
-    assert "already finished" in out.getvalue()
-    assert json.loads((swept.dir / "sweep_state.json").read_text())["parent_run_id"] == swept.parent
-    assert len(_children(swept)) == len(GRID) + 1           # no new trials, no second stage one
+    assert "already finished" in out.getvalue() and swept.parent.info.run_id in out.getvalue()
+    parent, children = _sweep_runs(swept.uri, "tiny")      # no second parent, no new trials or stage one
+    assert parent.info.run_id == swept.parent.info.run_id and len(children) == len(GRID) + 1
+    assert _rows(swept.dir / "trials.csv") == swept.rows
+
+
+def test_release_removes_only_placement_groups_whose_train_workers_died(ray_session):
+    """What an ASHA stop leaves: the trial's Ray Train controller is gone, its workers with it, their
+    placement group still holds the CPUs. A run whose workers live keeps its placement group."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from tuning.cleanup import Releaser
+
+    # Named as Ray Train's worker actors are.
+    worker_cls = ray.remote(num_cpus=0.5)(type("RayTrainWorker", (), {"ping": lambda self: 1}))
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def start(self):
+            self.pg = placement_group([{"CPU": 0.5}])
+            ray.get(self.pg.ready())
+            self.worker = worker_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg)).remote()
+            ray.get(self.worker.ping.remote())
+            return self.pg.id.hex()
+
+    assert _cpus_back(ray_session, CPU_RETURN_S)
+    total = ray.cluster_resources()["CPU"]
+    live, stopped = Controller.remote(), Controller.remote()
+    live_pg = ray.get(live.start.remote())
+    ray.get(stopped.start.remote())
+    ray.kill(stopped)
+    release, deadline = Releaser(), time.monotonic() + CPU_RETURN_S
+    while ray.available_resources().get("CPU", 0.0) < total - 0.5 and time.monotonic() < deadline:
+        release()
+        time.sleep(1.0)
+    assert ray.available_resources().get("CPU", 0.0) == total - 0.5          # the live run's 0.5 CPU only
+    assert ray.util.placement_group_table()[live_pg]["state"] == "CREATED"
+    ray.kill(live)
+    remove_placement_group(_pg(live_pg))
+    assert _cpus_back(ray_session, CPU_RETURN_S)
+
+
+def _pg(hex_id: str):
+    import ray
+    from ray.util.placement_group import PlacementGroup
+
+    return PlacementGroup(ray.PlacementGroupID(bytes.fromhex(hex_id)))
+
+
+class _Trial:
+    """What Tune's logger callbacks read of a trial."""
+
+    def __init__(self, trial_id: str, config: dict):
+        self.trial_id, self.config = trial_id, config
+
+    def __str__(self):
+        return f"run_trial_{self.trial_id}"
+
+
+def test_trial_runs_survive_a_restored_sweep(tmp_path):
+    """Tune checkpoints the MLflow callback's state with the experiment and hands it back on
+    ``Tuner.restore``: a restarted trial goes on in its own child run (reopened), not a second one."""
+    from pipelines.tracking import Tracker
+    from tuning.runs import TrialRuns
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "sweeps")
+    parent = tracker.start_run("sweep", tags={"sweep": "true"})
+
+    def callback():
+        runs = TrialRuns(uri, "sweeps", parent, "val_mse", "min", max_t=3, tags={"pipeline": "two_stage"})
+        runs.setup()
+        return runs
+
+    def report(runs, trial, epoch, value, **extra):
+        runs.on_trial_result(0, [], trial, {"epoch": epoch, "val_mse": value, "train_loss": value,
+                                            "training_iteration": epoch + 1, **extra})
+
+    first = callback()
+    resumed, stopped = _Trial("a_00000", {"lr": 1e-3, "alpha": 0.5}), _Trial("a_00001", {"lr": 10.0, "alpha": 0.5})
+    first.on_trial_start(0, [], resumed)
+    report(first, resumed, 0, 0.5)
+    first.on_trial_start(0, [], stopped)
+    report(first, stopped, 0, 2.0, done=True)             # Tune marks the result a scheduler stops at
+    first.on_trial_complete(0, [], stopped)
+    state = pickle.loads(pickle.dumps(first.get_state()))  # the sweep is interrupted here
+
+    second = callback()
+    second.set_state(state)
+    restarted = _Trial("a_00000", {"lr": 1e-3, "alpha": 0.5})
+    second.on_trial_start(0, [], restarted)
+    _, children = _sweep_runs(uri, "sweep")
+    assert len(children) == 2 and children["a_00000"].info.status == "RUNNING"
+    report(second, restarted, 1, 0.3)
+    report(second, restarted, 2, 0.4)
+    second.on_trial_complete(0, [], restarted)
+
+    _, children = _sweep_runs(uri, "sweep")
+    assert sorted(children) == ["a_00000", "a_00001"]
+    done, killed = children["a_00000"], children["a_00001"]
+    assert done.info.status == "FINISHED" and done.data.tags["sweep_outcome"] == "completed"
+    assert done.data.params == {"lr": "0.001", "alpha": "0.5"}
+    assert [m.value for m in tracker.client.get_metric_history(done.info.run_id, "val_mse")] == [0.5, 0.3, 0.4]
+    assert (done.data.metrics["best_val_mse"], done.data.metrics["best_epoch"]) == (0.3, 1)
+    assert done.data.metrics["epochs_run"] == 3
+    assert killed.info.status == "KILLED" and killed.data.tags["stopped_by_scheduler"] == "true"
+    assert killed.data.tags["sweep_outcome"] == "stopped_by_scheduler" and killed.data.metrics["last_val_mse"] == 2.0
 
 
 # ----------------------------------------------------------------------------- flags and search space
@@ -252,11 +390,10 @@ def test_sweep_name_follows_the_command():
 
 
 def test_optuna_samples_inside_the_ranges_two_trials_at_a_time():
-    pytest.importorskip("optuna")
-    from tuning.driver import _search_algorithm
+    from tuning.driver import search_algorithm
 
     cfg = sweep.parse(["--search", "optuna", "--task", "multi", "--lr-range", "1e-4", "1e-3", "--seed", "5"])
-    searcher = _search_algorithm(cfg, max_concurrent=2)
+    searcher = search_algorithm(cfg, max_concurrent=2)
     assert searcher.set_search_properties(cfg.metric, cfg.mode, cfg.param_space())
     first, second, third = (searcher.suggest(f"t{i}") for i in range(3))
     assert third is None                              # the concurrency limit holds the third back

@@ -18,8 +18,10 @@ Every trial copies the base flags, sets its lr / decay / alpha (and ``--space`` 
 stage with the pipeline's own functions and fits it on Ray Train; its workers report the validation
 metrics every epoch, which ``TuneReportCallback`` hands to Tune (one Tune iteration per epoch:
 ASHA's ``max_t`` is the trial's epochs, rungs at ``grace``, ``2 x grace``, ...). Trials never touch
-the test splits: selection uses validation data only. ASHA-stopped trials have their MLflow runs
-closed by the driver (KILLED, ``stopped_by_scheduler=true``, last reported metrics).
+the test splits: selection uses validation data only. Every trial is an MLflow child run of the sweep's
+parent run, logged from Tune's results by Ray's MLflow integration (:mod:`tuning.runs`): params are
+the trial's config, the curves its epochs; ASHA-stopped trials end KILLED with
+``stopped_by_scheduler=true``, the others FINISHED (or FAILED), with ``best_<metric>`` and ``best_epoch``.
 
 Resources: the trial function only drives, so it reserves no CPU, only 256 MiB of memory
 (``tune.with_resources``: Tune refuses an empty request, and a CPU share would leave Ray Data less

@@ -1,9 +1,10 @@
 """Run a sweep: MLflow parent run, stage one (two_stage), the Tune experiment (new or restored), reports.
 
 Re-running the same command resumes: the sweep folder's ``sweep_state.json`` keeps the MLflow parent
-run id and stage one's checkpoint, and ``tune.Tuner.restore(..., resume_errored=True)`` picks the
-Tune experiment up (unfinished trials restart; their Ray Train runs resume from their last
-checkpoint, and they keep their MLflow runs). A sweep that already finished only reports again.
+run id and stage one's checkpoint (and MLflow run), and ``tune.Tuner.restore(..., resume_errored=True)``
+picks the Tune experiment up (unfinished trials restart; their Ray Train runs resume from their last
+checkpoint, and :class:`tuning.runs.TrialRuns` reopens their MLflow runs). A sweep that already
+finished only reports again.
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from pipelines.tracking import Tracker, resolve_tracking_uri
 from pipelines.train_loop import RunOptions
 from tuning import report
 from tuning.cleanup import ReleaseStoppedTrials, settle
+from tuning.runs import TrialRuns, child_runs
 from tuning.sweep import STATE_FILE, SweepConfig, default_concurrency
-from tuning.trial import TrialContext, run_trial, train_tracked
+from tuning.trial import TrialContext, fit_stage_one, run_trial
 
 TRIAL_DRIVER_MEMORY = 256 * 1024 ** 2  # bytes
 
@@ -76,10 +78,10 @@ def _stage_one(cfg: SweepConfig, plan, tracker: Tracker, parent: str, state: Swe
         print(f"[stage1] reusing this sweep's stage one: {done}")
         return done
     spec, datasets = cfg.target.stage1(plan)
-    print(f"[stage1] training stage one once for the sweep ({spec['epochs']} epochs, base flags)")
-    outcome = train_tracked(tracker, parent, "stage1", spec, datasets, run,
-                            params={}, tags={"pipeline": cfg.target.name}, metric=f"val_{spec['monitor']}",
-                            mode=spec.get("monitor_mode", "max"))
+    run_id = state.get("stage1_run_id")
+    outcome = fit_stage_one(tracker, parent, spec, datasets, run, tags={"pipeline": cfg.target.name},
+                            run_id=run_id if run_id and tracker.run_exists(run_id) else None,
+                            on_run=lambda new: state.set(stage1_run_id=new))
     if not outcome.best_checkpoint:
         raise RuntimeError("stage one reported no checkpoint")
     state.set(stage1_checkpoint=outcome.best_checkpoint)
@@ -90,7 +92,7 @@ def _trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def _search_algorithm(cfg: SweepConfig, max_concurrent: int):
+def search_algorithm(cfg: SweepConfig, max_concurrent: int):
     """The searcher, with the concurrency limit built in (Tune ignores ``max_concurrent_trials`` for a
     ``BasicVariantGenerator`` instance, so it gets its own ``max_concurrent``)."""
     seed = cfg.args.seed
@@ -108,7 +110,7 @@ def _search_algorithm(cfg: SweepConfig, max_concurrent: int):
     return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=seed)
 
 
-def _tuner(cfg: SweepConfig, ctx: TrialContext, sweep_dir: Path, max_concurrent: int):
+def _tuner(cfg: SweepConfig, ctx: TrialContext, sweep_dir: Path, max_concurrent: int, trial_runs: TrialRuns):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -118,19 +120,21 @@ def _tuner(cfg: SweepConfig, ctx: TrialContext, sweep_dir: Path, max_concurrent:
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"memory": TRIAL_DRIVER_MEMORY})
     tune_dir = sweep_dir / "tune"
     if tune.Tuner.can_restore(str(tune_dir)):
+        # The run config (with its TrialRuns) comes back from the experiment, and TrialRuns's state
+        # (trial -> MLflow run) from Tune's callback checkpoint: restarted trials keep their runs.
         return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
-    # stop_last_trials=False: a trial that reaches max_t ends by itself (and closes its MLflow run)
-    # instead of being stopped at its last report.
+    # stop_last_trials=False: a trial that reaches max_t ends by itself (its MLflow run FINISHED)
+    # instead of being stopped at its last report (KILLED, stopped_by_scheduler).
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.max_t, grace_period=cfg.grace_period,
                               reduction_factor=2, stop_last_trials=False) if cfg.scheduler == "asha" \
         else FIFOScheduler()
     return tune.Tuner(
         trainable, param_space=cfg.param_space(),
         tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, scheduler=scheduler,
-                                    search_alg=_search_algorithm(cfg, max_concurrent), num_samples=cfg.num_samples,
+                                    search_alg=search_algorithm(cfg, max_concurrent), num_samples=cfg.num_samples,
                                     trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
-                                  callbacks=[ReleaseStoppedTrials()]))
+                                  callbacks=[trial_runs, ReleaseStoppedTrials()]))
 
 
 def run_sweep(cfg: SweepConfig) -> Optional[SweepOutcome]:
@@ -154,10 +158,11 @@ def run_sweep(cfg: SweepConfig) -> Optional[SweepOutcome]:
     print(f"sweep {cfg.name}: {sweep_dir} ({cfg.num_samples} samples, {cfg.search} search, {cfg.scheduler}, "
           f"{max_concurrent} trial(s) at once x {run.num_workers} workers x {run.cpus_per_worker} CPU)")
     init_from = _stage_one(cfg, plan, tracker, parent, state, run) if cfg.target.needs_stage1(a) else None
-    ctx = TrialContext(target=cfg.target, base_args=a, sweep_dir=str(sweep_dir), tracking_uri=tracker.uri,
-                       experiment=a.experiment, parent_run_id=parent, metric=cfg.metric, mode=cfg.mode, run=run,
-                       init_from=init_from)
-    tuner = _tuner(cfg, ctx, sweep_dir, max_concurrent)
+    ctx = TrialContext(target=cfg.target, base_args=a, sweep_dir=str(sweep_dir), metric=cfg.metric, mode=cfg.mode,
+                       run=run, init_from=init_from)
+    trial_runs = TrialRuns(tracker.uri, a.experiment, parent, cfg.metric, cfg.mode, cfg.max_t,
+                           tags={"pipeline": cfg.target.name})
+    tuner = _tuner(cfg, ctx, sweep_dir, max_concurrent, trial_runs)
     if state.get("finished"):
         print(f"sweep {cfg.name!r} already finished; reporting its results (a new --sweep-name starts another)")
         results = tuner.get_results()
@@ -178,8 +183,8 @@ def _interrupted(cfg: SweepConfig, results) -> bool:
 
 def _report(cfg: SweepConfig, tracker: Tracker, parent: str, state: SweepState, sweep_dir: Path,
             results) -> SweepOutcome:
-    rows = report.rank([report.trial_row(r, tracker, parent, cfg.metric, cfg.mode, cfg.max_t) for r in results],
-                       cfg.mode)
+    runs = child_runs(tracker.client, tracker.experiment_id, parent)
+    rows = report.rank([report.trial_row(r, runs, cfg.metric, cfg.mode, cfg.max_t) for r in results], cfg.mode)
     if not rows or rows[0].best is None:
         errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error]
         raise RuntimeError(f"no trial reported {cfg.metric}" + (f": {errors[0]}" if errors else ""))

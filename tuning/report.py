@@ -1,5 +1,5 @@
-"""After the sweep: one row per trial from Tune's results, stray MLflow runs closed, the ranked
-table printed, ``trials.csv`` and ``best_config.yaml`` written."""
+"""After the sweep: one row per trial from Tune's results (and its MLflow run, made by
+:class:`tuning.runs.TrialRuns`), the ranked table printed, ``trials.csv`` and ``best_config.yaml`` written."""
 from __future__ import annotations
 
 import argparse
@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Optional
 
 from pipelines.specs import jsonable
-from pipelines.tracking import Tracker
+from tuning.runs import OUTCOME_TAG
 from tuning.targets import Target
-from tuning.trial import OUTCOME_TAG, close_child_run, find_child_run, summarize, trial_params
+from tuning.trial import summarize, trial_params
 
 
 @dataclass
@@ -27,21 +27,18 @@ class TrialRow:
     rank: int = 0
 
 
-def trial_row(result, tracker: Tracker, parent_id: str, metric: str, mode: str, max_t: int) -> TrialRow:
-    """One Tune result as a row; a trial whose function never got to close its MLflow run (stopped by
-    ASHA, cut at ``max_t``, or failed) has it closed here with its last reported metrics."""
+def trial_row(result, runs: dict, metric: str, mode: str, max_t: int) -> TrialRow:
+    """One Tune result as a row; ``runs`` are the sweep's MLflow child runs by trial id, whose
+    ``sweep_outcome`` tag gives the status (else it is read from the result)."""
     frame = result.metrics_dataframe
     history = frame.to_dict("records") if frame is not None else []
     trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
     summary = summarize(history, metric, mode)
-    run = find_child_run(tracker, parent_id, trial_id)
-    if run is not None and run.info.status != "RUNNING":
-        status = run.data.tags.get(OUTCOME_TAG, "completed")
-    else:
+    run = runs.get(trial_id)
+    status = run.data.tags.get(OUTCOME_TAG) if run is not None else None
+    if status is None:
         status = "error" if result.error else \
             "stopped_by_scheduler" if summary["epochs_run"] < max_t else "completed"
-        if run is not None:
-            close_child_run(tracker, run.info.run_id, summary, status)
     best_epoch = summary.get("best_epoch")
     best_row = next((r for r in history if r.get("epoch") == best_epoch), {})
     checkpoint = best_row.get("checkpoint_path")

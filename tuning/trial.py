@@ -3,8 +3,9 @@
 Tune runs :func:`run_trial` in a small actor that only drives: it reserves no CPU of its own (only
 some memory), the ``TorchTrainer`` it starts takes ``num_workers x cpus_per_worker``, and
 ``TuneReportCallback`` forwards every epoch's ``ray.train.report`` to Tune (one Tune iteration per
-epoch, which is what ASHA counts). Every trial (and the sweep's stage one) is an MLflow child
-run of the sweep's parent run, found again by a tag when a resumed sweep restarts it.
+epoch, which is what ASHA counts). The driver's :class:`tuning.runs.TrialRuns` (Ray's MLflow
+integration) makes every trial an MLflow child run of the sweep's parent run from those results;
+the sweep's stage one, trained once by the driver outside Tune, is a child run made here.
 """
 from __future__ import annotations
 
@@ -16,10 +17,9 @@ from typing import Any, Iterable, Optional
 
 from pipelines.tracking import Tracker
 from pipelines.train_loop import RunOptions, StageOutcome, run_stage
+from tuning.runs import OUTCOME_TAG, TRIAL_TAG
 from tuning.targets import Target
 
-TRIAL_TAG = "sweep_trial"       # child-run tag holding the Tune trial id ("stage1" for stage one)
-OUTCOME_TAG = "sweep_outcome"   # completed | early_stopped | stopped_by_scheduler | error
 SWEPT = ("lr", "decay", "alpha")
 
 
@@ -30,9 +30,6 @@ class TrialContext:
     target: Target
     base_args: argparse.Namespace
     sweep_dir: str
-    tracking_uri: str
-    experiment: str
-    parent_run_id: str
     metric: str
     mode: str
     run: RunOptions
@@ -64,43 +61,51 @@ def summarize(history: Iterable[dict], metric: str, mode: str) -> dict[str, floa
     return out
 
 
-def find_child_run(tracker: Tracker, parent_id: str, key: str) -> Optional[Any]:
-    """The child run of ``parent_id`` tagged ``sweep_trial=key``, if any."""
-    found = tracker.client.search_runs(
-        [tracker.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.{TRIAL_TAG} = '{key}'", max_results=1)
-    return found[0] if found else None
+@dataclass(frozen=True)
+class Fit:
+    """What a stage's spec says about itself, and the spec to fit (see :func:`_for_trial`)."""
+
+    spec: Any
+    epochs: int
+    metric: str                     # val_<the spec's monitor>
+    mode: str
+    params: dict                    # the spec as MLflow params (without its run-time keys)
 
 
-def start_child_run(tracker: Tracker, parent_id: str, key: str, name: str, params: dict, tags: dict) -> str:
-    """Find (and reopen) or create the child run of ``key``; a restarted trial keeps its run."""
-    run = find_child_run(tracker, parent_id, key)
-    if run is not None:
-        if run.info.status != "RUNNING":
-            tracker.client.update_run(run.info.run_id, status="RUNNING")
-        return run.info.run_id
-    return tracker.start_run(name, parent_id=parent_id, tags={TRIAL_TAG: key, **tags}, params=params)
+def _for_trial(spec: Any, metric: Optional[str] = None, mode: Optional[str] = None,
+               mlflow: Optional[dict] = None) -> Fit:
+    """The one place that reads and sets keys of the pipeline's stage spec: the spec keeps (and stops
+    early on) the best epoch by ``metric`` / ``mode`` when given, and its rank-0 worker logs each
+    epoch to the MLflow run ``mlflow`` names ({tracking_uri, run_id}; ``None``: it logs nothing)."""
+    changes: dict = {"mlflow": mlflow}
+    if metric is not None:
+        changes.update(monitor=metric[len("val_"):], monitor_mode=mode)
+    fitted = {**spec, **changes}
+    return Fit(spec=fitted, epochs=int(fitted["epochs"]), metric=f"val_{fitted['monitor']}",
+               mode=fitted.get("monitor_mode", "max"),
+               params={k: v for k, v in spec.items() if k not in ("mlflow", "fault")})
 
 
-def close_child_run(tracker: Tracker, run_id: str, summary: dict, outcome: str) -> None:
-    status = {"completed": "FINISHED", "early_stopped": "FINISHED", "error": "FAILED"}.get(outcome, "KILLED")
-    tracker.log_metrics(run_id, summary)
-    tracker.client.set_tag(run_id, OUTCOME_TAG, outcome)
-    if outcome == "stopped_by_scheduler":
-        tracker.client.set_tag(run_id, "stopped_by_scheduler", "true")
-    tracker.end_run(run_id, status=status)
-
-
-def train_tracked(tracker: Tracker, parent_id: str, key: str, spec: dict, datasets: dict, run: RunOptions, *,
-                  params: dict, tags: dict, metric: str, mode: str) -> StageOutcome:
-    """Fit one stage as an MLflow child run: per-epoch curves from the workers, then the best
-    ``metric`` and epoch, and the run closed. Used for every trial and for the sweep's stage one."""
-    spec_params = {k: v for k, v in spec.items() if k not in ("mlflow", "fault")}
-    run_id = start_child_run(tracker, parent_id, key, key if key == "stage1" else f"trial-{key}",
-                             {**params, **spec_params}, tags)
-    outcome = run_stage({**spec, "mlflow": {"tracking_uri": tracker.uri, "run_id": run_id}}, datasets, run)
-    close_child_run(tracker, run_id, summarize(outcome.history, metric, mode),
-                    "early_stopped" if outcome.info.get("stopped_early") else "completed")
+def fit_stage_one(tracker: Tracker, parent_id: str, spec: Any, datasets: dict, run: RunOptions, *,
+                  tags: dict, run_id: Optional[str] = None, on_run=None) -> StageOutcome:
+    """The sweep's stage one (two_stage), trained once by the driver outside Tune: an MLflow child run
+    of ``parent_id`` (``run_id``, reopened, when a resumed sweep trains it again; ``on_run`` is told a
+    new run's id), per-epoch curves logged by the rank-0 worker, then the best epoch and the run closed."""
+    fit = _for_trial(spec)
+    print(f"[stage1] training stage one once for the sweep ({fit.epochs} epochs, base flags)")
+    if run_id is None:
+        run_id = tracker.start_run("stage1", parent_id=parent_id, tags={TRIAL_TAG: "stage1", **tags},
+                                   params=fit.params)
+        if on_run is not None:
+            on_run(run_id)
+    else:
+        tracker.client.update_run(run_id, status="RUNNING")
+    outcome = run_stage(_for_trial(spec, mlflow={"tracking_uri": tracker.uri, "run_id": run_id}).spec,
+                        datasets, run)
+    tracker.log_metrics(run_id, summarize(outcome.history, fit.metric, fit.mode))
+    early = bool(outcome.info.get("stopped_early"))
+    tracker.client.set_tag(run_id, OUTCOME_TAG, "early_stopped" if early else "completed")
+    tracker.end_run(run_id)
     return outcome
 
 
@@ -112,10 +117,8 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     args = ctx.target.trial_args(ctx.base_args, config)
     spec, datasets = ctx.target.trial_stage(ctx.target.make_plan(args), ctx.init_from)
-    # The trial keeps (and stops early on) the best epoch by the sweep's metric.
-    spec = {**spec, "monitor": ctx.metric[len("val_"):], "monitor_mode": ctx.mode}
+    # The trial keeps (and stops early on) the best epoch by the sweep's metric. Its MLflow run is the
+    # driver's (tuning.runs.TrialRuns, from the results Tune gets): the workers log nothing themselves.
     run = replace(ctx.run, storage_path=str(Path(ctx.sweep_dir) / "trials" / trial_id),
                   callbacks=[TuneReportCallback()])
-    tracker = Tracker(ctx.tracking_uri, ctx.experiment)
-    train_tracked(tracker, ctx.parent_run_id, trial_id, spec, datasets, run, params=trial_params(config),
-                  tags={"pipeline": ctx.target.name}, metric=ctx.metric, mode=ctx.mode)
+    run_stage(_for_trial(spec, ctx.metric, ctx.mode).spec, datasets, run)
