@@ -112,10 +112,10 @@ def test_every_trial_is_a_child_run_with_lr_decay_alpha(swept):
         assert run.data.metrics["best_val_mse"] == pytest.approx(min(m.value for m in history))
         assert run.data.metrics["best_val_mse"] == pytest.approx(float(row["val_mse"]))
         assert run.data.metrics["best_epoch"] == int(row["best_epoch"])
-        # The stage-two spec the trial trained, from the one stage-one checkpoint of the sweep.
+        # The stage-two recipe the trial trained, from the one stage-one checkpoint of the sweep.
         meta = json.loads((Path(row["checkpoint"]) / "meta.json").read_text())
-        assert meta["spec"]["optimizer"]["lr"] == pytest.approx(float(run.data.params["lr"]))
-    inits = {json.loads((Path(r["checkpoint"]) / "meta.json").read_text())["spec"]["init_from"] for r in swept.rows}
+        assert meta["recipe"]["optimizer"]["lr"] == pytest.approx(float(run.data.params["lr"]))
+    inits = {json.loads((Path(r["checkpoint"]) / "meta.json").read_text())["recipe"]["init_from"] for r in swept.rows}
     assert len(inits) == 1 and Path(next(iter(inits))).is_relative_to(swept.dir)
 
 

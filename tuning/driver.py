@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipelines import cli
-from pipelines.specs import read_meta
+from pipelines.recipe import read_meta
 from pipelines.tracking import Tracker, resolve_tracking_uri
 from pipelines.train_loop import RunOptions
 from tuning import report
@@ -77,9 +77,9 @@ def _stage_one(cfg: SweepConfig, plan, tracker: Tracker, parent: str, state: Swe
     if done and Path(done).is_dir():
         print(f"[stage1] reusing this sweep's stage one: {done}")
         return done
-    spec, datasets = cfg.target.stage1(plan)
+    recipe, datasets = cfg.target.stage1(plan)
     run_id = state.get("stage1_run_id")
-    outcome = fit_stage_one(tracker, parent, spec, datasets, run, tags={"pipeline": cfg.target.name},
+    outcome = fit_stage_one(tracker, parent, recipe, datasets, run, tags={"pipeline": cfg.target.name},
                             run_id=run_id if run_id and tracker.run_exists(run_id) else None,
                             on_run=lambda new: state.set(stage1_run_id=new))
     if not outcome.best_checkpoint:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from pipelines.specs import jsonable
+from pipelines.recipe import jsonable
 from tuning.runs import OUTCOME_TAG
 from tuning.targets import Target
 from tuning.trial import summarize, trial_params

@@ -1,7 +1,7 @@
 """The pipelines a sweep can drive, and what one trial of each trains.
 
-A :class:`Target` wraps a pipeline module's own functions (``build_parser``, ``apply_defaults``,
-``make_plan`` and its stage builders), so a trial builds exactly the spec and datasets that
+A :class:`Target` wraps a pipeline's :class:`~pipelines.registry.Pipeline` (``build_parser``, ``apply_defaults``,
+``make_plan`` and its stage builders), so a trial builds exactly the recipe and datasets that
 ``python pipelines/<name>.py`` would, with the trial's lr, decay, alpha and extras set on a copy of
 the base flags:
 
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 from typing import Any, Optional
 
 from pipelines import cli
+from pipelines.registry import Pipeline, get_pipeline
 from tuning.space import Limits
 
 # Flags that say where and how a run happens, not how the model learns: never search dimensions.
@@ -46,7 +46,6 @@ class Target:
     """One pipeline as seen by a sweep."""
 
     name: str = ""
-    data_dest: str = ""             # the flag whose absence selects the embedded demo
     default_metric: str = ""
     alpha_kind: str = "uniform"     # how --alpha-range is sampled
     alpha_limits = Limits()
@@ -54,24 +53,24 @@ class Target:
     demo_preset: dict = {}          # sweep-sized demo settings, unless the flag is given
 
     @property
-    def module(self):
-        return importlib.import_module(f"pipelines.{self.name}")
+    def pipeline(self) -> Pipeline:
+        return get_pipeline(self.name)
 
     @property
     def script(self) -> str:
-        return f"pipelines/{self.name}.py"
+        return self.pipeline.script
 
     def build_parser(self) -> argparse.ArgumentParser:
-        return raise_usage_errors(self.module.build_parser())
+        return raise_usage_errors(self.pipeline.build_parser())
 
     def parse(self, argv: list[str]) -> argparse.Namespace:
         """The pipeline's flags (the base of every trial), with its defaults and the sweep's demo preset."""
         args = cli.parse_args(self.build_parser(), argv)
-        if getattr(args, self.data_dest) is None:
+        if getattr(args, self.pipeline.data_flag) is None:
             for key, value in self.demo_preset.items():
                 if key not in args.explicit:
                     setattr(args, key, value)
-        return self.module.apply_defaults(args)
+        return self.pipeline.apply_defaults(args)
 
     def default_alpha_range(self, args: argparse.Namespace) -> tuple:
         """The ``--alpha-range`` searched when none is given."""
@@ -117,19 +116,18 @@ class Target:
         return False
 
     def make_plan(self, args):
-        return self.module.make_plan(args)
+        return self.pipeline.make_plan(args)
 
-    def stage1(self, plan) -> tuple[dict, dict]:
+    def stage1(self, plan) -> tuple:
         raise NotImplementedError
 
-    def trial_stage(self, plan, init_from: Optional[str]) -> tuple[dict, dict]:
-        """(spec, datasets) of one trial; test splits are left out (selection uses validation only)."""
+    def trial_stage(self, plan, init_from: Optional[str]) -> tuple:
+        """(recipe, datasets) of one trial; test splits are left out (selection uses validation only)."""
         raise NotImplementedError
 
 
 class TwoStage(Target):
     name = "two_stage"
-    data_dest = "dataname"
     default_metric = "val_pearson_mean"
     alpha_limits = Limits(0.0, 1.0)
     alpha_range = (0.1, 0.9)
@@ -153,20 +151,19 @@ class TwoStage(Target):
     def needs_stage1(self, args) -> bool:
         return args.mode == "two_stage"
 
-    def stage1(self, plan) -> tuple[dict, dict]:
-        spec, datasets, _ = self.module.stage1(plan)
-        return spec, datasets
+    def stage1(self, plan) -> tuple:
+        recipe, datasets, _ = self.pipeline.stages["stage1"](plan)
+        return recipe, datasets
 
-    def trial_stage(self, plan, init_from: Optional[str]) -> tuple[dict, dict]:
+    def trial_stage(self, plan, init_from: Optional[str]) -> tuple:
         if self.needs_stage1(plan.args):
-            spec, datasets, _ = self.module.stage2(plan, init_from)
-            return spec, datasets
+            recipe, datasets, _ = self.pipeline.stages["stage2"](plan, init_from)
+            return recipe, datasets
         return self.stage1(plan)
 
 
 class Sticker(Target):
     name = "sticker"
-    data_dest = "data_root"
     default_metric = "val_accuracy"
     alpha_kind = "int"
     alpha_limits = Limits(low=1, integer=True)
@@ -189,9 +186,9 @@ class Sticker(Target):
     def epochs(self, args) -> int:
         return args.num_epochs
 
-    def trial_stage(self, plan, init_from: Optional[str]) -> tuple[dict, dict]:
-        spec, datasets, _ = self.module.sticker_stage(plan)
-        return spec, datasets
+    def trial_stage(self, plan, init_from: Optional[str]) -> tuple:
+        recipe, datasets, _ = self.pipeline.stages["sticker"](plan)
+        return recipe, datasets
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in (TwoStage(), Sticker())}

@@ -13,8 +13,9 @@ import argparse
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
+from pipelines.recipe import StageRecipe
 from pipelines.tracking import Tracker
 from pipelines.train_loop import RunOptions, StageOutcome, run_stage
 from tuning.runs import OUTCOME_TAG, TRIAL_TAG
@@ -61,48 +62,28 @@ def summarize(history: Iterable[dict], metric: str, mode: str) -> dict[str, floa
     return out
 
 
-@dataclass(frozen=True)
-class Fit:
-    """What a stage's spec says about itself, and the spec to fit (see :func:`_for_trial`)."""
-
-    spec: Any
-    epochs: int
-    metric: str                     # val_<the spec's monitor>
-    mode: str
-    params: dict                    # the spec as MLflow params (without its run-time keys)
+def _for_trial(recipe: StageRecipe, metric: Optional[str] = None, mode: Optional[str] = None) -> StageRecipe:
+    """The trial's recipe: it keeps (and stops early on) the best epoch by ``metric`` / ``mode``."""
+    if metric is None:
+        return recipe
+    return recipe.replace(monitor=metric[len("val_"):], monitor_mode=mode)
 
 
-def _for_trial(spec: Any, metric: Optional[str] = None, mode: Optional[str] = None,
-               mlflow: Optional[dict] = None) -> Fit:
-    """The one place that reads and sets keys of the pipeline's stage spec: the spec keeps (and stops
-    early on) the best epoch by ``metric`` / ``mode`` when given, and its rank-0 worker logs each
-    epoch to the MLflow run ``mlflow`` names ({tracking_uri, run_id}; ``None``: it logs nothing)."""
-    changes: dict = {"mlflow": mlflow}
-    if metric is not None:
-        changes.update(monitor=metric[len("val_"):], monitor_mode=mode)
-    fitted = {**spec, **changes}
-    return Fit(spec=fitted, epochs=int(fitted["epochs"]), metric=f"val_{fitted['monitor']}",
-               mode=fitted.get("monitor_mode", "max"),
-               params={k: v for k, v in spec.items() if k not in ("mlflow", "fault")})
-
-
-def fit_stage_one(tracker: Tracker, parent_id: str, spec: Any, datasets: dict, run: RunOptions, *,
+def fit_stage_one(tracker: Tracker, parent_id: str, recipe: StageRecipe, datasets: dict, run: RunOptions, *,
                   tags: dict, run_id: Optional[str] = None, on_run=None) -> StageOutcome:
     """The sweep's stage one (two_stage), trained once by the driver outside Tune: an MLflow child run
     of ``parent_id`` (``run_id``, reopened, when a resumed sweep trains it again; ``on_run`` is told a
     new run's id), per-epoch curves logged by the rank-0 worker, then the best epoch and the run closed."""
-    fit = _for_trial(spec)
-    print(f"[stage1] training stage one once for the sweep ({fit.epochs} epochs, base flags)")
+    print(f"[stage1] training stage one once for the sweep ({recipe.epochs} epochs, base flags)")
     if run_id is None:
         run_id = tracker.start_run("stage1", parent_id=parent_id, tags={TRIAL_TAG: "stage1", **tags},
-                                   params=fit.params)
+                                   params=recipe.params())
         if on_run is not None:
             on_run(run_id)
     else:
         tracker.client.update_run(run_id, status="RUNNING")
-    outcome = run_stage(_for_trial(spec, mlflow={"tracking_uri": tracker.uri, "run_id": run_id}).spec,
-                        datasets, run)
-    tracker.log_metrics(run_id, summarize(outcome.history, fit.metric, fit.mode))
+    outcome = run_stage(recipe, datasets, run, mlflow={"tracking_uri": tracker.uri, "run_id": run_id})
+    tracker.log_metrics(run_id, summarize(outcome.history, f"val_{recipe.monitor}", recipe.monitor_mode))
     early = bool(outcome.info.get("stopped_early"))
     tracker.client.set_tag(run_id, OUTCOME_TAG, "early_stopped" if early else "completed")
     tracker.end_run(run_id)
@@ -116,9 +97,9 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     args = ctx.target.trial_args(ctx.base_args, config)
-    spec, datasets = ctx.target.trial_stage(ctx.target.make_plan(args), ctx.init_from)
+    recipe, datasets = ctx.target.trial_stage(ctx.target.make_plan(args), ctx.init_from)
     # The trial keeps (and stops early on) the best epoch by the sweep's metric. Its MLflow run is the
     # driver's (tuning.runs.TrialRuns, from the results Tune gets): the workers log nothing themselves.
     run = replace(ctx.run, storage_path=str(Path(ctx.sweep_dir) / "trials" / trial_id),
                   callbacks=[TuneReportCallback()])
-    run_stage(_for_trial(spec, ctx.metric, ctx.mode).spec, datasets, run)
+    run_stage(_for_trial(recipe, ctx.metric, ctx.mode), datasets, run)
