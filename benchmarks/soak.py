@@ -14,8 +14,9 @@ temporary files) is told apart from what other programs on the machine write. Af
 * **Ray sessions**: the ``session_*`` folders under ``<tmp>/ray``, count and size. Ray keeps one per
   ``ray.init`` (its logs) and never deletes old ones: they grow by one session per run; that is Ray's
   documented behaviour (clean them with ``rm -rf <tmp>/ray/session_2*``), reported, not a leak here.
-* **Other temp entries**: anything else under ``<tmp>`` (the project's ``tempfile`` folders, ...).
-  Expected: constant (0 beyond ``ray``).
+* **Other temp entries**: anything else under ``<tmp>`` (the project's ``tempfile`` folders, ...),
+  except caches that are reused rather than added per run (``torchinductor_<user>``). Expected: 0.
+* **New Ray sessions per run**: expected 1 (a second one means something started Ray again).
 * **Open MLflow runs**: runs of the soak's MLflow store still ``RUNNING``. Expected: 0.
 
 It prints one table row per run and a verdict; exit code 1 when a check failed.
@@ -80,8 +81,16 @@ def ray_sessions(tmp: Path) -> tuple[int, float]:
     return len(sessions), sum(folder_size(p) for p in sessions) / 1e6
 
 
+# Caches that programs reuse from run to run (one folder, not one per run): reported, not failures.
+CACHES = ("torchinductor_",)
+
+
 def other_temp_entries(tmp: Path) -> list[str]:
-    return sorted(p.name for p in tmp.iterdir() if p.name != "ray")
+    return sorted(p.name for p in tmp.iterdir() if p.name != "ray" and not p.name.startswith(CACHES))
+
+
+def cache_entries(tmp: Path) -> list[str]:
+    return sorted(p.name for p in tmp.iterdir() if p.name.startswith(CACHES))
 
 
 def running_mlflow_runs(uri: str) -> int:
@@ -117,12 +126,13 @@ def main(argv=None) -> int:
     demo = (QUICK if args.quick else []) + extra
     print(f"soak: {args.runs} runs of: python pipelines/two_stage.py {' '.join(demo)}")
     print(f"soak folder {root} (TMPDIR={tmp}, MLflow {uri}); marker {MARKER}={token}")
-    header = (f"{'run':>4} {'exit':>4} {'seconds':>8} {'ray procs left':>14} {'ray sessions':>12} {'sessions MB':>11} "
-              f"{'other tmp':>9} {'mlflow RUNNING':>14}")
+    header = (f"{'run':>4} {'exit':>4} {'seconds':>8} {'ray procs left':>14} {'new sessions':>12} "
+              f"{'ray sessions':>12} {'sessions MB':>11} {'other tmp':>9} {'mlflow RUNNING':>14}")
     print(header)
     print("-" * len(header))
     rows, failures = [], []
     baseline_other = other_temp_entries(tmp)
+    sessions_before = ray_sessions(tmp)[0]
     for i in range(1, args.runs + 1):
         started = time.monotonic()
         log = root / f"run-{i:02d}.log"
@@ -139,10 +149,11 @@ def main(argv=None) -> int:
         sessions, mb = ray_sessions(tmp)
         other = other_temp_entries(tmp)
         open_runs = running_mlflow_runs(uri)
+        new_sessions, sessions_before = sessions - sessions_before, sessions
         rows.append({"rc": rc, "left": len(left), "sessions": sessions, "mb": mb, "other": len(other),
-                     "open": open_runs})
-        print(f"{i:>4} {rc:>4} {seconds:>8.1f} {len(left):>14} {sessions:>12} {mb:>11.1f} {len(other):>9} "
-              f"{open_runs:>14}", flush=True)
+                     "open": open_runs, "new_sessions": new_sessions})
+        print(f"{i:>4} {rc:>4} {seconds:>8.1f} {len(left):>14} {new_sessions:>12} {sessions:>12} {mb:>11.1f} "
+              f"{len(other):>9} {open_runs:>14}", flush=True)
         if rc:
             failures.append(f"run {i} exited with {rc} (log: {log})")
         if left:
@@ -154,6 +165,8 @@ def main(argv=None) -> int:
                     pass
         if open_runs:
             failures.append(f"run {i}: {open_runs} MLflow runs still RUNNING")
+        if new_sessions > 1:
+            failures.append(f"run {i} started {new_sessions} Ray sessions (one expected; see its log: {log})")
         new_other = sorted(set(other) - set(baseline_other))
         if new_other:
             failures.append(f"run {i} left temp entries: {', '.join(new_other[:8])}")
@@ -169,7 +182,8 @@ def main(argv=None) -> int:
     print(f"Ray session folders: {first['sessions']} after run 1, {last['sessions']} after run {len(rows)} "
           f"({last['mb']:.1f} MB; {growth:+.2f} MB per run): Ray keeps one log folder per session and does not "
           f"delete old ones")
-    print(f"other temp entries: {last['other']} (0 expected)")
+    print(f"other temp entries: {last['other']} (0 expected); caches reused across runs: "
+          f"{', '.join(cache_entries(tmp)) or 'none'}")
     print(f"MLflow runs still RUNNING: {last['open']}")
     for line in failures:
         print(f"FAILED: {line}")

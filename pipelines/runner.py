@@ -155,12 +155,12 @@ class PipelineRun:
     def finish(self, result: dict) -> Path:
         result = {**result, "mlflow_run_id": self.parent_id, "tracking_uri": self.tracker.uri,
                   "run_dir": str(self.run_dir), "seconds": round(time.time() - self.started, 1)}
+        unlogged_before = len(self.tracker.unlogged)
         if self.register and self.state["stages"]:
             registered = self.tracker.retrying(f"register the model as {self.register}",
                                                lambda: self.register_final_model(self.register))
             if registered:
                 result["registered_model"] = registered
-        unlogged_before = len(self.tracker.unlogged)
         path = self.run_dir / RESULT_FILE
         path.write_text(json.dumps(jsonable(result), indent=2))
         track = self.tracker.retrying
