@@ -10,7 +10,9 @@ Input: a DataFrame with an ``image`` column (the image file's bytes; over HTTP, 
 LORA, an optional ``text`` column. Output, one row per image: ``valence``, ``arousal`` (canonical
 [-1, 1]), ``valence_sam``, ``arousal_sam`` (SAM 1..9), ``nearest_category`` (and ``head_category``
 for multi-task models), or for sticker models ``class`` and ``p_<class>`` per class; ``error`` is
-empty, or says why that row's image could not be read (the other rows are still predicted).
+empty, or says why that row's image could not be read (the other rows are still predicted). When no
+row at all can be read, predict raises ``MlflowException`` with ``INVALID_PARAMETER_VALUE``, which
+``mlflow models serve`` answers with HTTP 400 and a message naming the rows (the server stays up).
 
     import mlflow, pandas as pd
     model = mlflow.pyfunc.load_model("models:/emotion-va@candidate")      # or runs:/<run id>/model
@@ -53,7 +55,20 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
                 continue
             rows.append({**predict_rows(self.model, self.meta, batch, text if isinstance(text, str) else None)[0],
                          ERROR: ""})
+        if rows and all(row[ERROR] for row in rows):
+            raise_unreadable(rows)
         return pd.DataFrame(rows)
+
+
+def raise_unreadable(rows: list[dict]) -> None:
+    """Every row of the request is unreadable: a client error (HTTP 400 from the scoring server)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    shown = "; ".join(f"row {i}: {row[ERROR]}" for i, row in enumerate(rows[:10]))
+    more = f" (and {len(rows) - 10} more)" if len(rows) > 10 else ""
+    raise MlflowException(f"no image in the request could be read: {shown}{more}",
+                          error_code=INVALID_PARAMETER_VALUE)
 
 
 class _Blob:

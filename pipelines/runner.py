@@ -15,7 +15,7 @@ from typing import Optional
 
 from pipelines import console
 from pipelines.recipe import RESULT_FILE, RUN_STATE_FILE, StageRecipe, jsonable
-from pipelines.tracking import Tracker, log_stage_artifacts
+from pipelines.tracking import Tracker, log_stage_artifacts, system_metrics_interval
 from pipelines.train_loop import EvalSet, RunOptions, StageOutcome, run_stage
 
 
@@ -32,11 +32,14 @@ class PipelineRun:
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"stages": {}}
         self.started = time.time()
         parent = self.state.get("parent_run_id")
-        if parent and self.tracker.run_exists(parent):
+        if parent and self.tracker.retrying("find the parent run", lambda: self.tracker.run_exists(parent),
+                                            required=True):
             print(f"resuming run {run_name!r} (MLflow run {parent}); finished stages: "
                   f"{', '.join(self.state['stages']) or 'none'}")
         else:
-            parent = self.tracker.start_run(run_name, tags=tags, params=params)
+            parent = self.tracker.retrying("start the parent run",
+                                           lambda: self.tracker.start_run(run_name, tags=tags, params=params),
+                                           required=True)
             self.state["parent_run_id"] = parent
         self.parent_id = parent
         self._save()
@@ -45,15 +48,17 @@ class PipelineRun:
     def from_args(cls, args, *, pipeline: str, run_name_prefix: str, tags: dict) -> "PipelineRun":
         """The run folder, Ray options and MLflow parent run from the shared CLI flags."""
         from pipelines import cli
-        from pipelines.tracking import resolve_tracking_uri
+        from pipelines.tracking import require_server, resolve_tracking_uri
 
+        tracking_uri = resolve_tracking_uri(args.mlflow_uri)
+        require_server(tracking_uri)   # an unreachable tracking server stops the run before Ray starts
         cli.init_ray(args.address)
         run_name = args.run_name or cli.default_run_name(run_name_prefix)
         run_dir = cli.storage_root(args.storage_path) / run_name
         run = RunOptions(storage_path=str(run_dir), num_workers=args.num_workers, use_gpu=args.use_gpu,
                          cpus_per_worker=cli.cpus_per_worker(args), max_failures=args.max_failures)
         params = {k: v for k, v in vars(args).items() if k not in ("explicit", "fault")}
-        return cls(run_dir=run_dir, run=run, tracking_uri=resolve_tracking_uri(args.mlflow_uri),
+        return cls(run_dir=run_dir, run=run, tracking_uri=tracking_uri,
                    experiment=args.experiment, run_name=run_name, params=params,
                    register=getattr(args, "register", None), fault=getattr(args, "fault", None),
                    tags={"pipeline": pipeline, **tags})
@@ -90,30 +95,47 @@ class PipelineRun:
             print(f"[{name}] already finished in this run: best checkpoint {done['outcome']['best_checkpoint']}")
             return done
         child = self.state.setdefault("child_runs", {}).get(name)
-        if not child or not self.tracker.run_exists(child):
-            child = self.tracker.start_run(name, parent_id=self.parent_id, params=recipe.params())
+        # A stage starts only with its MLflow run (the server may have gone down since the last stage,
+        # whose results are saved: the error says how to continue).
+        resume_hint = f"start {name}'s MLflow run; the finished stages are saved, rerun the same command " \
+                      f"with --run-name {self.run_dir.name} to continue"
+        if not child or not self.tracker.retrying(resume_hint, lambda: self.tracker.run_exists(child), required=True):
+            child = self.tracker.retrying(resume_hint, lambda: self.tracker.start_run(
+                name, parent_id=self.parent_id, params=recipe.params()), required=True)
             self.state["child_runs"][name] = child
             self._save()
-            self.tracker.log_dataset_inputs(child, manifests)
+            self.tracker.retrying(f"{name}: dataset inputs", lambda: self.tracker.log_dataset_inputs(child, manifests))
         print(f"[{name}] training: {recipe.epochs} epochs max, monitor val_{recipe.monitor} "
               f"({recipe.monitor_mode}), {self.run.num_workers} workers")
         tests = tests or {}
         try:
             outcome: StageOutcome = run_stage(recipe, datasets, self.run, tests=tests, fault=self._fault(name),
-                                              mlflow={"tracking_uri": self.tracker.uri, "run_id": child})
+                                              mlflow={"tracking_uri": self.tracker.uri, "run_id": child,
+                                                      "system_metrics": system_metrics_interval()})
         finally:
             console.flush()  # the stage's last worker lines before the driver's own
         if not outcome.best_checkpoint:
             raise RuntimeError(f"stage {name} reported no checkpoint")
         test_results = outcome.info.pop("tests", {})
-        model_uri = log_stage_artifacts(self.tracker, child, checkpoint_dir=outcome.best_checkpoint,
-                                        manifests=manifests,
-                                        tests={k: {**v, "classes": tests[k].classes or recipe.classes}
-                                               for k, v in test_results.items()})
-        self.tracker.log_metrics(child, {"best_epoch": outcome.info.get("best_epoch", -1)})
-        self.tracker.end_run(child)
+        # The checkpoints are on the storage path already; from here on an MLflow server that is down
+        # (and stays down through the retries) costs only what could not be logged, named in one line.
+        unlogged_before = len(self.tracker.unlogged)
+        track = self.tracker.retrying
+        track(f"{name}: per-epoch metrics", lambda: self.tracker.backfill_history(child, outcome.history))
+        model_uri = track(f"{name}: best checkpoint, model, test metrics and plots",
+                          lambda: log_stage_artifacts(self.tracker, child, checkpoint_dir=outcome.best_checkpoint,
+                                                      manifests=manifests,
+                                                      tests={k: {**v, "classes": tests[k].classes or recipe.classes}
+                                                             for k, v in test_results.items()}))
+        track(f"{name}: best_epoch", lambda: self.tracker.log_metrics(
+            child, {"best_epoch": outcome.info.get("best_epoch", -1)}))
+        track(f"{name}: end of its run", lambda: self.tracker.end_run(child))
+        unlogged = self.tracker.unlogged[unlogged_before:]
+        if unlogged:
+            print(f"[{name}] MLflow server {self.tracker.uri} unreachable: not logged: {'; '.join(unlogged)} "
+                  f"(the stage is finished and saved: checkpoints in {outcome.path})")
         record = {"outcome": asdict(outcome), "tests": {k: v["metrics"] for k, v in test_results.items()},
-                  "mlflow_run_id": child, "model_uri": model_uri}
+                  "mlflow_run_id": child, "model_uri": model_uri, "mlflow_unlogged": unlogged}
         self.state["stages"][name] = jsonable(record)
         self._save()
         return self.state["stages"][name]
@@ -133,12 +155,25 @@ class PipelineRun:
     def finish(self, result: dict) -> Path:
         result = {**result, "mlflow_run_id": self.parent_id, "tracking_uri": self.tracker.uri,
                   "run_dir": str(self.run_dir), "seconds": round(time.time() - self.started, 1)}
+        unlogged_before = len(self.tracker.unlogged)
         if self.register and self.state["stages"]:
-            result["registered_model"] = self.register_final_model(self.register)
+            registered = self.tracker.retrying(f"register the model as {self.register}",
+                                               lambda: self.register_final_model(self.register))
+            if registered:
+                result["registered_model"] = registered
         path = self.run_dir / RESULT_FILE
         path.write_text(json.dumps(jsonable(result), indent=2))
-        self.tracker.log_metrics(self.parent_id, {k: v for k, v in result.items() if k.startswith("test_")})
-        self.tracker.client.log_artifact(self.parent_id, str(path))
-        self.tracker.end_run(self.parent_id)
+        track = self.tracker.retrying
+        track("the parent run's test metrics", lambda: self.tracker.log_metrics(
+            self.parent_id, {k: v for k, v in result.items() if k.startswith("test_")}))
+        track("result.json", lambda: self.tracker.client.log_artifact(self.parent_id, str(path)))
+        track("the end of the parent run", lambda: self.tracker.end_run(self.parent_id))
+        unlogged = self.tracker.unlogged[unlogged_before:]
+        if unlogged:
+            print(f"MLflow server {self.tracker.uri} unreachable: not logged: {'; '.join(unlogged)} "
+                  f"(result.json is written: {path})")
+        if self.tracker.unlogged:
+            result["mlflow_unlogged"] = list(self.tracker.unlogged)
+            path.write_text(json.dumps(jsonable(result), indent=2))
         return path
 

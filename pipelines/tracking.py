@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -30,14 +35,69 @@ def resolve_tracking_uri(arg: Optional[str]) -> str:
     return arg or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
-class Tracker:
-    """A thin wrapper over ``MlflowClient`` bound to one experiment."""
+class TrackingServerUnreachable(ConnectionError):
+    """The MLflow tracking server (``--mlflow-uri http://...``) cannot be reached; the message is one line."""
 
-    def __init__(self, tracking_uri: str, experiment: str = EXPERIMENT):
+
+def is_server_uri(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def server_reachable(uri: str, timeout: float = 5.0) -> bool:
+    """True when the tracking server answers HTTP at all (its ``/health``; any HTTP status counts, e.g.
+    behind a proxy); False on a refused connection, a timeout or a name that does not resolve.
+    Always True for a non-HTTP store (sqlite, a folder)."""
+    if not is_server_uri(uri):
+        return True
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def require_server(uri: str, timeout: float = 5.0) -> None:
+    """Raise :class:`TrackingServerUnreachable` (one line) when ``uri`` is a tracking server that
+    does not answer within ``timeout`` seconds; nothing for a local store."""
+    if not server_reachable(uri, timeout):
+        raise TrackingServerUnreachable(
+            f"the MLflow tracking server {uri} is not reachable (no answer within {timeout:.0f} s); "
+            f"start it or pass another --mlflow-uri")
+
+
+def quick_http_failures(retries: int = 1, timeout: int = 20) -> None:
+    """Make MLflow's HTTP client give up quickly in this process (MLflow's defaults retry a refused
+    connection for about two minutes, with a 120 s timeout): the project retries itself, around the
+    whole step, and keeps training meanwhile. Values the user set win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout))
+
+
+class Tracker:
+    """A thin wrapper over ``MlflowClient`` bound to one experiment.
+
+    With a tracking server (``http://...``) it first checks that the server answers (one request,
+    a few seconds) and raises :class:`TrackingServerUnreachable` with one line when it does not,
+    before anything else happens. Later, :meth:`retrying` runs a logging step again while the server
+    is down (backoff up to ``outage_wait_s``) and gives up with a note instead of failing the run.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str = EXPERIMENT, *, outage_wait_s: Optional[float] = None,
+                 probe_timeout_s: float = 5.0):
         import mlflow
         from mlflow import MlflowClient
 
         self.uri = tracking_uri
+        self.probe_timeout_s = probe_timeout_s
+        self.outage_wait_s = float(os.environ.get("EMOTION_RAY_MLFLOW_OUTAGE_WAIT_S", 60)) \
+            if outage_wait_s is None else outage_wait_s
+        self.unlogged: list[str] = []   # what could not be logged because the server stayed down
+        self._down = False               # gave up once: later steps try once, without the backoff
+        if is_server_uri(tracking_uri):
+            require_server(tracking_uri, probe_timeout_s)
+            quick_http_failures()
         if tracking_uri.startswith("sqlite:///"):
             Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(tracking_uri)
@@ -63,11 +123,67 @@ class Tracker:
         return run.info.run_id
 
     def run_exists(self, run_id: str) -> bool:
+        """Whether the run is in the store (an unreachable server raises; it is not a missing run)."""
+        from mlflow.exceptions import MlflowException
+
         try:
             self.client.get_run(run_id)
             return True
-        except Exception:  # noqa: BLE001 - MLflow raises its own exception for a missing run
-            return False
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST" or server_reachable(self.uri, self.probe_timeout_s):
+                return False
+            raise
+
+    def reachable(self) -> bool:
+        return server_reachable(self.uri, self.probe_timeout_s)
+
+    def retrying(self, what: str, fn: Callable[[], Any], *, required: bool = False, default: Any = None) -> Any:
+        """Run one logging step; while the server is unreachable, run it again with backoff (2, 4, 8, ...
+        seconds, ``outage_wait_s`` in all). An error with the server up is a real error and is raised.
+        If the server stays down: ``required`` steps raise :class:`TrackingServerUnreachable`; the
+        others are noted in :attr:`unlogged` and ``default`` is returned (the run goes on).
+        After one give-up, later steps try once (then every step would wait again) until one succeeds."""
+        deadline = time.monotonic() + (0 if self._down and not required else self.outage_wait_s)
+        delay = 2.0
+        while True:
+            try:
+                out = fn()
+                self._down = False
+                return out
+            except Exception as e:  # noqa: BLE001 - decided below: outage or real error
+                if self.reachable():
+                    raise
+                error = e
+            if time.monotonic() + delay > deadline:
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+        self._down = True
+        if required:
+            raise TrackingServerUnreachable(
+                f"the MLflow tracking server {self.uri} went down and stayed down: could not {what} "
+                f"({type(error).__name__})") from error
+        self.unlogged.append(what)
+        return default
+
+    def backfill_history(self, run_id: str, history: list[dict]) -> int:
+        """Log the epochs of ``history`` (``core.fit``'s rows, step = epoch) that the run lacks, e.g.
+        because the server was down when the worker logged them and stayed down to the stage's end.
+        Returns how many metric values were added."""
+        from mlflow.entities import Metric
+
+        keys = sorted({k for row in history for k, v in row.items()
+                       if k != "epoch" and isinstance(v, (int, float)) and v == v})
+        now = int(time.time() * 1000)
+        missing = []
+        for key in keys:
+            have = {m.step for m in self.client.get_metric_history(run_id, key)}
+            missing += [Metric(key, float(row[key]), now, int(row["epoch"])) for row in history
+                        if int(row["epoch"]) not in have and isinstance(row.get(key), (int, float))
+                        and row[key] == row[key]]
+        for i in range(0, len(missing), 1000):
+            self.client.log_batch(run_id, metrics=missing[i:i + 1000])
+        return len(missing)
 
     def log_params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param
@@ -118,6 +234,149 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+
+class MetricBuffer:
+    """Metrics for one run, sent with ``log_batch``; while the server cannot be reached they stay in
+    memory (up to ``limit`` values, the oldest dropped beyond) and go with the next :meth:`flush`.
+    Never raises: what training logs must not stop training."""
+
+    def __init__(self, tracking_uri: str, run_id: str, limit: int = 200_000):
+        from mlflow import MlflowClient
+
+        if is_server_uri(tracking_uri):
+            quick_http_failures()
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.uri, self.run_id, self.limit = tracking_uri, run_id, limit
+        self.pending: list = []
+        self.failures = 0          # consecutive failed flushes
+        self.dropped = 0
+        self.last_error = ""
+        self._lock = threading.Lock()
+
+    def add(self, metrics: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        with self._lock:
+            self.pending += [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
+            if len(self.pending) > self.limit:
+                self.dropped += len(self.pending) - self.limit
+                del self.pending[:len(self.pending) - self.limit]
+
+    def flush(self) -> bool:
+        """Send what is pending; True when nothing is left."""
+        with self._lock:
+            try:
+                while self.pending:
+                    self.client.log_batch(self.run_id, metrics=self.pending[:1000])
+                    del self.pending[:1000]
+            except Exception as e:  # noqa: BLE001 - kept for the next flush
+                self.failures += 1
+                self.last_error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                return False
+            self.failures = 0
+            return True
+
+    def flush_patiently(self, wait_s: float) -> bool:
+        """Flush, trying again with backoff for up to ``wait_s`` seconds (the end of a stage)."""
+        deadline, delay = time.monotonic() + wait_s, 1.0
+        while not self.flush():
+            if time.monotonic() + delay > deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        return True
+
+
+def system_metrics_interval() -> Optional[float]:
+    """Seconds between system-metrics samples for the stage runs, or None when they are off
+    (``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false``). ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``
+    sets it; the default is 5 s, so short stages still get a curve."""
+    if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").strip().lower() in ("false", "0", "no"):
+        return None
+    try:
+        import psutil  # noqa: F401 - MLflow's CPU and memory monitor needs it
+    except ImportError:
+        return None
+    return float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or 5.0)
+
+
+class StageSystemMetrics:
+    """MLflow's system metrics (CPU, memory, disk, network and, where NVML answers, each GPU's
+    utilisation and memory) of this node, logged to a run by id for as long as a stage runs.
+
+    MLflow's ``SystemMetricsMonitor`` collects and names the values (``system/cpu_utilization_percentage``,
+    ``system/gpu_0_utilization_percentage``, ...; with ``node_id``: ``system/<node_id>/...``, one series
+    per node). Its own thread is not used: it stops for good at the first request the server does not
+    answer, and only starts logging after a full interval. Here a sample is taken every ``interval``
+    seconds and sent through a :class:`MetricBuffer` (kept while the server is down), and :meth:`stop`
+    sends the last, partial interval, so even a short stage gets a point.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, *, node_id: Optional[str] = None, interval: float = 5.0):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, node_id=node_id,
+                                            tracking_uri=tracking_uri)
+        self.prefix = "system/" + (f"{node_id}/" if node_id else "")
+        self.interval = interval
+        self.buffer = MetricBuffer(tracking_uri, run_id)
+        self.step = None
+        self._samples = 0
+        self._stop = threading.Event()
+        self.monitor.collect_metrics()      # primes psutil's CPU counter (its first reading is 0)
+        self._clear()
+        self._thread = threading.Thread(target=self._loop, name="emotion-ray-system-metrics", daemon=True)
+        self._thread.start()
+
+    def _clear(self) -> None:
+        for monitor in self.monitor.monitors:
+            monitor.clear_metrics()
+        self._samples = 0
+
+    def _first_step(self) -> int:
+        """Continue after the run's last system-metrics step (a resumed stage), else 0."""
+        try:
+            history = self.buffer.client.get_metric_history(self.buffer.run_id,
+                                                            self.prefix + "cpu_utilization_percentage")
+        except Exception:  # noqa: BLE001 - unreachable now: start at 0
+            return 0
+        return max(m.step for m in history) + 1 if history else 0
+
+    def _publish(self) -> None:
+        if not self._samples:
+            return
+        if self.step is None:
+            self.step = self._first_step()
+        values = {self.prefix + k: v for k, v in self.monitor.aggregate_metrics().items()}
+        self._clear()
+        self.buffer.add(values, self.step)
+        self.step += 1
+        self.buffer.flush()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.monitor.collect_metrics()
+                self._samples += 1
+                if self._samples >= max(1, int(self.monitor.samples_before_logging)):
+                    self._publish()
+            except Exception:  # noqa: BLE001 - a failed sample must not end the monitor
+                pass
+
+    def stop(self, wait_s: float = 10.0) -> None:
+        """Stop sampling; log the last partial interval (trying for ``wait_s`` if the server is down)."""
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 5)
+        try:
+            self.monitor.collect_metrics()
+            self._samples += 1
+            self._publish()
+        except Exception:  # noqa: BLE001
+            pass
+        self.buffer.flush_patiently(wait_s)
 
 
 def log_pyfunc_model(checkpoint_dir: str, *, name: str = "model", registered_model_name: str | None = None):

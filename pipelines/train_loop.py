@@ -187,31 +187,77 @@ def _maybe_inject_fault(fault: Optional[dict], epoch: int, step: int) -> None:
 
 
 class _MlflowEpochLogger:
-    """Rank 0 logs each epoch's curves to the stage's MLflow run (created by the driver)."""
+    """Rank 0 logs each epoch's curves to the stage's MLflow run (created by the driver).
 
-    def __init__(self, cfg: Optional[dict]):
-        self.client = None
+    When the tracking server does not answer, an epoch's metrics stay in memory and go with the next
+    epoch's, or at :meth:`close` (the stage's end); training neither waits for the server nor fails
+    because of it (and the driver logs what is still missing from the stage's history afterwards).
+    :meth:`system_metrics` starts MLflow's system metrics for the run on this node (local rank 0).
+    """
+
+    def __init__(self, cfg: Optional[dict], log=None):
+        self.buffer = None
+        self.log = log or (lambda *_: None)
         if cfg and cfg.get("run_id"):
-            from mlflow import MlflowClient
+            from pipelines.tracking import MetricBuffer
 
-            self.client = MlflowClient(tracking_uri=cfg["tracking_uri"])
+            self.buffer = MetricBuffer(cfg["tracking_uri"], cfg["run_id"])
+            self.client = self.buffer.client
             self.run_id = cfg["run_id"]
 
     def tags(self, tags: dict) -> None:
-        if self.client is not None:
-            for key, value in tags.items():
-                self.client.set_tag(self.run_id, key, value)
+        if self.buffer is not None:
+            try:
+                for key, value in tags.items():
+                    self.client.set_tag(self.run_id, key, value)
+            except Exception as e:  # noqa: BLE001 - a tag is not worth a failed stage
+                self.log(f"MLflow: could not set the tags {sorted(tags)} ({type(e).__name__}); training goes on")
 
     def __call__(self, row: dict) -> None:
         """Log one epoch's row (``core.fit``'s history row: ``epoch``, ``lr``, ``train_*``, ``val_*``, ...)."""
-        if self.client is None:
+        if self.buffer is None:
             return
-        from mlflow.entities import Metric
+        self.buffer.add({k: v for k, v in row.items() if k != "epoch"}, int(row["epoch"]))
+        failed_before = self.buffer.failures
+        if self.buffer.flush():
+            if failed_before:
+                self.log("MLflow server answers again: the buffered epochs' metrics are logged")
+        elif self.buffer.failures == 1:
+            self.log(f"MLflow server {self.buffer.uri} unreachable ({self.buffer.last_error}): epoch "
+                     f"{int(row['epoch']) + 1}'s metrics kept in memory and sent when it answers; training goes on")
 
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, int(row["epoch"])) for k, v in row.items()
-                   if k != "epoch" and isinstance(v, (int, float)) and v == v]
-        self.client.log_batch(self.run_id, metrics=metrics)
+    def close(self, wait_s: float = 20.0) -> None:
+        """The stage's end: send what is still buffered, trying for up to ``wait_s`` seconds."""
+        if self.buffer is not None and self.buffer.pending and not self.buffer.flush_patiently(wait_s):
+            self.log(f"MLflow server still unreachable: {len(self.buffer.pending)} metric values not logged "
+                     f"by the worker (the driver logs the stage's history once the server answers)")
+
+    @staticmethod
+    def system_metrics(cfg: Optional[dict]):
+        """On each node's local rank 0: MLflow's system metrics for the stage's run, sampled until
+        :meth:`finish` (or until Ray ends this worker); one series per node (``system/node_<rank>/...``)
+        when the stage spans several nodes. None elsewhere, or when they are off."""
+        interval = (cfg or {}).get("system_metrics")
+        if not cfg or not cfg.get("run_id") or not interval:
+            return None
+        ctx = ray.train.get_context()
+        if ctx.get_local_rank() != 0:
+            return None
+        node_id = f"node_{ctx.get_node_rank()}" if ctx.get_local_world_size() < ctx.get_world_size() else None
+        try:
+            from pipelines.tracking import StageSystemMetrics
+
+            return StageSystemMetrics(cfg["tracking_uri"], cfg["run_id"], node_id=node_id, interval=float(interval))
+        except Exception as e:  # noqa: BLE001 - e.g. psutil missing on this node: train without them
+            logger.warning("system metrics off on this node: %s", e)
+            return None
+
+    @staticmethod
+    def finish(epoch_logger: Optional["_MlflowEpochLogger"], system_metrics) -> None:
+        if epoch_logger is not None:
+            epoch_logger.close()
+        if system_metrics is not None:
+            system_metrics.stop()
 
 
 def build_for_device(recipe: StageRecipe, device: torch.device):
@@ -254,7 +300,8 @@ def fit_worker(config: dict) -> dict:
         optimizer = core.build_optimizer(trainable, **recipe.optimizer)
     scheduler = core.build_scheduler(optimizer, epochs=recipe.epochs, **recipe.scheduler)
     state = core.TrainState(model, optimizer, scheduler, core.EarlyStopping(recipe.early_stop, recipe.monitor_mode))
-    mlflow_log = _MlflowEpochLogger(context.mlflow) if rank == 0 else None
+    mlflow_log = _MlflowEpochLogger(context.mlflow, log) if rank == 0 else None
+    system_metrics = _MlflowEpochLogger.system_metrics(context.mlflow)  # each node's local rank 0
     resumed_from = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -316,6 +363,7 @@ def fit_worker(config: dict) -> dict:
         log(f"[{recipe.name}] early stop after epoch {state.epoch}: no improvement of {recipe.monitor} "
             f"for {state.early_stopping.patience} epochs (best epoch {state.early_stopping.best_epoch + 1})")
     tests = _test_best(recipe, context, eval_model, state.early_stopping.best_epoch, precision, log)
+    _MlflowEpochLogger.finish(mlflow_log, system_metrics)  # on a failure Ray ends this worker, and its sampler
     return {"history": state.history, "best_epoch": state.early_stopping.best_epoch,
             "best": state.early_stopping.best, "resumed_from": resumed_from, "epochs_run": epochs_run,
             "stopped_early": stopped_early, "tests": tests if rank == 0 else {}}

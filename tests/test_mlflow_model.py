@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -107,7 +108,8 @@ def test_predict_cli_needs_exactly_one_model_source(registered, capsys):
 
 @pytest.mark.slow
 def test_served_model_answers_http_with_images_and_flags_a_corrupt_one(registered):
-    """``mlflow models serve`` on 127.0.0.1: a real request with two images and a corrupt one."""
+    """``mlflow models serve`` on 127.0.0.1: a real request with two images and a corrupt one (200, that
+    row's ``error`` set), then one with only a corrupt image (400 naming the row), then a good one."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -139,6 +141,25 @@ def test_served_model_answers_http_with_images_and_flags_a_corrupt_one(registere
         assert "unreadable image" in predictions[1]["error"]
         assert predictions[0]["nearest_category"] in CLASSES and -1 <= predictions[0]["valence"] <= 1
         assert server.poll() is None   # the corrupt row did not take the server down
+
+        # A request whose only image is corrupt: a client error (400) naming the row, not a 5xx.
+        bad = json.dumps({"dataframe_split": {"columns": ["image"],
+                                              "data": [[base64.b64encode(b"garbage").decode()]]}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=bad,
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(request, timeout=60)
+        assert answer.value.code == 400
+        error = json.loads(answer.value.read())
+        assert error["error_code"] == "INVALID_PARAMETER_VALUE"
+        assert "no image in the request could be read: row 0: unreadable image" in error["message"]
+        # ... and the server still answers a good request afterwards.
+        good = json.dumps({"dataframe_split": {"columns": ["image"], "data": [rows[0]]}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=good,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            assert r.status == 200 and json.loads(r.read())["predictions"][0]["error"] == ""
+        assert server.poll() is None
     finally:
         server.terminate()
         try:
@@ -146,3 +167,19 @@ def test_served_model_answers_http_with_images_and_flags_a_corrupt_one(registere
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def test_predict_raises_a_client_error_when_no_row_is_readable(registered):
+    """In-process: a mixed batch keeps per-row errors; a batch of only unreadable rows is a 400-class error."""
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(registered["uri"])
+    model = mlflow.pyfunc.load_model("models:/emo-test@candidate")
+    mixed = model.predict(pd.DataFrame({"image": [_jpeg((220, 30, 30)), b"garbage"]}))
+    assert mixed["error"].tolist()[0] == "" and "unreadable image" in mixed["error"].tolist()[1]
+    with pytest.raises(MlflowException) as error:
+        model.predict(pd.DataFrame({"image": [b"garbage", b"more garbage"]}))
+    assert error.value.get_http_status_code() == 400
+    assert "row 0: unreadable image" in error.value.message and "row 1: unreadable image" in error.value.message

@@ -1,0 +1,210 @@
+"""MLflow around a real stage run: system metrics on the stage run, and a tracking server that is
+unreachable at the start (one line, seconds, before any training) or goes down mid-run (training
+goes on, the epochs' metrics are logged once it is back, checkpoints and result.json are kept).
+
+The server is a real ``mlflow server`` on 127.0.0.1 (sqlite store), stopped and restarted on the same
+port and store while a two_stage run trains in a thread of this process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipelines import two_stage
+
+TINY = ["--demo-images-per-class", "12", "--demo-image-size", "32", "--image-size", "32", "--backbone", "resnet10t",
+        "--batch-size", "8", "--num-workers", "2", "--cpus-per-worker", "0.5", "--seed", "3", "--mode", "one_stage",
+        "--task", "single", "--stage2-epochs", "1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stage_run(uri: str, run_name: str):
+    """The (only) stage run under the pipeline run called ``run_name``."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("emotion-ray")
+    parent = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")[0]
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 1, [c.info.run_name for c in children]
+    return client, parent, children[0]
+
+
+@pytest.mark.slow
+def test_stage_run_has_system_metrics(ray_session, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert two_stage.main([*TINY, "--num-epochs", "1", "--storage-path", str(tmp_path / "runs"),
+                           "--mlflow-uri", uri, "--run-name", "sysm"]) == 0
+    client, _, stage = _stage_run(uri, "sysm")
+    keys = set(stage.data.metrics)
+    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
+                "system/system_memory_usage_percentage"):
+        assert key in keys, sorted(keys)
+        history = client.get_metric_history(stage.info.run_id, key)
+        assert len(history) >= 1 and all(m.value >= 0 for m in history)
+    steps = [m.step for m in client.get_metric_history(stage.info.run_id, "system/cpu_utilization_percentage")]
+    assert steps == sorted(set(steps))                      # one series, steps 0, 1, ... without repeats
+    assert stage.info.status == "FINISHED"
+
+
+def test_unreachable_server_stops_at_once_with_one_line():
+    """A closed port: the Tracker raises its ConnectionError subclass, one line, within seconds."""
+    from pipelines.tracking import Tracker, TrackingServerUnreachable
+
+    port = _free_port()   # bound then released: nothing listens there
+    started = time.monotonic()
+    with pytest.raises(TrackingServerUnreachable) as error:
+        Tracker(f"http://127.0.0.1:{port}")
+    took = time.monotonic() - started
+    assert isinstance(error.value, ConnectionError)
+    message = str(error.value)
+    assert "\n" not in message and f"http://127.0.0.1:{port} is not reachable" in message
+    assert "--mlflow-uri" in message
+    assert took < 6, took
+
+
+def test_unreachable_server_stops_the_pipeline_before_ray(tmp_path):
+    """Through the CLI entry point: the error comes before Ray starts or any data is built."""
+    from pipelines.tracking import TrackingServerUnreachable
+
+    port = _free_port()
+    started = time.monotonic()
+    with pytest.raises(TrackingServerUnreachable):
+        two_stage.main([*TINY, "--num-epochs", "1", "--storage-path", str(tmp_path / "runs"),
+                        "--mlflow-uri", f"http://127.0.0.1:{port}", "--run-name", "nope"])
+    assert time.monotonic() - started < 10
+    assert not (tmp_path / "runs" / "nope").exists()
+
+
+class _Server:
+    """``mlflow server`` on 127.0.0.1:port over one sqlite store; stop() and start() keep both."""
+
+    def __init__(self, tmp: Path):
+        self.tmp, self.port = tmp, _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.store = f"sqlite:///{tmp / 'server.db'}"
+        self.proc = None
+        self.log = open(tmp / "server.log", "a")
+
+    def start(self, timeout: float = 120) -> float:
+        started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.store,
+             "--artifacts-destination", str(self.tmp / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return time.monotonic() - started
+            except OSError:
+                pass
+            assert self.proc.poll() is None, (self.tmp / "server.log").read_text()[-2000:]
+            assert time.monotonic() - started < timeout, "mlflow server did not come up"
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGKILL)   # the whole server (uvicorn and its worker), at once
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = _Server(tmp_path)
+    s.start()
+    yield s
+    s.stop()
+    s.log.close()
+
+
+@pytest.mark.slow
+def test_server_down_mid_run_training_goes_on_and_metrics_arrive(ray_session, tmp_path, server, monkeypatch):
+    """Stop the server once epoch 1 is logged; restart it once epoch 2 is checkpointed (its metrics could
+    not be sent); the run finishes, keeps its checkpoints and result.json, and the stage run has all
+    three epochs once the server is back."""
+    from mlflow import MlflowClient
+
+    # Keep MLflow's HTTP retries short in this process (the Tracker would set these defaults itself;
+    # set here so that they are restored for the tests that follow).
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    monkeypatch.setenv("EMOTION_RAY_MLFLOW_OUTAGE_WAIT_S", "120")
+    runs = tmp_path / "runs"
+    outcome = {}
+
+    def pipeline():
+        try:
+            outcome["rc"] = two_stage.main([*TINY, "--num-epochs", "3", "--early-stop", "5", "--storage-path",
+                                            str(runs), "--mlflow-uri", server.uri, "--run-name", "outage"])
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = repr(e)
+
+    thread = threading.Thread(target=pipeline, daemon=True)
+    thread.start()
+    store = MlflowClient(tracking_uri=server.store)   # the server's database, read directly
+
+    def val_steps() -> set[int]:
+        exp = store.get_experiment_by_name("emotion-ray")
+        steps = set()
+        for run in store.search_runs([exp.experiment_id], filter_string="attributes.run_name != 'outage'") \
+                if exp else []:
+            steps |= {m.step for m in store.get_metric_history(run.info.run_id, "train_loss")}
+        return steps
+
+    deadline = time.monotonic() + 900
+    while True:
+        try:
+            if 0 in val_steps():
+                break
+        except Exception:  # noqa: BLE001 - the store may not have its tables yet
+            pass
+        assert thread.is_alive(), outcome
+        assert time.monotonic() < deadline, "epoch 1 was never logged"
+        time.sleep(0.2)
+    ckpts = list(runs.glob("outage/*/epoch_0001"))
+    server.stop()
+    assert not ckpts, "epoch 2 finished before the server could be stopped; the outage covered no epoch"
+    while not list(runs.glob("outage/*/epoch_0001")):   # epoch 2 done, while the server is down
+        assert thread.is_alive(), outcome
+        assert time.monotonic() < deadline, "epoch 2 never finished"
+        time.sleep(0.2)
+    logged_while_down = val_steps()
+    restart_s = server.start()
+    thread.join(timeout=600)
+    assert not thread.is_alive(), "the run did not finish"
+    assert outcome.get("rc") == 0, outcome
+
+    result = json.loads((runs / "outage" / "result.json").read_text())
+    assert "mlflow_unlogged" not in result, result["mlflow_unlogged"]
+    state = json.loads((runs / "outage" / "pipeline_state.json").read_text())
+    (stage_name, record), = state["stages"].items()
+    best = Path(record["outcome"]["best_checkpoint"])
+    assert (best / "state.pt").exists() and (best / "meta.json").exists()
+
+    client, parent, stage = _stage_run(server.uri, "outage")
+    assert logged_while_down == {0}, logged_while_down
+    steps = sorted(m.step for m in client.get_metric_history(stage.info.run_id, "val_mse"))
+    assert steps == [0, 1, 2], steps
+    assert stage.info.status == "FINISHED" and parent.info.status == "FINISHED"
+    assert client.list_artifacts(stage.info.run_id, "best_checkpoint"), "the best checkpoint was not logged"
+    print(f"server restarted in {restart_s:.1f} s")
