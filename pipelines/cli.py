@@ -170,11 +170,15 @@ def one_line_errors() -> tuple[type[BaseException], ...]:
     """The errors that are the user's, reported as one line: a bad flag (:class:`UsageError`), bad input
     data (:class:`datasets_io.errors.DataError`), a model or checkpoint that cannot be built or loaded
     (:class:`emotion_models.errors.ModelConfigError`) and a missing file or a file where a folder belongs
-    (or the other way round). Any other exception, a plain ``ValueError`` or ``KeyError`` included, is a bug."""
+    (or the other way round), and an MLflow tracking server that does not answer
+    (:class:`pipelines.tracking.TrackingServerUnreachable`). Any other exception, a plain ``ValueError``
+    or ``KeyError`` included, is a bug."""
     from datasets_io.errors import DataError
     from emotion_models.errors import ModelConfigError  # imported here: emotion_models imports torch
+    from pipelines.tracking import TrackingServerUnreachable
 
-    return UsageError, DataError, ModelConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError
+    return (UsageError, DataError, ModelConfigError, TrackingServerUnreachable, FileNotFoundError,
+            NotADirectoryError, IsADirectoryError)
 
 
 def run_main(fn: Callable[[], int | None]) -> int:

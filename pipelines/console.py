@@ -114,7 +114,9 @@ def configure(verbose: Optional[bool] = None) -> bool:
 
 def quiet_ray_data_console() -> None:
     """Ray Data's console handlers at ERROR; its file handler (the session's ray-data log) untouched."""
-    import ray.data  # noqa: F401 - configures the "ray.data" logger's handlers
+    import importlib
+
+    importlib.import_module("ray.data")  # importing it configures the "ray.data" logger's handlers
 
     for handler in logging.getLogger("ray.data").handlers:
         if type(handler) is logging.StreamHandler or type(handler).__name__ == "PlainRayHandler":
@@ -176,6 +178,9 @@ class _Printer:
         import ray
 
         with self.lock:
+            if not ray.is_initialized():  # Ray shut down: asking the relay would start a new Ray
+                self.stopped.set()
+                return
             for line in ray.get(self.relay.take.remote()):
                 if line.startswith(PROGRESS):
                     try:
@@ -196,8 +201,12 @@ def start_relay(verbose: Optional[bool] = None, stream=None) -> bool:
     if is_verbose(verbose):
         return False
     if _printer is None:
+        import atexit
+
         relay = _relay_class().options(name=RELAY, get_if_exists=True, lifetime=None).remote()
         _printer = _Printer(relay, stream)
+        # Exit hooks run last-registered first: this stops the printer before Ray's own shutdown hook.
+        atexit.register(_printer.stopped.set)
     return True
 
 

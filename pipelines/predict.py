@@ -165,6 +165,7 @@ def predict_with_mlflow_model(uri: str, paths: list[Path], text: str | None, bat
     """Rows and unreadable images from a logged pyfunc (:mod:`pipelines.mlflow_model`)."""
     import mlflow
     import pandas as pd
+    from mlflow.exceptions import MlflowException
 
     from pipelines.tracking import resolve_tracking_uri
 
@@ -179,7 +180,14 @@ def predict_with_mlflow_model(uri: str, paths: list[Path], text: str | None, bat
         frame = pd.DataFrame({"image": [p.read_bytes() for p in chunk]})
         if text is not None:
             frame["text"] = text
-        for path, row in zip(chunk, model.predict(frame).to_dict("records")):
+        try:
+            predicted = model.predict(frame).to_dict("records")
+        except MlflowException as exc:  # the model refuses a chunk in which no image is readable
+            if exc.error_code != "INVALID_PARAMETER_VALUE":
+                raise
+            bad += [(path, "unreadable image") for path in chunk]
+            continue
+        for path, row in zip(chunk, predicted):
             error = row.pop("error", "")
             if error:
                 bad.append((path, error))
