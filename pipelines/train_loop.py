@@ -8,7 +8,11 @@ record the published SER30K protocol's figure, never to select). ``evaluate_spli
 finished checkpoint in one plain Ray task (no trainer, no process group). Everything the workers
 do besides getting shards, wrapping the model and reporting is the plain-PyTorch core.
 
-Data: the driver passes Ray Datasets already mapped to tensors (``datasets_io.shards.ImageTransform``).
+Data: the driver passes Ray Datasets already mapped to uint8 pixels (``datasets_io.shards.ImageTransform``;
+normalised on the worker's device by ``core.Precision.to_device``), or with ``decode="device"`` the
+training rows' JPEG bytes, decoded and augmented on the worker (``datasets_io.pixels``). A worker keeps
+its validation shard in memory after the first epoch when it is small (:class:`EvalCache`).
+``recipe.compile``: the training model is ``torch.compile``d after DDP wrapping; evaluation stays eager.
 ``train`` is split evenly across workers (DDP needs equal batch counts); ``val``/``test`` are split
 unevenly so every row is seen exactly once, evaluated on the unwrapped model (no collectives in
 the forward), and gathered before metrics are computed.
