@@ -121,7 +121,8 @@ def _iter_batches(shard, batch_size: int, *, train: bool, seed: int, epoch: int,
     if device_images is not None:
         from datasets_io.pixels import DeviceBatches
 
-        return DeviceBatches(shard.iter_batches(batch_format="numpy", **kwargs), device_images, epoch)
+        prefetch = int(os.environ.get("EMOTION_RAY_DEVICE_PREFETCH", 1))  # batches prepared ahead (0: none)
+        return DeviceBatches(shard.iter_batches(batch_format="numpy", **kwargs), device_images, epoch, prefetch)
     return shard.iter_torch_batches(**kwargs)
 
 
