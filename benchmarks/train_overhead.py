@@ -3,7 +3,8 @@
     python benchmarks/train_overhead.py [--shards DIR | --images-per-class 250] [--epochs 3] [--num-workers 2]
 
 (a) Ray Train: ``pipelines.train_loop.run_stage`` with ``--num-workers`` CPU workers (DDP over gloo),
-    the shards streamed by Ray Data with decoding in ``map_batches``.
+    the shards streamed by Ray Data with decoding in ``map_batches`` (uint8 pixels to the workers), or
+    with ``--decode device`` the JPEG bytes, decoded and augmented in the workers.
 (b) Bare PyTorch: ``pipelines.core.train_one_epoch`` in this one process, batches from
     ``datasets_io.shards.iter_local_batches`` (pyarrow + the same ImageTransform), torch using every core.
 
@@ -57,10 +58,11 @@ def ray_train(args, shards: Path, num_classes: int) -> float:
     from pipelines import data
     from pipelines.train_loop import RunOptions, run_stage
 
-    sets = data.training_datasets(shards, image_size=args.image_size, num_classes=num_classes, seed=0)
+    sets = data.training_datasets(shards, image_size=args.image_size, num_classes=num_classes, seed=0,
+                                  decode=args.decode)
     with tempfile.TemporaryDirectory() as tmp:
         run = RunOptions(storage_path=tmp, num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker)
-        outcome = run_stage(recipe_for(args, num_classes), sets, run)
+        outcome = run_stage(recipe_for(args, num_classes).replace(decode=args.decode), sets, run)
     # Rank 0's rate times the world size: the train split is divided evenly between the workers.
     rates = [h["train_samples_per_s"] * args.num_workers for h in outcome.history]
     for epoch, rate in enumerate(rates):
@@ -77,6 +79,8 @@ def main() -> None:
     p.add_argument("--backbone", default="resnet10t")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--decode", choices=["cpu", "device"], default="cpu",
+                   help="Ray Train path: decode in Ray Data tasks (uint8 out) or in the workers (JPEG bytes out)")
     p.add_argument("--images-per-class", type=int, default=250,
                    help="size of the generated demo set (8 classes; about 70%% of it trains)")
     args = p.parse_args()

@@ -34,7 +34,7 @@ from datasets_io.records import SHARD_SCHEMA, SPLITS, read_manifest
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["split_folder", "ImageTransform", "to_tensors", "iter_local_batches", "numpy_batch", "AUGMENTATIONS",
+__all__ = ["split_folder", "ImageTransform", "ImageBytes", "to_tensors", "iter_local_batches", "numpy_batch", "AUGMENTATIONS",
            "repeat_rows", "ra_epoch_rows"]
 
 AUGMENTATIONS = ("basic", "randaugment", "none")
@@ -63,10 +63,13 @@ def split_folder(out: str | os.PathLike, split: str) -> Path:
 # ----------------------------------------------------------------------------- transform
 
 class ImageTransform:
-    """Decode + augment + normalise a batch of shard rows into fixed-shape numpy arrays.
+    """Decode + augment a batch of shard rows into fixed-shape numpy arrays.
 
     For ``ds.map_batches(ImageTransform(...), batch_format="numpy")`` and for
-    :func:`iter_local_batches`. Output keys: ``image`` float32 (N, 3, S, S), ``label``
+    :func:`iter_local_batches`. Output keys: ``image`` uint8 (N, 3, S, S) pixels, not normalised
+    (the consumer normalises on its device with :class:`datasets_io.pixels.ImageNorm`, so only
+    uint8 travels through the object store; ``normalize=True`` returns float32 normalised by that
+    same ImageNorm here, for plain CPU callers), ``label
     int64 (-1 = none) + ``has_label``, ``label_dist`` float32 (N, num_classes), zeros
     where null, + ``has_dist``, ``valence`` / ``arousal`` float32, 0 where null, +
     ``has_va``, and ``text`` (object array of str) only when ``keep_text``. String and
@@ -91,7 +94,7 @@ class ImageTransform:
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
                  seed: Optional[int] = None, keep_text: bool = False, interpolation: str = "bicubic",
                  crop_pct: Optional[float] = None, scale: Sequence[float] = (0.5, 1.0),
-                 auto_augment: Optional[str] = None) -> None:
+                 auto_augment: Optional[str] = None, normalize: bool = False) -> None:
         """``mean`` / ``std`` default to timm's ImageNet values (timm is imported here, not at module
         import, so importing this module stays light); ``interpolation``
         (``bicubic``, ``bilinear``, ``nearest``) and ``crop_pct`` (eval resize = ``S / crop_pct``,
@@ -109,8 +112,10 @@ class ImageTransform:
         self.num_classes = int(num_classes)
         self.augment = augment if train else "none"
         mean = IMAGENET_DEFAULT_MEAN if mean is None else mean
-        self.mean = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
-        self.std = np.asarray(IMAGENET_DEFAULT_STD if std is None else std, dtype=np.float32).reshape(1, 3, 1, 1)
+        std = IMAGENET_DEFAULT_STD if std is None else std
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(v) for v in std)
+        self.normalize = bool(normalize)
         self.crop_pct = DEFAULT_CROP_PCT if crop_pct is None else float(crop_pct)
         if not 0 < self.crop_pct <= 1:
             raise ValueError(f"crop_pct must lie in (0, 1], got {crop_pct}")
@@ -151,7 +156,7 @@ class ImageTransform:
             rng = batch_rng if batch_rng is not None else np.random.default_rng(
                 [self.seed, zlib.crc32(key.encode("utf-8"))])
             pixels[i] = self._one(bytes(data), rng)
-        out = {"image": self._normalise(pixels)}
+        out = {"image": self._output(pixels)}
         out.update(_targets(batch, n, self.num_classes))
         if self.keep_text:
             text = batch.get("text")
@@ -178,9 +183,44 @@ class ImageTransform:
                         img = self._randaugment(img)
         return np.asarray(img, dtype=np.uint8)
 
-    def _normalise(self, pixels: np.ndarray) -> np.ndarray:
-        images = pixels.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-        return np.ascontiguousarray((images - self.mean) / self.std, dtype=np.float32)
+    def _output(self, pixels: np.ndarray) -> np.ndarray:
+        images = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))  # NHWC -> NCHW, uint8
+        if not self.normalize:
+            return images
+        import torch
+
+        from datasets_io.pixels import ImageNorm
+
+        return ImageNorm(self.mean, self.std)(torch.from_numpy(images)).numpy()
+
+
+class ImageBytes:
+    """The ``--decode device`` batch step: the stored JPEG bytes (not decoded) plus dense targets.
+
+    Output keys: ``image`` (object array of bytes), ``image_id`` (object array of str), ``repeat``
+    (int64, 0 without repeated augmentation), the targets of :class:`ImageTransform`, and ``text``
+    when ``keep_text``. The training worker decodes and augments on its device
+    (:class:`datasets_io.pixels.DeviceImagePipeline`).
+    """
+
+    def __init__(self, num_classes: int, keep_text: bool = False):
+        self.num_classes = int(num_classes)
+        self.keep_text = keep_text
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = batch["image"]
+        n = len(images)
+        ids = batch.get("image_id")
+        repeats = batch.get("repeat")
+        out = {"image": np.array([None if d is None else bytes(d) for d in images] + [None], dtype=object)[:n],
+               "image_id": np.array([str(ids[i]) if ids is not None else str(i) for i in range(n)], dtype=object),
+               "repeat": np.zeros(n, np.int64) if repeats is None else np.asarray(repeats, dtype=np.int64)}
+        out.update(_targets(batch, n, self.num_classes))
+        if self.keep_text:
+            text = batch.get("text")
+            out["text"] = np.array(["" if text is None or t is None else str(t) for t in
+                                    (text if text is not None else [None] * n)], dtype=object)
+        return out
 
 
 # ----------------------------------------------------------------------------- repeated augmentation

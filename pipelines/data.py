@@ -115,8 +115,14 @@ def check_shards(path: Path, *, role: str, need_va: bool = False, need_labels: b
 def training_datasets(path: Path, *, image_size: int, num_classes: int, seed: int, augment: str = "basic",
                       splits=("train", "val"), keep_text: bool = False, image_cfg: Optional[dict] = None,
                       crop_scale: Optional[tuple] = None, auto_augment: Optional[str] = None,
-                      repeated_aug: int = 1, train_rows: Optional[int] = None) -> dict:
-    """Ray Datasets of decoded, normalised tensors per split (augmentation on ``train`` only).
+                      repeated_aug: int = 1, train_rows: Optional[int] = None, decode: str = "cpu") -> dict:
+    """Ray Datasets per split: uint8 pixels (decoded, cropped, augmented on ``train`` only; the
+    workers normalise them on their device with the recipe's mean/std), never float32.
+
+    ``decode="device"``: the ``train`` split hands over the stored JPEG bytes and targets
+    (:class:`datasets_io.shards.ImageBytes`); the workers decode and augment on their device
+    (:class:`datasets_io.pixels.DeviceImagePipeline`). Evaluation splits always use the CPU eval
+    transform, the one ``pipelines.predict`` uses.
 
     ``image_cfg`` (``mean``, ``std``, ``interpolation``, ``crop_pct``; see
     ``emotion_models.va.data_config``) prepares images as the backbone's pretrained_cfg says;
@@ -126,8 +132,10 @@ def training_datasets(path: Path, *, image_size: int, num_classes: int, seed: in
     centre crop.
     """
     from datasets_io.ray_data import load_split, repeated_augmentation
-    from datasets_io.shards import ImageTransform
+    from datasets_io.shards import ImageBytes, ImageTransform
 
+    if decode not in ("cpu", "device"):
+        raise ValueError(f"unknown decode {decode!r}; expected 'cpu' or 'device'")
     out = {}
     for split in splits:
         train = split == "train"
@@ -138,6 +146,8 @@ def training_datasets(path: Path, *, image_size: int, num_classes: int, seed: in
         transform = ImageTransform(image_size, train=train, num_classes=num_classes,
                                    augment=augment if train else "none", seed=None if train else seed,
                                    keep_text=keep_text, **(image_cfg or {}), **options)
+        if train and decode == "device":
+            transform = ImageBytes(num_classes, keep_text=keep_text)
         ds = load_split(path, split)
         if train and repeated_aug > 1:
             if not train_rows:

@@ -88,9 +88,12 @@ def load_images(paths: list[Path], image_size: int, image: dict | None = None
             bad.append((path, str(exc)))
     if not jpegs:
         return ok, torch.empty(0, 3, image_size, image_size), bad
+    from datasets_io.pixels import ImageNorm
+
     transform = ImageTransform(image_size, train=False, num_classes=1, **image)
-    images = transform({"image": np.array(jpegs, dtype=object)})["image"]
-    return ok, torch.from_numpy(images), bad
+    pixels = transform({"image": np.array(jpegs, dtype=object)})["image"]  # uint8, as training's workers get them
+    # Normalised as the workers normalise on their device: the same ImageNorm, the recipe's mean/std.
+    return ok, ImageNorm.from_image_cfg(image)(torch.from_numpy(pixels)), bad
 
 
 @torch.no_grad()

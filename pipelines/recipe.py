@@ -33,6 +33,15 @@ TRAIN_KEY = "train"
 MIX_KEY = "train_categorical"
 
 
+# The speed flags both pipelines take (pipelines/two_stage.py and pipelines/sticker.py): same text.
+COMPILE_HELP = ("torch.compile the training model (after DDP wrapping); the first steps pay a warm-up of tens of "
+                "seconds (more on CPU) before the faster steps; validation/test stay eager")
+DECODE_HELP = ("where training images are decoded and augmented: cpu (Ray Data tasks, uint8 pixels to the "
+               "workers) or device (Ray Data hands the JPEG bytes; the worker decodes with nvJPEG on its GPU "
+               "and augments with torchvision.transforms.v2 ops)")
+DECODE_CHOICES = ("cpu", "device")
+
+
 @dataclass
 class StageRecipe:
     """One training stage. Everything here is stored with each checkpoint (``meta.json``)."""
@@ -52,7 +61,8 @@ class StageRecipe:
     classes: list = field(default_factory=list)            # what the objective scores (predict, plots)
     head_classes: Optional[list] = None                    # the category head's classes, if other
     image_size: int = 224
-    image: dict = field(default_factory=dict)              # eval preparation: mean, std, crop, max_side
+    image: dict = field(default_factory=dict)              # preparation: mean, std (the normalisation on the
+                                                           # device), interpolation, crop_pct, max_side
     augmentation: dict = field(default_factory=dict)       # training augmentation (sticker recipe)
     init_from: Optional[str] = None             # a checkpoint folder whose weights start the stage
     init_weights: Optional[str] = None          # or a weights file of another format (exact fit)
@@ -61,6 +71,9 @@ class StageRecipe:
     mix_categorical: bool = False               # stage-two multi: a categorical stream in every batch
     test_every_epoch: bool = False              # also score test each epoch (published SER30K figure)
     amp: Optional[bool] = None                  # None: bf16 autocast on GPUs
+    compile: bool = False                       # torch.compile the (DDP-wrapped) training model
+    decode: str = "cpu"                         # training images: "cpu" (Ray Data decodes, uint8 out) or
+                                                # "device" (the stored JPEG bytes, decoded + augmented on the worker's device)
 
     def replace(self, **changes) -> "StageRecipe":
         return dataclasses.replace(self, **changes)

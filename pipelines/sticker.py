@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from pipelines import cli
-from pipelines.recipe import EvalSet, StageRecipe
+from pipelines.recipe import COMPILE_HELP, DECODE_CHOICES, DECODE_HELP, EvalSet, StageRecipe
 from pipelines.registry import Pipeline
 
 # The published training (SER30K main.py + configs/pvt/pvt_small.py + README), for real data:
@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score test every epoch to report the published protocol's best test accuracy "
                         "(labelled as such; model selection stays on val)")
     t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    t.add_argument("--decode", choices=DECODE_CHOICES, default="cpu", help=DECODE_HELP)
     e = p.add_argument_group("evaluation only")
     e.add_argument("--eval", action="store_true", help="only score --checkpoint on the val and test splits")
     e.add_argument("--checkpoint", default=None,
@@ -183,7 +185,17 @@ def apply_defaults(args):
     return args
 
 
-def sticker_recipe(args, classes: list[str]) -> StageRecipe:
+def sticker_image(max_side=None) -> dict:
+    """How sticker images are prepared, recorded in the recipe so predict and the MLflow model do the
+    same: timm's ImageNet mean/std (normalised on the worker's device), bicubic, crop_pct 0.875."""
+    from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    image = {"mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD), "interpolation": "bicubic",
+             "crop_pct": DEFAULT_CROP_PCT}
+    return image if max_side is None else {**image, "max_side": int(max_side)}  # absent: predict's 512
+
+
+def sticker_recipe(args, classes: list[str], max_side=None) -> StageRecipe:
     model = {"name": args.model, "alpha": args.alpha, "locals": list(args.locals), "num_classes": len(classes),
              "img_size": args.image_size, "hidden_dim": args.fusion_dim, "fuse_heads": args.fuse_heads,
              "fuse_mlp_dim": args.fuse_mlp_dim, "drop_path_rate": args.drop_path, "drop_rate": args.drop}
@@ -216,12 +228,16 @@ def sticker_recipe(args, classes: list[str]) -> StageRecipe:
         image_size=args.image_size,
         augmentation={"augment": args.augment, "auto_augment": args.auto_augment,
                       "crop_scale": list(args.crop_scale), "repeated_aug": args.repeated_aug},
+        image=sticker_image(max_side if max_side is not None else getattr(args, "max_side", None)),
+        compile=bool(getattr(args, "compile", False)),
+        decode=getattr(args, "decode", "cpu"),
     )
 
 
 def sticker_datasets(path, *, image_size: int, num_classes: int, seed: int, augment: str, max_text_len: int,
                      text_encoder: str | None, splits=("train", "val", "test"), repeated_aug: int = 1,
-                     crop_scale=(0.5, 1.0), auto_augment: str | None = None, train_rows: int | None = None) -> dict:
+                     crop_scale=(0.5, 1.0), auto_augment: str | None = None, train_rows: int | None = None,
+                     decode: str = "cpu") -> dict:
     """Ray Datasets of tensors + tokenised text per split. ``train``: repeated augmentation (when
     ``repeated_aug`` > 1, over ``train_rows`` rows), RandomResizedCrop(``crop_scale``), flip and
     RandAugment(``auto_augment``); fresh draws every epoch. Others: resize + centre crop."""
@@ -230,7 +246,7 @@ def sticker_datasets(path, *, image_size: int, num_classes: int, seed: int, augm
     tokenize = TokenizeText(text_encoder, max_text_len)
     sets = data.training_datasets(path, image_size=image_size, num_classes=num_classes, seed=seed, augment=augment,
                                   splits=splits, keep_text=True, crop_scale=crop_scale, auto_augment=auto_augment,
-                                  repeated_aug=repeated_aug, train_rows=train_rows)
+                                  repeated_aug=repeated_aug, train_rows=train_rows, decode=decode)
     return {k: sets[k].map_batches(tokenize, batch_format="numpy") for k in splits}
 
 
@@ -271,14 +287,16 @@ def make_plan(args, splits=("train", "val", "test")) -> dict:
     datasets = sticker_datasets(path, image_size=args.image_size, num_classes=len(classes), seed=args.seed,
                                 augment=args.augment, max_text_len=args.max_text_len, text_encoder=args.text_encoder,
                                 splits=splits, repeated_aug=args.repeated_aug, crop_scale=args.crop_scale,
-                                auto_augment=args.auto_augment, train_rows=manifest["counts"]["train"])
+                                auto_augment=args.auto_augment, train_rows=manifest["counts"]["train"],
+                                decode=getattr(args, "decode", "cpu"))
     return {"args": args, "manifest": manifest, "classes": classes, "datasets": datasets}
 
 
 def sticker_stage(plan: dict) -> tuple[StageRecipe, dict, dict]:
     """(recipe, datasets, tests) of the one training stage."""
     sets = plan["datasets"]
-    return (sticker_recipe(plan["args"], plan["classes"]), {"train": sets["train"], "val": sets["val"]},
+    max_side = (plan["manifest"].get("params") or {}).get("max_side")
+    return (sticker_recipe(plan["args"], plan["classes"], max_side=max_side), {"train": sets["train"], "val": sets["val"]},
             {"test": EvalSet(sets["test"])})
 
 

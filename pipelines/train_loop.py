@@ -8,7 +8,11 @@ record the published SER30K protocol's figure, never to select). ``evaluate_spli
 finished checkpoint in one plain Ray task (no trainer, no process group). Everything the workers
 do besides getting shards, wrapping the model and reporting is the plain-PyTorch core.
 
-Data: the driver passes Ray Datasets already mapped to tensors (``datasets_io.shards.ImageTransform``).
+Data: the driver passes Ray Datasets already mapped to uint8 pixels (``datasets_io.shards.ImageTransform``;
+normalised on the worker's device by ``core.Precision.to_device``), or with ``decode="device"`` the
+training rows' JPEG bytes, decoded and augmented on the worker (``datasets_io.pixels``). A worker keeps
+its validation shard in memory after the first epoch when it is small (:class:`EvalCache`).
+``recipe.compile``: the training model is ``torch.compile``d after DDP wrapping; evaluation stays eager.
 ``train`` is split evenly across workers (DDP needs equal batch counts); ``val``/``test`` are split
 unevenly so every row is seen exactly once, evaluated on the unwrapped model (no collectives in
 the forward), and gathered before metrics are computed.
@@ -107,14 +111,106 @@ class EvalSplitDataConfig(DataConfig):
 
 # ----------------------------------------------------------------------------- worker side
 
-def _iter_batches(shard, batch_size: int, *, train: bool, seed: int, epoch: int) -> Iterator[dict]:
+def _iter_batches(shard, batch_size: int, *, train: bool, seed: int, epoch: int,
+                  device_images=None) -> Iterator[dict]:
+    """A shard's batches as tensors. ``device_images`` (a :class:`datasets_io.pixels.DeviceImagePipeline`,
+    ``--decode device``): the rows carry JPEG bytes, decoded and augmented on the worker's device."""
     kwargs: dict[str, Any] = {"batch_size": batch_size, "drop_last": train}
     if train:
         kwargs.update(local_shuffle_buffer_size=max(4 * batch_size, 64), local_shuffle_seed=seed + epoch)
+    if device_images is not None:
+        from datasets_io.pixels import DeviceBatches
+
+        prefetch = int(os.environ.get("EMOTION_RAY_DEVICE_PREFETCH", 1))  # batches prepared ahead (0: none)
+        return DeviceBatches(shard.iter_batches(batch_format="numpy", **kwargs), device_images, epoch, prefetch)
     return shard.iter_torch_batches(**kwargs)
 
 
-def _mixed_batches(dim_shard, cat_shard, batch_size: int, seed: int, epoch: int) -> Iterator[dict]:
+# A worker keeps its validation shard in memory after the first epoch when every rank's fits in this.
+EVAL_CACHE_MB = float(os.environ.get("EMOTION_RAY_EVAL_CACHE_MB", 512))
+
+
+class EvalCache:
+    """``epoch -> batches`` of an evaluation shard, read through Ray Data once and then from memory.
+
+    The first pass streams the shard (as every epoch did before) and keeps a copy of its batches
+    (uint8 images: small) while they fit in ``budget_mb``; at the next call the ranks agree (one
+    all-reduce) and, when all of them kept theirs, every later epoch replays the copy: no new
+    streaming-split execution per epoch. Any rank over the budget keeps all of them streaming.
+    """
+
+    def __init__(self, make_batches, device: torch.device, budget_mb: float = EVAL_CACHE_MB):
+        self.make_batches, self.device, self.budget = make_batches, device, budget_mb * 2**20
+        self.cached: Optional[list] = None
+        self._kept: Optional[list] = None
+        self._passed = False
+        self._decided = budget_mb <= 0
+
+    def __call__(self, epoch: int):
+        if not self._decided and self._passed:
+            self._decided = True
+            if _all_ranks(self._kept is not None, self.device):
+                self.cached = self._kept
+            self._kept = None
+        if self.cached is not None:
+            return iter(self.cached)
+        if self._decided:
+            return self.make_batches(epoch)
+        return self._first_pass(epoch)
+
+    def _first_pass(self, epoch: int):
+        kept: Optional[list] = []
+        size = 0
+        for batch in self.make_batches(epoch):
+            if kept is not None:
+                size += sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, torch.Tensor))
+                kept = None if size > self.budget else kept
+                if kept is not None:
+                    kept.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+            yield batch
+        self._kept, self._passed = kept, True
+
+
+def _all_ranks(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` holds on every rank (one all-reduce under DDP)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def device_pipeline(recipe: StageRecipe, device: torch.device):
+    """The ``--decode device`` training transform of a recipe (None for ``--decode cpu``)."""
+    if recipe.decode == "cpu":
+        return None
+    if recipe.decode != "device":
+        raise ValueError(f"unknown decode {recipe.decode!r}; expected 'cpu' or 'device'")
+    from datasets_io.pixels import DeviceImagePipeline
+
+    aug, image = recipe.augmentation or {}, recipe.image or {}
+    return DeviceImagePipeline(recipe.image_size, train=True, device=device, augment=aug.get("augment", "basic"),
+                               scale=tuple(aug.get("crop_scale") or (0.5, 1.0)),
+                               interpolation=image.get("interpolation", "bicubic"), crop_pct=image.get("crop_pct"),
+                               auto_augment=aug.get("auto_augment"), seed=recipe.seed, mean=image.get("mean"))
+
+
+class _MixedBatches:
+    """:func:`_mixed_batches` as an iterable that also counts the images skipped by device decoding."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs, self.sources = args, kwargs, []
+
+    def __iter__(self):
+        return _mixed_batches(*self.args, sources=self.sources, **self.kwargs)
+
+    @property
+    def skipped(self) -> int:
+        return sum(getattr(s, "skipped", 0) for s in self.sources)
+
+
+def _mixed_batches(dim_shard, cat_shard, batch_size: int, seed: int, epoch: int, device_images=None,
+                   sources: Optional[list] = None) -> Iterator[dict]:
     """Stage-two multi-task: each dimensional batch is joined by a categorical one.
 
     The dimensional rows supervise VA only, the categorical rows the category head only, so every
@@ -127,8 +223,11 @@ def _mixed_batches(dim_shard, cat_shard, batch_size: int, seed: int, epoch: int)
         cycle = 0
         while True:
             got = False
-            for i, batch in enumerate(_iter_batches(cat_shard, batch_size, train=True, seed=seed + 7919 * cycle,
-                                                    epoch=epoch)):
+            batches = _iter_batches(cat_shard, batch_size, train=True, seed=seed + 7919 * cycle, epoch=epoch,
+                                    device_images=device_images)
+            if sources is not None:
+                sources.append(batches)
+            for i, batch in enumerate(batches):
                 if i % world == rank:
                     got = True
                     yield batch
@@ -137,7 +236,10 @@ def _mixed_batches(dim_shard, cat_shard, batch_size: int, seed: int, epoch: int)
             cycle += 1
 
     cat_iter = categorical()
-    for dim in _iter_batches(dim_shard, batch_size, train=True, seed=seed, epoch=epoch):
+    dims = _iter_batches(dim_shard, batch_size, train=True, seed=seed, epoch=epoch, device_images=device_images)
+    if sources is not None:
+        sources.append(dims)
+    for dim in dims:
         yield mix_batches(dim, next(cat_iter))
 
 
@@ -272,7 +374,8 @@ def build_for_device(recipe: StageRecipe, device: torch.device):
         load_weights(model, recipe.init_weights)
     if recipe.freeze_until is not None:
         model.freeze(recipe.freeze_until, freeze_bn=recipe.freeze_bn)
-    precision = core.Precision.for_device(device, amp=recipe.amp)
+    # Images reach the device as uint8 and are normalised there with the recipe's mean/std.
+    precision = core.Precision.for_device(device, amp=recipe.amp, image=recipe.image)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model.to(device), build_objective(recipe), precision
@@ -286,10 +389,18 @@ def fit_worker(config: dict) -> dict:
     rank = ctx.get_world_rank()
     # Rank 0's lines reach the driver's console (pipelines.console: through the relay when quiet).
     log = console.emitter(logger) if rank == 0 else (lambda *_: None)
-    model, objective, precision = build_for_device(recipe, ray.train.torch.get_device())
+    device = ray.train.torch.get_device()
+    model, objective, precision = build_for_device(recipe, device)
     if ctx.get_world_size() > 1:
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+    # Validation and test run the eager module (same parameters): compiling it too would add a second
+    # warm-up and a recompile for the last, smaller batch of every split.
     eval_model = core.unwrap(model)
+    if recipe.compile:
+        # After DDP wrapping, as Ray Train's own guide does (DDP's optimizer splits graphs at buckets).
+        # Checkpoints save core.unwrap(model).state_dict(): no "_orig_mod." prefixes.
+        model = torch.compile(model)
+    device_images = device_pipeline(recipe, device)
     batch_size, seed = recipe.batch_size, recipe.seed
 
     if recipe.optimizer.get("filter_bias_and_bn"):  # timm's param groups need the unwrapped module
@@ -319,11 +430,13 @@ def fit_worker(config: dict) -> dict:
     val_shard = ray.train.get_dataset_shard("val")
     if recipe.mix_categorical:
         cat_shard = ray.train.get_dataset_shard(MIX_KEY)
-        train_batches = lambda epoch: _mixed_batches(train_shard, cat_shard, batch_size, seed, epoch)  # noqa: E731
+        train_batches = lambda epoch: _MixedBatches(train_shard, cat_shard, batch_size, seed, epoch,  # noqa: E731
+                                                    device_images=device_images)
     else:
         train_batches = lambda epoch: _iter_batches(train_shard, batch_size, train=True, seed=seed,  # noqa: E731
-                                                    epoch=epoch)
-    val_batches = lambda epoch: _iter_batches(val_shard, batch_size, train=False, seed=seed, epoch=epoch)  # noqa: E731
+                                                    epoch=epoch, device_images=device_images)
+    val_batches = EvalCache(lambda epoch: _iter_batches(val_shard, batch_size, train=False, seed=seed, epoch=epoch),
+                            device)
     epochs_run: list[int] = []
 
     def on_epoch_end(result: core.EpochResult, st: core.TrainState) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipelines import cli
-from pipelines.recipe import MIX_KEY, EvalSet, StageRecipe
+from pipelines.recipe import COMPILE_HELP, DECODE_CHOICES, DECODE_HELP, MIX_KEY, EvalSet, StageRecipe
 from pipelines.registry import Pipeline
 
 # = emotion_models.losses.PUBLISHED_VA_SCALE (kept here so that parsing flags does not import torch):
@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weights", default=None, help="local pretrained backbone weights (timm/torchvision state dict)")
     t.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default=None)
     t.add_argument("--warmup-epochs", type=int, default=None)
+    t.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+    t.add_argument("--decode", choices=DECODE_CHOICES, default="cpu", help=DECODE_HELP)
     t.add_argument("--alpha", type=float, default=0.5,
                    help="VA weight of the multi-task loss in stage one: (1 - alpha) CE + alpha VA (published)")
     t.add_argument("--alpha2", type=float, default=0.9, help="VA weight of the multi-task loss in stage two")
@@ -223,6 +225,8 @@ def stage_recipe(args, *, name: str, head_classes: list[str], classes: list[str]
         # How images were prepared (training and evaluation), so predict prepares them the same way.
         image=image or {},
         mix_categorical=mix,
+        compile=bool(getattr(args, "compile", False)),
+        decode=getattr(args, "decode", "cpu"),
     )
 
 
@@ -290,7 +294,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         plan.classes, plan.anchors = classes, lexicon.va_many(classes).tolist()
         plan.manifests["categorical"] = cat_manifest
         plan.cat_sets = data.training_datasets(cat_path, image_size=args.image_size, num_classes=len(classes),
-                                               seed=args.seed, splits=("train", "val", "test"), image_cfg=image_cfg)
+                                               seed=args.seed, splits=("train", "val", "test"), image_cfg=image_cfg,
+                                               decode=getattr(args, "decode", "cpu"))
     if dim_path is not None:
         dim_manifest = data.check_shards(dim_path, role="dimensional", need_va=True)
         plan.manifests["dimensional"] = dim_manifest
@@ -298,7 +303,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         plan.dim_anchors = lexicon.va_many(plan.dim_classes).tolist()
         plan.dim_sets = data.training_datasets(dim_path, image_size=args.image_size,
                                                num_classes=len(plan.dim_classes), seed=args.seed,
-                                               splits=("train", "val", "test"), image_cfg=image_cfg)
+                                               splits=("train", "val", "test"), image_cfg=image_cfg,
+                                               decode=getattr(args, "decode", "cpu"))
     plan.image = {**image_cfg, "max_side": _max_side(plan.manifests.get("dimensional")
                                                      or plan.manifests.get("categorical") or {})}
     return plan

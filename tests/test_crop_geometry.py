@@ -33,7 +33,8 @@ def test_eval_path_equals_timms_eval_transform(interpolation, crop_pct):
     from timm.data import DEFAULT_CROP_PCT, create_transform
 
     batch = _batch()
-    ours = ImageTransform(32, train=False, num_classes=3, interpolation=interpolation, crop_pct=crop_pct)(batch)
+    ours = ImageTransform(32, train=False, num_classes=3, interpolation=interpolation, crop_pct=crop_pct,
+                          normalize=True)(batch)
     timm_eval = create_transform(32, is_training=False, interpolation=interpolation,
                                  crop_pct=crop_pct or DEFAULT_CROP_PCT)
     for i, data in enumerate(batch["image"]):
@@ -50,7 +51,7 @@ def test_train_crop_is_timms_random_resized_crop_seeded_per_image(scale):
     from torchvision.transforms import functional as F
 
     batch = _batch()
-    ours = ImageTransform(24, train=True, num_classes=3, seed=5, scale=scale)(batch)["image"]
+    ours = ImageTransform(24, train=True, num_classes=3, seed=5, scale=scale, normalize=True)(batch)["image"]
     crop = RandomResizedCropAndInterpolation(24, scale=scale, interpolation="bicubic")
     for i, data in enumerate(batch["image"]):
         rng = np.random.default_rng([5, zlib.crc32(f"img{i}".encode())])

@@ -148,7 +148,7 @@ def test_dimensional_mode_on_real_emotion6_needs_no_categorical_set(ray_session,
                if p.exists())
     _, served, bad = predict.load_images([raw], spec["image_size"], spec["image"])
     image_cfg = {k: v for k, v in spec["image"].items() if k != "max_side"}
-    trained = ImageTransform(spec["image_size"], train=False, num_classes=1, **image_cfg)(
+    trained = ImageTransform(spec["image_size"], train=False, num_classes=1, normalize=True, **image_cfg)(
         {"image": np.array([table["image"]], dtype=object)})["image"]
     assert not bad
     torch.testing.assert_close(served, torch.from_numpy(trained), rtol=0, atol=1e-6)

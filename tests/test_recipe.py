@@ -164,7 +164,7 @@ def test_eval_transform_is_resize_512_bicubic_then_centre_crop_448():
     from torchvision.transforms import InterpolationMode
 
     data = _jpeg(600, 500)
-    ours = ImageTransform(448, train=False, num_classes=7)(
+    ours = ImageTransform(448, train=False, num_classes=7, normalize=True)(
         {"image": np.array([data], dtype=object), "label": np.array([0])})["image"][0]
     published = transforms.Compose([   # dataset.build_transform(is_train=False) of the SER30K code
         transforms.Resize(int((256 / 224) * 448), interpolation=InterpolationMode.BICUBIC),

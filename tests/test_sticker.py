@@ -131,7 +131,7 @@ def test_eval_scores_a_published_format_checkpoint_on_val_and_test(ray_session, 
     for split in ("val", "test"):
         labels, preds = [], []
         with torch.no_grad():
-            for batch in iter_local_batches(shards, split, ImageTransform(64, train=False, num_classes=7)):
+            for batch in iter_local_batches(shards, split, ImageTransform(64, train=False, num_classes=7, normalize=True)):
                 preds.append(model(batch["image"])["logits"].argmax(1).numpy())
                 labels.append(batch["label"].numpy())
         expected = classification_metrics(np.concatenate(labels), np.concatenate(preds), 7)
@@ -238,7 +238,8 @@ def test_eval_scores_a_lora_checkpoint_with_a_local_bert(ray_session, workdir, c
     tokens = make_tokenizer(f"bert:{bert}", 30)
     labels, preds = [], []
     with torch.no_grad():
-        for batch in iter_local_batches(shards, "test", ImageTransform(64, train=False, num_classes=7, keep_text=True)):
+        for batch in iter_local_batches(shards, "test", ImageTransform(64, train=False, num_classes=7, keep_text=True,
+                                                                                 normalize=True)):
             ids, mask = tokens(batch["text"])
             logits = model.eval()(batch["image"], torch.from_numpy(ids), torch.from_numpy(mask))["logits"]
             preds.append(logits.argmax(1).numpy())

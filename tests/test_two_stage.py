@@ -261,7 +261,7 @@ def test_predict_on_a_trained_checkpoint(frameworks, workdir, tmp_path, capsys):
     image_cfg = {k: v for k, v in recipe.image.items() if k != "max_side"}
     stored = [prepare_image(Path(r["image"]).read_bytes(), max_side=recipe.image["max_side"] or 10 ** 6)
               for r in rows]
-    transform = ImageTransform(recipe.image_size, train=False, num_classes=1, **image_cfg)
+    transform = ImageTransform(recipe.image_size, train=False, num_classes=1, normalize=True, **image_cfg)
     batch = transform({"image": np.array(stored, dtype=object)})["image"]
     model.eval()
     with torch.no_grad():
