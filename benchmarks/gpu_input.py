@@ -30,7 +30,6 @@ import subprocess
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
