@@ -33,8 +33,7 @@ def grid(ray_session, tmp_path_factory):
             "--mlflow-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--run-name", "grid"]
     assert two_stage.main(argv) == 0
     run_dir = tmp / "runs" / "grid"
-    return {"tmp": tmp, "result": json.loads((run_dir / "result.json").read_text()),
-            "state": json.loads((run_dir / "pipeline_state.json").read_text())}
+    return {"tmp": tmp, "result": json.loads((run_dir / "result.json").read_text())}
 
 
 def test_grid_gives_five_rows_with_every_metric(grid):
@@ -51,17 +50,17 @@ def test_grid_gives_five_rows_with_every_metric(grid):
 
 
 def test_grid_trains_each_stage_one_once_and_two_stage_reuses_it(grid):
-    stages = grid["state"]["stages"]
-    assert set(stages) == {"single-stage1", "single-stage2", "multi-stage1", "multi-stage2", "dimensional"}
+    best = grid["result"]["best_checkpoints"]          # stage name -> its best checkpoint folder
+    assert set(best) == {"single-stage1", "single-stage2", "multi-stage1", "multi-stage2", "dimensional"}
     rows = {r["framework"]: r for r in grid["result"]["rows"]}
     for task in ("single", "multi"):
-        s1_best = stages[f"{task}-stage1"]["outcome"]["best_checkpoint"]
+        s1_best = best[f"{task}-stage1"]
         assert rows[f"one_stage-{task}"]["best_checkpoint"] == s1_best      # the one_stage row is stage one
-        s2_meta = json.loads((Path(stages[f"{task}-stage2"]["outcome"]["best_checkpoint"]) / "meta.json").read_text())
+        s2_meta = json.loads((Path(best[f"{task}-stage2"]) / "meta.json").read_text())
         assert s2_meta["recipe"]["init_from"] == s1_best                   # ... and two_stage starts from it
         assert s2_meta["recipe"]["freeze_until"] == "published" and s2_meta["recipe"]["freeze_bn"] is False
         assert s2_meta["recipe"]["objective"]["alpha"] == 0.9 and s2_meta["recipe"]["objective"]["va_scale"] == 16
-    dim_meta = json.loads((Path(stages["dimensional"]["outcome"]["best_checkpoint"]) / "meta.json").read_text())
+    dim_meta = json.loads((Path(best["dimensional"]) / "meta.json").read_text())
     spec = dim_meta["recipe"]
     assert spec["init_from"] is None and spec["freeze_until"] is None and spec["model"]["task"] == "single"
     assert spec["monitor"] == "pearson_mean" and not spec["mix_categorical"]
@@ -81,7 +80,7 @@ def test_grid_logs_children_table_and_chart_to_one_parent(grid):
     assert parent.data.tags["mode"] == "grid"
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(c.info.run_name for c in children) == sorted(grid["state"]["stages"])
+    assert sorted(c.info.run_name for c in children) == sorted(grid["result"]["best_checkpoints"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"comparison.md", "comparison_table.json", "comparison.png", "result.json"} <= artifacts
     assert parent.data.metrics["dimensional.test_pearson_v_mean"] == pytest.approx(
