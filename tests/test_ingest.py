@@ -231,14 +231,15 @@ def test_round_trip_demo_to_tensors(demo_out):
     train = [r for r in records if r.split == "train"]
     batch = load_split(out, "train").map_batches(
         ImageTransform(32, train=True, num_classes=7, seed=0), batch_format="numpy").take_batch(1000)
-    assert batch["image"].shape == (len(train), 3, 32, 32) and batch["image"].dtype == np.float32
+    # Compact batches: uint8 pixels (the worker normalises on its device).
+    assert batch["image"].shape == (len(train), 3, 32, 32) and batch["image"].dtype == np.uint8
     assert set(batch) == {"image", "label", "has_label", "label_dist", "has_dist", "valence", "arousal", "has_va"}
     assert batch["has_label"].all() and batch["has_dist"].all() and batch["has_va"].all()
     expected = _target_rows({"label": [r.label for r in train], "valence": [r.valence for r in train],
                              "arousal": [r.arousal for r in train], "label_dist": [r.label_dist for r in train]})
     np.testing.assert_allclose(_target_rows(batch), expected, atol=1e-6)
     tensors = to_tensors(batch)
-    assert tensors["image"].dtype.is_floating_point and tensors["label"].dtype == torch.int64
+    assert tensors["image"].dtype == torch.uint8 and tensors["label"].dtype == torch.int64
 
 
 def test_local_batches_equal_ray_batches(demo_out):
@@ -281,7 +282,8 @@ def _batch_of(images: list[bytes], **columns) -> dict:
 
 def test_eval_transform_normalises_known_colour():
     grey = encode(Image.new("RGB", (48, 40), (128, 64, 200)), "PNG")
-    out = ImageTransform(16, train=False, num_classes=3, mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))(_batch_of([grey]))
+    out = ImageTransform(16, train=False, num_classes=3, mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0),
+                         normalize=True)(_batch_of([grey]))
     assert out["image"].shape == (1, 3, 16, 16)
     np.testing.assert_allclose(out["image"][0, :, 8, 8], [(128 / 255 - 0.5) / 0.25, (64 / 255 - 0.5) / 0.5,
                                                           (200 / 255 - 0.5) / 1.0], atol=1e-5)
