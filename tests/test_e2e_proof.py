@@ -92,6 +92,18 @@ def test_training_through_ray_learns(learned, workdir):
     assert learned["test_accuracy"] == pytest.approx(float((pred[labelled] == arrays["label"][labelled]).mean()))
 
 
+def test_stage_run_has_system_metrics(learned, workdir):
+    """MLflow's system metrics (CPU, memory) sampled on the stage's workers, one series without repeats."""
+    client, stage = _client(workdir), _runs(workdir, "learn")["stage1"]
+    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
+                "system/system_memory_usage_percentage"):
+        history = client.get_metric_history(stage.info.run_id, key)
+        assert len(history) >= 1 and all(m.value >= 0 for m in history), key
+    steps = [m.step for m in client.get_metric_history(stage.info.run_id, "system/cpu_utilization_percentage")]
+    assert steps == sorted(set(steps))
+    assert stage.info.status == "FINISHED"
+
+
 def test_early_stopping_keeps_the_best_checkpoint_and_prunes_the_rest(learned, workdir):
     stage_dir = workdir / "runs" / "learn" / "stage1"
     best = Path(learned["best_checkpoints"]["stage1"])

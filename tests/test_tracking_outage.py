@@ -46,24 +46,6 @@ def _stage_run(uri: str, run_name: str):
     return client, parent, children[0]
 
 
-@pytest.mark.slow
-def test_stage_run_has_system_metrics(ray_session, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert two_stage.main([*TINY, "--num-epochs", "1", "--storage-path", str(tmp_path / "runs"),
-                           "--mlflow-uri", uri, "--run-name", "sysm"]) == 0
-    client, _, stage = _stage_run(uri, "sysm")
-    keys = set(stage.data.metrics)
-    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
-                "system/system_memory_usage_percentage"):
-        assert key in keys, sorted(keys)
-        history = client.get_metric_history(stage.info.run_id, key)
-        assert len(history) >= 1 and all(m.value >= 0 for m in history)
-    steps = [m.step for m in client.get_metric_history(stage.info.run_id, "system/cpu_utilization_percentage")]
-    assert steps == sorted(set(steps))                      # one series, steps 0, 1, ... without repeats
-    assert stage.info.status == "FINISHED"
-
-
 def test_unreachable_server_stops_at_once_with_one_line():
     """A closed port: the Tracker raises its ConnectionError subclass, one line, within seconds."""
     from pipelines.tracking import Tracker, TrackingServerUnreachable
