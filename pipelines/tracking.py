@@ -2,12 +2,13 @@
 
 The driver creates the runs and logs what exists only at the end (artifacts, the model, plots);
 rank 0 of the Ray Train workers logs the per-epoch curves into the child run by its id
-(:class:`pipelines.train_loop._MlflowEpochLogger`). The default store is a local sqlite file;
+(:class:`EpochLogger`). The default store is a local sqlite file;
 ``--mlflow-uri`` or ``MLFLOW_TRACKING_URI`` point elsewhere (an MLflow server on a cluster's head).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -572,3 +573,70 @@ def log_stage_artifacts(tracker: Tracker, run_id: str, *, checkpoint_dir: Option
             np.savez_compressed(path, **arrays)
             tracker.client.log_artifact(run_id, str(path), "predictions")
     return model_uri
+
+
+class EpochLogger:
+    """Rank 0 logs each epoch's curves to the stage's MLflow run (created by the driver).
+
+    When the tracking server does not answer, an epoch's metrics stay in memory and go with the next
+    epoch's, or at :meth:`close` (the stage's end); training neither waits for the server nor fails
+    because of it (and the driver logs what is still missing from the stage's history afterwards).
+    :meth:`system_metrics` starts MLflow's system metrics for the run on this node (local rank 0).
+    """
+
+    def __init__(self, cfg: Optional[dict], log=None):
+        self.buffer = None
+        self.log = log or (lambda *_: None)
+        if cfg and cfg.get("run_id"):
+            self.buffer = MetricBuffer(cfg["tracking_uri"], cfg["run_id"])
+            self.client = self.buffer.client
+            self.run_id = cfg["run_id"]
+
+    def tags(self, tags: dict) -> None:
+        if self.buffer is not None:
+            try:
+                for key, value in tags.items():
+                    self.client.set_tag(self.run_id, key, value)
+            except Exception as e:  # noqa: BLE001 - a tag is not worth a failed stage
+                self.log(f"MLflow: could not set the tags {sorted(tags)} ({type(e).__name__}); training goes on")
+
+    def __call__(self, row: dict) -> None:
+        """Log one epoch's row (``core.fit``'s history row: ``epoch``, ``lr``, ``train_*``, ``val_*``, ...)."""
+        if self.buffer is None:
+            return
+        self.buffer.add({k: v for k, v in row.items() if k != "epoch"}, int(row["epoch"]))
+        failed_before = self.buffer.failures
+        if self.buffer.flush():
+            if failed_before:
+                self.log("MLflow server answers again: the buffered epochs' metrics are logged")
+        elif self.buffer.failures == 1:
+            self.log(f"MLflow server {self.buffer.uri} unreachable ({self.buffer.last_error}): epoch "
+                     f"{int(row['epoch']) + 1}'s metrics kept in memory and sent when it answers; training goes on")
+
+    def close(self, wait_s: float = 20.0) -> None:
+        """The stage's end: send what is still buffered, trying for up to ``wait_s`` seconds."""
+        if self.buffer is not None and self.buffer.pending and not self.buffer.flush_patiently(wait_s):
+            self.log(f"MLflow server still unreachable: {len(self.buffer.pending)} metric values not logged "
+                     f"by the worker (the driver logs the stage's history once the server answers)")
+
+    @staticmethod
+    def system_metrics(cfg: Optional[dict], *, local_rank: int, node_rank: int, multi_node: bool):
+        """On each node's local rank 0: MLflow's system metrics for the stage's run, sampled until
+        :meth:`finish` (or until Ray ends this worker); one series per node (``system/node_<rank>/...``)
+        when the stage spans several nodes. None elsewhere, or when they are off."""
+        interval = (cfg or {}).get("system_metrics")
+        if not cfg or not cfg.get("run_id") or not interval or local_rank != 0:
+            return None
+        try:
+            return StageSystemMetrics(cfg["tracking_uri"], cfg["run_id"], node_id=f"node_{node_rank}" if multi_node
+                                      else None, interval=float(interval))
+        except Exception as e:  # noqa: BLE001 - e.g. psutil missing on this node: train without them
+            logging.getLogger("emotion_ray.train").warning("system metrics off on this node: %s", e)
+            return None
+
+    @staticmethod
+    def finish(epoch_logger: Optional["EpochLogger"], system_metrics) -> None:
+        if epoch_logger is not None:
+            epoch_logger.close()
+        if system_metrics is not None:
+            system_metrics.stop()

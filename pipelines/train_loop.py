@@ -11,7 +11,7 @@ do besides getting shards, wrapping the model and reporting is the plain-PyTorch
 Data: the driver passes Ray Datasets already mapped to uint8 pixels (``datasets_io.shards.ImageTransform``;
 normalised on the worker's device by ``core.Precision.to_device``), or with ``decode="device"`` the
 training rows' JPEG bytes, decoded and augmented on the worker (``datasets_io.pixels``). A worker keeps
-its validation shard in memory after the first epoch when it is small (:class:`EvalCache`).
+its validation shard in memory after the first epoch when it is small (:class:`pipelines.batches.EvalCache`).
 ``recipe.compile``: the training model is ``torch.compile``d after DDP wrapping; evaluation stays eager.
 ``train`` is split evenly across workers (DDP needs equal batch counts); ``val``/``test`` are split
 unevenly so every row is seen exactly once, evaluated on the unwrapped model (no collectives in
@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Optional
 
 import ray
 import ray.train
@@ -36,6 +36,8 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 
 from pipelines import console, core
+from pipelines.batches import EvalCache, MixedBatches, device_pipeline, iter_batches, weights_digest
+from pipelines.tracking import EpochLogger
 from pipelines.recipe import (MIX_KEY, STATE_FILE, TRAIN_KEY, EvalSet, StageRecipe, build_model, build_objective,
                               checkpoint_state_path, jsonable, write_meta)
 
@@ -111,165 +113,6 @@ class EvalSplitDataConfig(DataConfig):
 
 # ----------------------------------------------------------------------------- worker side
 
-def _iter_batches(shard, batch_size: int, *, train: bool, seed: int, epoch: int,
-                  device_images=None) -> Iterator[dict]:
-    """A shard's batches as tensors. ``device_images`` (a :class:`datasets_io.pixels.DeviceImagePipeline`,
-    ``--decode device``): the rows carry JPEG bytes, decoded and augmented on the worker's device."""
-    kwargs: dict[str, Any] = {"batch_size": batch_size, "drop_last": train}
-    if train:
-        kwargs.update(local_shuffle_buffer_size=max(4 * batch_size, 64), local_shuffle_seed=seed + epoch)
-    if device_images is not None:
-        from datasets_io.pixels import DeviceBatches
-
-        prefetch = int(os.environ.get("EMOTION_RAY_DEVICE_PREFETCH", 1))  # batches prepared ahead (0: none)
-        return DeviceBatches(shard.iter_batches(batch_format="numpy", **kwargs), device_images, epoch, prefetch)
-    return shard.iter_torch_batches(**kwargs)
-
-
-# A worker keeps its validation shard in memory after the first epoch when every rank's fits in this.
-EVAL_CACHE_MB = float(os.environ.get("EMOTION_RAY_EVAL_CACHE_MB", 512))
-
-
-class EvalCache:
-    """``epoch -> batches`` of an evaluation shard, read through Ray Data once and then from memory.
-
-    The first pass streams the shard (as every epoch did before) and keeps a copy of its batches
-    (uint8 images: small) while they fit in ``budget_mb``; at the next call the ranks agree (one
-    all-reduce) and, when all of them kept theirs, every later epoch replays the copy: no new
-    streaming-split execution per epoch. Any rank over the budget keeps all of them streaming.
-    """
-
-    def __init__(self, make_batches, device: torch.device, budget_mb: float = EVAL_CACHE_MB):
-        self.make_batches, self.device, self.budget = make_batches, device, budget_mb * 2**20
-        self.cached: Optional[list] = None
-        self._kept: Optional[list] = None
-        self._passed = False
-        self._decided = budget_mb <= 0
-
-    def __call__(self, epoch: int):
-        if not self._decided and self._passed:
-            self._decided = True
-            if _all_ranks(self._kept is not None, self.device):
-                self.cached = self._kept
-            self._kept = None
-        if self.cached is not None:
-            return iter(self.cached)
-        if self._decided:
-            return self.make_batches(epoch)
-        return self._first_pass(epoch)
-
-    def _first_pass(self, epoch: int):
-        kept: Optional[list] = []
-        size = 0
-        for batch in self.make_batches(epoch):
-            if kept is not None:
-                size += sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, torch.Tensor))
-                kept = None if size > self.budget else kept
-                if kept is not None:
-                    kept.append({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
-            yield batch
-        self._kept, self._passed = kept, True
-
-
-def _all_ranks(flag: bool, device: torch.device) -> bool:
-    """True when ``flag`` holds on every rank (one all-reduce under DDP)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-    return bool(value.item())
-
-
-def device_pipeline(recipe: StageRecipe, device: torch.device):
-    """The ``--decode device`` training transform of a recipe (None for ``--decode cpu``)."""
-    if recipe.decode == "cpu":
-        return None
-    if recipe.decode != "device":
-        raise ValueError(f"unknown decode {recipe.decode!r}; expected 'cpu' or 'device'")
-    from datasets_io.pixels import DeviceImagePipeline
-
-    aug, image = recipe.augmentation or {}, recipe.image or {}
-    return DeviceImagePipeline(recipe.image_size, train=True, device=device, augment=aug.get("augment", "basic"),
-                               scale=tuple(aug.get("crop_scale") or (0.5, 1.0)),
-                               interpolation=image.get("interpolation", "bicubic"), crop_pct=image.get("crop_pct"),
-                               auto_augment=aug.get("auto_augment"), seed=recipe.seed, mean=image.get("mean"))
-
-
-class _MixedBatches:
-    """:func:`_mixed_batches` as an iterable that also counts the images skipped by device decoding."""
-
-    def __init__(self, *args, **kwargs):
-        self.args, self.kwargs, self.sources = args, kwargs, []
-
-    def __iter__(self):
-        return _mixed_batches(*self.args, sources=self.sources, **self.kwargs)
-
-    @property
-    def skipped(self) -> int:
-        return sum(getattr(s, "skipped", 0) for s in self.sources)
-
-
-def _mixed_batches(dim_shard, cat_shard, batch_size: int, seed: int, epoch: int, device_images=None,
-                   sources: Optional[list] = None) -> Iterator[dict]:
-    """Stage-two multi-task: each dimensional batch is joined by a categorical one.
-
-    The dimensional rows supervise VA only, the categorical rows the category head only, so every
-    batch carries dimensional samples and the masked loss never sees an empty VA selection.
-    """
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-
-    def categorical():
-        cycle = 0
-        while True:
-            got = False
-            batches = _iter_batches(cat_shard, batch_size, train=True, seed=seed + 7919 * cycle, epoch=epoch,
-                                    device_images=device_images)
-            if sources is not None:
-                sources.append(batches)
-            for i, batch in enumerate(batches):
-                if i % world == rank:
-                    got = True
-                    yield batch
-            if not got:
-                raise RuntimeError("the categorical stream of stage two is empty")
-            cycle += 1
-
-    cat_iter = categorical()
-    dims = _iter_batches(dim_shard, batch_size, train=True, seed=seed, epoch=epoch, device_images=device_images)
-    if sources is not None:
-        sources.append(dims)
-    for dim in dims:
-        yield mix_batches(dim, next(cat_iter))
-
-
-def mix_batches(dim: dict, cat: dict) -> dict:
-    """Concatenate a dimensional and a categorical batch with the masks that keep their roles apart."""
-    n_dim, n_cat = dim["image"].shape[0], cat["image"].shape[0]
-    num_classes = cat["label_dist"].shape[1]
-    dim_part = dict(dim)
-    dim_part["has_label"] = torch.zeros(n_dim, dtype=torch.bool)
-    dim_part["label"] = torch.full((n_dim,), -1, dtype=torch.int64)
-    dim_part["has_dist"] = torch.zeros(n_dim, dtype=torch.bool)
-    dim_part["label_dist"] = torch.zeros(n_dim, num_classes, dtype=cat["label_dist"].dtype)
-    cat_part = dict(cat)
-    cat_part["has_va"] = torch.zeros(n_cat, dtype=torch.bool)
-    keys = [k for k in dim_part if k in cat_part and isinstance(dim_part[k], torch.Tensor)]
-    return {k: torch.cat([dim_part[k], cat_part[k].to(dim_part[k].dtype)]) for k in keys}
-
-
-def weights_digest(model_state: dict) -> str:
-    """SHA-256 of a model state dict (names, dtypes, shapes, bytes in key order): equal digests, equal weights."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for key, value in model_state.items():
-        t = value.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def _maybe_inject_fault(fault: Optional[dict], epoch: int, step: int) -> None:
     """Kill this worker once at (epoch, step) — the fault-tolerance test's injected failure."""
     if not fault or epoch != fault["epoch"] or step != fault["step"]:
@@ -286,80 +129,6 @@ def _maybe_inject_fault(fault: Optional[dict], epoch: int, step: int) -> None:
     # resume from that report's checkpoint, whatever the machine's load.
     time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)))
     os._exit(1)
-
-
-class _MlflowEpochLogger:
-    """Rank 0 logs each epoch's curves to the stage's MLflow run (created by the driver).
-
-    When the tracking server does not answer, an epoch's metrics stay in memory and go with the next
-    epoch's, or at :meth:`close` (the stage's end); training neither waits for the server nor fails
-    because of it (and the driver logs what is still missing from the stage's history afterwards).
-    :meth:`system_metrics` starts MLflow's system metrics for the run on this node (local rank 0).
-    """
-
-    def __init__(self, cfg: Optional[dict], log=None):
-        self.buffer = None
-        self.log = log or (lambda *_: None)
-        if cfg and cfg.get("run_id"):
-            from pipelines.tracking import MetricBuffer
-
-            self.buffer = MetricBuffer(cfg["tracking_uri"], cfg["run_id"])
-            self.client = self.buffer.client
-            self.run_id = cfg["run_id"]
-
-    def tags(self, tags: dict) -> None:
-        if self.buffer is not None:
-            try:
-                for key, value in tags.items():
-                    self.client.set_tag(self.run_id, key, value)
-            except Exception as e:  # noqa: BLE001 - a tag is not worth a failed stage
-                self.log(f"MLflow: could not set the tags {sorted(tags)} ({type(e).__name__}); training goes on")
-
-    def __call__(self, row: dict) -> None:
-        """Log one epoch's row (``core.fit``'s history row: ``epoch``, ``lr``, ``train_*``, ``val_*``, ...)."""
-        if self.buffer is None:
-            return
-        self.buffer.add({k: v for k, v in row.items() if k != "epoch"}, int(row["epoch"]))
-        failed_before = self.buffer.failures
-        if self.buffer.flush():
-            if failed_before:
-                self.log("MLflow server answers again: the buffered epochs' metrics are logged")
-        elif self.buffer.failures == 1:
-            self.log(f"MLflow server {self.buffer.uri} unreachable ({self.buffer.last_error}): epoch "
-                     f"{int(row['epoch']) + 1}'s metrics kept in memory and sent when it answers; training goes on")
-
-    def close(self, wait_s: float = 20.0) -> None:
-        """The stage's end: send what is still buffered, trying for up to ``wait_s`` seconds."""
-        if self.buffer is not None and self.buffer.pending and not self.buffer.flush_patiently(wait_s):
-            self.log(f"MLflow server still unreachable: {len(self.buffer.pending)} metric values not logged "
-                     f"by the worker (the driver logs the stage's history once the server answers)")
-
-    @staticmethod
-    def system_metrics(cfg: Optional[dict]):
-        """On each node's local rank 0: MLflow's system metrics for the stage's run, sampled until
-        :meth:`finish` (or until Ray ends this worker); one series per node (``system/node_<rank>/...``)
-        when the stage spans several nodes. None elsewhere, or when they are off."""
-        interval = (cfg or {}).get("system_metrics")
-        if not cfg or not cfg.get("run_id") or not interval:
-            return None
-        ctx = ray.train.get_context()
-        if ctx.get_local_rank() != 0:
-            return None
-        node_id = f"node_{ctx.get_node_rank()}" if ctx.get_local_world_size() < ctx.get_world_size() else None
-        try:
-            from pipelines.tracking import StageSystemMetrics
-
-            return StageSystemMetrics(cfg["tracking_uri"], cfg["run_id"], node_id=node_id, interval=float(interval))
-        except Exception as e:  # noqa: BLE001 - e.g. psutil missing on this node: train without them
-            logger.warning("system metrics off on this node: %s", e)
-            return None
-
-    @staticmethod
-    def finish(epoch_logger: Optional["_MlflowEpochLogger"], system_metrics) -> None:
-        if epoch_logger is not None:
-            epoch_logger.close()
-        if system_metrics is not None:
-            system_metrics.stop()
 
 
 def build_for_device(recipe: StageRecipe, device: torch.device):
@@ -411,8 +180,10 @@ def fit_worker(config: dict) -> dict:
         optimizer = core.build_optimizer(trainable, **recipe.optimizer)
     scheduler = core.build_scheduler(optimizer, epochs=recipe.epochs, **recipe.scheduler)
     state = core.TrainState(model, optimizer, scheduler, core.EarlyStopping(recipe.early_stop, recipe.monitor_mode))
-    mlflow_log = _MlflowEpochLogger(context.mlflow, log) if rank == 0 else None
-    system_metrics = _MlflowEpochLogger.system_metrics(context.mlflow)  # each node's local rank 0
+    mlflow_log = EpochLogger(context.mlflow, log) if rank == 0 else None
+    system_metrics = EpochLogger.system_metrics(  # each node's local rank 0
+        context.mlflow, local_rank=ctx.get_local_rank(), node_rank=ctx.get_node_rank(),
+        multi_node=ctx.get_local_world_size() < ctx.get_world_size())
     resumed_from = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -430,12 +201,13 @@ def fit_worker(config: dict) -> dict:
     val_shard = ray.train.get_dataset_shard("val")
     if recipe.mix_categorical:
         cat_shard = ray.train.get_dataset_shard(MIX_KEY)
-        train_batches = lambda epoch: _MixedBatches(train_shard, cat_shard, batch_size, seed, epoch,  # noqa: E731
-                                                    device_images=device_images)
+        world = ctx.get_world_size()
+        train_batches = lambda epoch: MixedBatches(train_shard, cat_shard, batch_size, seed, epoch,  # noqa: E731
+                                                   rank=rank, world=world, device_images=device_images)
     else:
-        train_batches = lambda epoch: _iter_batches(train_shard, batch_size, train=True, seed=seed,  # noqa: E731
+        train_batches = lambda epoch: iter_batches(train_shard, batch_size, train=True, seed=seed,  # noqa: E731
                                                     epoch=epoch, device_images=device_images)
-    val_batches = EvalCache(lambda epoch: _iter_batches(val_shard, batch_size, train=False, seed=seed, epoch=epoch),
+    val_batches = EvalCache(lambda epoch: iter_batches(val_shard, batch_size, train=False, seed=seed, epoch=epoch),
                             device)
     epochs_run: list[int] = []
 
@@ -444,7 +216,7 @@ def fit_worker(config: dict) -> dict:
         if recipe.test_every_epoch and "test" in context.tests:
             # The published protocol's figure (best test accuracy over epochs), recorded beside the
             # val-selected model, never used to select it. Every rank takes part (gathered metrics).
-            test_metrics, _ = core.evaluate(eval_model, _iter_batches(ray.train.get_dataset_shard("test"), batch_size,
+            test_metrics, _ = core.evaluate(eval_model, iter_batches(ray.train.get_dataset_shard("test"), batch_size,
                                                                       train=False, seed=seed, epoch=result.epoch),
                                             objective, precision)
             st.history[-1][EPOCH_TEST_KEY] = test_metrics["accuracy"]
@@ -476,7 +248,7 @@ def fit_worker(config: dict) -> dict:
         log(f"[{recipe.name}] early stop after epoch {state.epoch}: no improvement of {recipe.monitor} "
             f"for {state.early_stopping.patience} epochs (best epoch {state.early_stopping.best_epoch + 1})")
     tests = _test_best(recipe, context, eval_model, state.early_stopping.best_epoch, precision, log)
-    _MlflowEpochLogger.finish(mlflow_log, system_metrics)  # on a failure Ray ends this worker, and its sampler
+    EpochLogger.finish(mlflow_log, system_metrics)  # on a failure Ray ends this worker, and its sampler
     return {"history": state.history, "best_epoch": state.early_stopping.best_epoch,
             "best": state.early_stopping.best, "resumed_from": resumed_from, "epochs_run": epochs_run,
             "stopped_early": stopped_early, "tests": tests if rank == 0 else {}}
@@ -498,7 +270,7 @@ def _test_best(recipe: StageRecipe, context: StageContext, model, best_epoch: in
     results = {}
     for name, objective in context.tests.items():
         shard = ray.train.get_dataset_shard(name)
-        metrics, arrays = core.evaluate(model, _iter_batches(shard, recipe.batch_size, train=False, seed=recipe.seed,
+        metrics, arrays = core.evaluate(model, iter_batches(shard, recipe.batch_size, train=False, seed=recipe.seed,
                                                              epoch=0),
                                         build_objective(recipe, objective), precision)
         log(f"[{recipe.name}] {name} (best epoch {best_epoch + 1}): " + ", ".join(

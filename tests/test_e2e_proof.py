@@ -147,7 +147,7 @@ def resumed(ray_session, workdir):
 
     Returns what was observed after the failure and the second run's result.json.
     """
-    from pipelines.train_loop import weights_digest
+    from pipelines.batches import weights_digest
 
     marker = workdir / "stage2.fault"
     argv = _argv(workdir, "resume", "--demo-images-per-class", "6", "--mode", "two_stage", "--task", "single",

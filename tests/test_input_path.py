@@ -135,7 +135,7 @@ def test_device_batches_prefetch_in_order_and_pass_errors_through():
 
 
 def test_eval_cache_streams_once_then_replays_from_memory():
-    from pipelines.train_loop import EvalCache
+    from pipelines.batches import EvalCache
 
     calls = []
 

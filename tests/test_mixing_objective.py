@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from emotion_models import losses
 from pipelines.objectives import VAObjective
-from pipelines.train_loop import mix_batches
+from pipelines.batches import mix_batches
 
 ANCHORS = np.array([[-0.8, 0.5], [0.0, -0.5], [0.8, 0.5]])
 

@@ -159,7 +159,7 @@ def test_fault_tolerance_resumes_from_checkpoint(ray_session, workdir, framework
     import torch
     from mlflow import MlflowClient
 
-    from pipelines.train_loop import weights_digest
+    from pipelines.batches import weights_digest
 
     marker = workdir / "fault.marker"
     clean = frameworks[("one_stage", "single")]
