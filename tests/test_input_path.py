@@ -15,6 +15,17 @@ from datasets_io.shards import ImageBytes, ImageTransform
 from pipelines import core
 
 
+class _Objective:
+    """The smallest objective the core accepts: cross-entropy on a classifier's logits."""
+
+    def inputs(self, b):
+        return (b["image"],), {}
+
+    def loss(self, outputs, b):
+        loss = torch.nn.functional.cross_entropy(outputs["logits"], b["label"])
+        return loss, {"loss": float(loss.detach())}
+
+
 def _jpeg(width: int, height: int, seed: int) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     out = io.BytesIO()
@@ -105,16 +116,8 @@ def test_a_corrupt_jpeg_in_a_device_batch_is_skipped_and_counted():
     # The count reaches the epoch's metrics (train_skipped in the history rows).
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 3))
 
-    class Objective:
-        def inputs(self, b):
-            return (b["image"],), {}
-
-        def loss(self, outputs, b):
-            loss = torch.nn.functional.cross_entropy(outputs["logits"], b["label"])
-            return loss, {"loss": float(loss.detach())}
-
     batches = DeviceBatches([batch], pipe, epoch=1)
-    stats = core.train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1), Objective(),
+    stats = core.train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1), _Objective(),
                                  core.Precision.for_device("cpu"))
     assert stats["skipped"] == n_bad and stats["samples"] == 5 - n_bad
 
@@ -179,19 +182,11 @@ def test_a_compiled_epoch_runs_and_its_checkpoint_loads_into_an_eager_model(tmp_
     assert core.unwrap(compiled) is model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
-    class Objective:
-        def inputs(self, b):
-            return (b["image"],), {}
-
-        def loss(self, outputs, b):
-            loss = torch.nn.functional.cross_entropy(outputs["logits"], b["label"])
-            return loss, {"loss": float(loss.detach())}
-
     g = torch.Generator().manual_seed(0)
     batches = [{"image": torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=g),
                 "label": torch.randint(0, 3, (4,), generator=g)} for _ in range(3)]
     start = time.perf_counter()
-    stats = core.train_one_epoch(compiled, batches, optimizer, Objective(), core.Precision.for_device("cpu"))
+    stats = core.train_one_epoch(compiled, batches, optimizer, _Objective(), core.Precision.for_device("cpu"))
     assert stats["samples"] == 12 and np.isfinite(stats["loss"])
     print(f"compiled epoch (warm-up included): {time.perf_counter() - start:.1f}s")
     state = core.TrainState(compiled, optimizer, core.build_scheduler(optimizer, epochs=1, name="constant"),
