@@ -87,16 +87,6 @@ class StageRecipe:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
-    def params(self) -> dict:
-        """Flat MLflow params: ``optimizer.lr``, ``model.backbone``, ``epochs``, ... (lists as text)."""
-        out = {}
-        for key, value in self.to_dict().items():
-            if isinstance(value, dict):
-                out.update({f"{key}.{k}": v for k, v in value.items() if k != "anchors"})
-            else:
-                out[key] = value
-        return out
-
 
 @dataclass
 class EvalSet:

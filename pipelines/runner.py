@@ -101,7 +101,7 @@ class PipelineRun:
                       f"with --run-name {self.run_dir.name} to continue"
         if not child or not self.tracker.retrying(resume_hint, lambda: self.tracker.run_exists(child), required=True):
             child = self.tracker.retrying(resume_hint, lambda: self.tracker.start_run(
-                name, parent_id=self.parent_id, params=recipe.params()), required=True)
+                name, parent_id=self.parent_id, params=recipe.to_dict()), required=True)
             self.state["child_runs"][name] = child
             self._save()
             self.tracker.retrying(f"{name}: dataset inputs", lambda: self.tracker.log_dataset_inputs(child, manifests))

@@ -77,7 +77,7 @@ def fit_stage_one(tracker: Tracker, parent_id: str, recipe: StageRecipe, dataset
     print(f"[stage1] training stage one once for the sweep ({recipe.epochs} epochs, base flags)")
     if run_id is None:
         run_id = tracker.start_run("stage1", parent_id=parent_id, tags={TRIAL_TAG: "stage1", **tags},
-                                   params=recipe.params())
+                                   params=recipe.to_dict())
         if on_run is not None:
             on_run(run_id)
     else:
