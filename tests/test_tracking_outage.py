@@ -22,7 +22,7 @@ import pytest
 
 from pipelines import two_stage
 
-TINY = ["--demo-images-per-class", "12", "--demo-image-size", "32", "--image-size", "32", "--backbone", "resnet10t",
+TINY = ["--demo-images-per-class", "12", "--image-size", "32", "--backbone", "resnet10t",
         "--batch-size", "8", "--num-workers", "2", "--cpus-per-worker", "0.5", "--seed", "3", "--mode", "one_stage",
         "--task", "single", "--stage2-epochs", "1"]
 
