@@ -78,6 +78,11 @@ class StageRecipe:
     def replace(self, **changes) -> "StageRecipe":
         return dataclasses.replace(self, **changes)
 
+    def without_pretrained(self) -> "StageRecipe":
+        """The recipe whose model is built with no pretrained file read (``model["weights"]`` dropped):
+        for weights that come from a checkpoint loaded right after."""
+        return self.replace(model={k: v for k, v in self.model.items() if k != "weights"})
+
     def to_dict(self) -> dict:
         return jsonable(dataclasses.asdict(self))
 
@@ -158,7 +163,7 @@ def load_model_from_checkpoint(checkpoint_dir: str | Path):
     meta = read_meta(checkpoint_dir)
     recipe = meta["recipe"]
     # The weights come from the checkpoint: no pretrained file is read to build the model.
-    model = build_model(recipe.replace(model={k: v for k, v in recipe.model.items() if k != "weights"}))
+    model = build_model(recipe.without_pretrained())
     model.load_state_dict(load_checkpoint(checkpoint_state_path(checkpoint_dir))["model"])
     return model, meta
 

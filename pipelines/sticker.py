@@ -358,8 +358,7 @@ def evaluate_only(args) -> int:
         from emotion_models.errors import ModelConfigError
         from emotion_models.weights import load_weights
 
-        report = load_weights(build_model(recipe.replace(model={k: v for k, v in recipe.model.items()
-                                                                 if k != "weights"})), weights)
+        report = load_weights(build_model(recipe.without_pretrained()), weights)
         if report.skipped_head:
             raise ModelConfigError(f"{weights}: its classifier does not have the dataset's {len(plan['classes'])} "
                              f"classes ({', '.join(report.skipped_head)} of another size)")

@@ -337,8 +337,7 @@ def evaluate_splits(recipe: StageRecipe, datasets: dict, run: RunOptions, *, che
     """
     if (checkpoint_dir is None) == (weights is None):
         raise ValueError("evaluate_splits needs exactly one of checkpoint_dir and weights")
-    recipe = recipe.replace(init_from=checkpoint_dir, init_weights=weights, freeze_until=None,
-                            model={k: v for k, v in recipe.model.items() if k != "weights"})
+    recipe = recipe.without_pretrained().replace(init_from=checkpoint_dir, init_weights=weights, freeze_until=None)
     task = ray.remote(num_cpus=max(run.cpus_per_worker, 1e-4), num_gpus=1 if run.use_gpu else 0)(_evaluate_task)
     return ray.get(task.remote(recipe.to_dict(), datasets))
 
@@ -349,7 +348,7 @@ def _evaluate_task(recipe: dict, datasets: dict) -> dict:
     model, objective, precision = build_for_device(recipe, device)
     out = {}
     for split, ds in datasets.items():
-        metrics, arrays = core.evaluate(model, ds.iter_torch_batches(batch_size=recipe.batch_size), objective,
-                                        precision)
+        metrics, arrays = core.evaluate(model, iter_batches(ds, recipe.batch_size, train=False, seed=recipe.seed,
+                                                            epoch=0), objective, precision)
         out[split] = {"metrics": metrics, "arrays": arrays}
     return out
