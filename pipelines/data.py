@@ -133,9 +133,13 @@ def training_datasets(path: Path, *, image_size: int, num_classes: int, seed: in
     """
     from datasets_io.ray_data import load_split, repeated_augmentation
     from datasets_io.shards import ImageBytes, ImageTransform
+    from pipelines import cli
 
     if decode not in ("cpu", "device"):
         raise ValueError(f"unknown decode {decode!r}; expected 'cpu' or 'device'")
+    # Ray Data's first call would start Ray itself, with Ray's console (every worker's log, INFO lines);
+    # started here, it gets the project's console settings. (With a cached demo nothing else starts it first.)
+    cli.init_ray()
     out = {}
     for split in splits:
         train = split == "train"

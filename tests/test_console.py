@@ -158,3 +158,27 @@ def test_epoch_progress_becomes_one_bar_on_a_terminal_and_nothing_elsewhere(ray_
         else:
             assert text.splitlines() == ["epoch 2/6  loss 0.1"]   # not a terminal: no bar
         console._printer.stopped.set()
+
+
+def test_already_ingested_data_still_starts_ray_with_the_quiet_console(ray_session, tmp_path):
+    """A cached demo needs no ingest, so the first Ray call is Ray Data's: the project starts Ray first.
+
+    Otherwise Ray Data would start Ray with its defaults, and every worker's log would reach the console.
+    """
+    import subprocess
+    import sys
+
+    from datasets_io.records import read_manifest
+    from pipelines import data
+
+    shards = data.demo_shards(str(tmp_path / "cache"), images_per_class=2, image_size=32, show_progress=False)
+    path = next(iter(shards.values()))
+    classes = len(read_manifest(path)["classes"])
+    code = ("import ray\nfrom pipelines import console, data\n"
+            f"data.training_datasets({str(path)!r}, image_size=32, num_classes={classes}, seed=0)\n"
+            "assert ray.is_initialized()\n"
+            "ray.get_actor(console.RELAY)\n"   # the project's relay: started by the project's init
+            "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    assert "Started a local Ray instance" not in proc.stderr, proc.stderr[-3000:]
