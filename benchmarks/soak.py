@@ -15,7 +15,9 @@ temporary files) is told apart from what other programs on the machine write. Af
   ``ray.init`` (its logs) and never deletes old ones: they grow by one session per run; that is Ray's
   documented behaviour (clean them with ``rm -rf <tmp>/ray/session_2*``), reported, not a leak here.
 * **Other temp entries**: anything else under ``<tmp>`` (the project's ``tempfile`` folders, ...),
-  except caches that are reused rather than added per run (``torchinductor_<user>``). Expected: 0.
+  except caches that are reused rather than added per run (``torchinductor_<user>``) and the empty
+  ``pymp-*`` folder Ray's dashboard leaves per start (``RAY_LEFTOVERS``: counted and reported
+  apart). Expected: 0.
 * **New Ray sessions per run**: expected 1 (a second one means something started Ray again).
 * **Open MLflow runs**: runs of the soak's MLflow store still ``RUNNING``. Expected: 0.
 
@@ -83,10 +85,22 @@ def ray_sessions(tmp: Path) -> tuple[int, float]:
 
 # Caches that programs reuse from run to run (one folder, not one per run): reported, not failures.
 CACHES = ("torchinductor_",)
+# Left by Ray itself, one per local Ray start: Ray's dashboard starts its subprocess modules through a
+# multiprocessing forkserver (ray/dashboard/subprocesses/handle.py, select_start_method; ray-project/ray
+# PR #65159), whose listener folder is <tmp>/pymp-*; Ray kills the dashboard at shutdown, so Python's
+# exit hook that would remove the folder never runs. Traced (a sitecustomize hook on
+# multiprocessing.util.get_temp_dir): the only caller in a demo run is the dashboard process. Reported
+# apart, like the session folders, not counted as the project's.
+RAY_LEFTOVERS = ("pymp-",)
 
 
 def other_temp_entries(tmp: Path) -> list[str]:
-    return sorted(p.name for p in tmp.iterdir() if p.name != "ray" and not p.name.startswith(CACHES))
+    return sorted(p.name for p in tmp.iterdir()
+                  if p.name != "ray" and not p.name.startswith(CACHES + RAY_LEFTOVERS))
+
+
+def ray_leftovers(tmp: Path) -> list[str]:
+    return sorted(p.name for p in tmp.iterdir() if p.name.startswith(RAY_LEFTOVERS))
 
 
 def cache_entries(tmp: Path) -> list[str]:
@@ -182,6 +196,8 @@ def main(argv=None) -> int:
     print(f"Ray session folders: {first['sessions']} after run 1, {last['sessions']} after run {len(rows)} "
           f"({last['mb']:.1f} MB; {growth:+.2f} MB per run): Ray keeps one log folder per session and does not "
           f"delete old ones")
+    print(f"Ray dashboard forkserver folders (pymp-*, one per Ray start, empty; Ray's, see RAY_LEFTOVERS): "
+          f"{len(ray_leftovers(tmp))}")
     print(f"other temp entries: {last['other']} (0 expected); caches reused across runs: "
           f"{', '.join(cache_entries(tmp)) or 'none'}")
     print(f"MLflow runs still RUNNING: {last['open']}")

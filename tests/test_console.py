@@ -160,7 +160,7 @@ def test_epoch_progress_becomes_one_bar_on_a_terminal_and_nothing_elsewhere(ray_
         console._printer.stopped.set()
 
 
-def test_already_ingested_data_still_starts_ray_with_the_quiet_console(ray_session, tmp_path):
+def test_already_ingested_data_still_starts_ray_with_the_quiet_console(ray_session):
     """A cached demo needs no ingest, so the first Ray call is Ray Data's: the project starts Ray first.
 
     Otherwise Ray Data would start Ray with its defaults, and every worker's log would reach the console.
@@ -171,7 +171,8 @@ def test_already_ingested_data_still_starts_ray_with_the_quiet_console(ray_sessi
     from datasets_io.records import read_manifest
     from pipelines import data
 
-    shards = data.demo_shards(str(tmp_path / "cache"), images_per_class=2, image_size=32, show_progress=False)
+    # The demo the pipeline tests use (cached once for the session), not one of its own.
+    shards = data.demo_shards(images_per_class=6, image_size=64, seed=0, show_progress=False)
     path = next(iter(shards.values()))
     classes = len(read_manifest(path)["classes"])
     code = ("import ray\nfrom pipelines import console, data\n"

@@ -190,4 +190,91 @@ def test_rerun_after_stage_two_failed_resumes_it_from_its_checkpoint(resumed, wo
     history = _client(workdir).get_metric_history(after["stage2"].info.run_id, "val_pearson_mean")
     assert sorted({m.step for m in history}) == [0, 1]
     assert set(result["best_checkpoints"]) == {"stage1", "stage2"}
+    # predict --checkpoint RUN_DIR uses the last stage's best checkpoint.
+    from pipelines.predict import resolve_checkpoint
+
+    assert resolve_checkpoint(str(workdir / "runs" / "resume")) == Path(result["best_checkpoints"]["stage2"])
     assert all(math.isfinite(result[k]) for k in ("test_pearson_v", "test_mse"))
+
+
+def test_mlflow_has_parent_and_child_runs_with_artifacts(resumed, workdir):
+    """The two_stage run's MLflow layout: a parent, stage1 and stage2 children, curves, plots, the model."""
+    from mlflow import MlflowClient
+
+    _, result = resumed
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    parent = client.get_run(result["mlflow_run_id"])
+    assert parent.data.tags["pipeline"] == "two_stage" and parent.data.tags["task"] == "single"
+    assert parent.data.metrics["test_pearson_v"] == pytest.approx(result["test_pearson_v"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_name = {c.info.run_name: c for c in children}
+    assert set(by_name) == {"stage1", "stage2"}
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "val_pearson_v")
+        assert [m.step for m in history] == list(range(len(history))) and len(history) >= 1
+        assert child.data.params["batch_size"] == "8"
+        top = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"best_checkpoint", "manifests", "plots", "predictions"} <= top, top
+    plots = {a.path for a in client.list_artifacts(by_name["stage2"].info.run_id, "plots")}
+    assert "plots/va_scatter_test.png" in plots and "plots/confusion_test.png" in plots
+    stage1_plots = {a.path for a in client.list_artifacts(by_name["stage1"].info.run_id, "plots")}
+    assert "plots/confusion_test_categorical.png" in stage1_plots
+    # The final model is a code-based pyfunc (weights + recipe, no pickle) that takes image bytes and
+    # returns VA and the nearest category; a corrupt image gets an error on its own row.
+    import mlflow.pyfunc
+    import pandas as pd
+
+    uri = f"runs:/{by_name['stage2'].info.run_id}/model"
+    model = mlflow.pyfunc.load_model(uri)
+    out = model.predict(pd.DataFrame({"image": [_jpeg((200, 40, 40)), b"not an image", _jpeg((30, 30, 220))]}))
+    assert list(out["error"] == "") == [True, False, True] and "unreadable image" in out["error"][1]
+    ok = out[out["error"] == ""]
+    assert ok["valence"].between(-1, 1).all() and ok["arousal"].between(-1, 1).all()
+    classes = json.loads((Path(result["best_checkpoints"]["stage2"]) / "meta.json").read_text())["recipe"]["classes"]
+    assert set(ok["nearest_category"]) <= set(classes)
+    local = Path(mlflow.artifacts.download_artifacts(uri))
+    assert "pytorch" not in (local / "MLmodel").read_text() and not list(local.rglob("*.pkl"))
+
+
+def _jpeg(color) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), color).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_stage_two_starts_from_stage_one_best_and_freezes_the_published_cut(resumed, workdir):
+    import torch
+
+    from mlflow import MlflowClient
+
+    _, result = resumed
+    s1_ckpt, s2_ckpt = (Path(result["best_checkpoints"][k]) for k in ("stage1", "stage2"))
+    meta2 = json.loads((s2_ckpt / "meta.json").read_text())
+    assert meta2["recipe"]["init_from"] == str(s1_ckpt)
+    # The best checkpoint is the best epoch (as logged to the stage's MLflow run), not the last one.
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    parent = client.get_run(result["mlflow_run_id"])
+    (stage1,) = client.search_runs([parent.info.experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}' and attributes.run_name = 'stage1'"))
+    best1 = json.loads((s1_ckpt / "meta.json").read_text())
+    assert best1["epoch"] == int(stage1.data.metrics["best_epoch"])
+    w1 = torch.load(s1_ckpt / "state.pt", weights_only=True)["model"]
+    w2 = torch.load(s2_ckpt / "state.pt", weights_only=True)["model"]
+    def stats(key):
+        return key.endswith(("running_mean", "running_var", "num_batches_tracked"))
+
+    # The published cut: conv1, bn1, layer1, layer2 frozen; layer3, layer4 train.
+    frozen = [k for k in w1 if k.startswith(("backbone.conv1", "backbone.bn1", "backbone.layer1",
+                                             "backbone.layer2")) and not stats(k)]
+    trained = [k for k in w1 if k.startswith(("backbone.layer3", "backbone.layer4")) and k.endswith("weight")]
+    assert frozen and trained
+    assert all(torch.equal(w1[k], w2[k]) for k in frozen), "frozen layers changed in stage two"
+    assert any(not torch.equal(w1[k], w2[k]) for k in trained if k.startswith("backbone.layer3"))
+    assert any(not torch.equal(w1[k], w2[k]) for k in trained if k.startswith("backbone.layer4"))
+    # As published, the frozen layers' BatchNorm statistics keep updating (the model is in train mode).
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1 if k.startswith("backbone.layer1") and stats(k))

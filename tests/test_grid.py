@@ -22,6 +22,12 @@ TINY = ["--demo-images-per-class", "6", "--image-size", "32", "--backbone", "res
         "--early-stop", "0"]
 
 
+# One task's three frameworks: the grid's sharing (one_stage is stage one, two_stage starts from it) is the
+# same code for both tasks; single-task runs are tests/test_e2e_proof.py's (two_stage) and
+# tests/test_two_stage.py's (one_stage). ``--frameworks all`` is parsed in test_frameworks_and_seeds_flags.
+GRID = ["one_stage-multi", "two_stage-multi", "dimensional"]
+
+
 def _parsed(*argv):
     return two_stage.apply_defaults(cli.parse_args(two_stage.build_parser(), list(argv)))
 
@@ -29,31 +35,34 @@ def _parsed(*argv):
 @pytest.fixture(scope="module")
 def grid(ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grid")
-    argv = [*TINY, "--frameworks", "all", "--storage-path", str(tmp / "runs"),
+    argv = [*TINY, "--frameworks", *GRID, "--storage-path", str(tmp / "runs"),
             "--mlflow-uri", f"sqlite:///{tmp / 'mlflow.db'}", "--run-name", "grid"]
     assert two_stage.main(argv) == 0
     run_dir = tmp / "runs" / "grid"
     return {"tmp": tmp, "result": json.loads((run_dir / "result.json").read_text())}
 
 
-def test_grid_gives_five_rows_with_every_metric(grid):
+def test_grid_gives_a_row_per_framework_with_every_metric(grid):
     result = grid["result"]
-    assert [r["framework"] for r in result["rows"]] == list(two_stage.FRAMEWORKS)
+    assert [r["framework"] for r in result["rows"]] == GRID
     for row in result["rows"]:
         for key in comparison.COMPARE:
             assert isinstance(row[key], float) and math.isfinite(row[key]), (row["framework"], key, row[key])
-    assert set(result["summary"]) == set(two_stage.FRAMEWORKS)
-    for framework in two_stage.FRAMEWORKS:
+    assert set(result["summary"]) == set(GRID)
+    for framework in GRID:
         assert f"| {framework} |" in result["table"]
         row = next(r for r in result["rows"] if r["framework"] == framework)
         assert result["summary"][framework]["test_pearson_v"]["mean"] == pytest.approx(row["test_pearson_v"])
+        assert -1.0 <= row["test_pearson_v"] <= 1.0
+    for path in result["best_checkpoints"].values():
+        assert (Path(path) / "state.pt").exists() and (Path(path) / "meta.json").exists()
 
 
 def test_grid_trains_each_stage_one_once_and_two_stage_reuses_it(grid):
     best = grid["result"]["best_checkpoints"]          # stage name -> its best checkpoint folder
-    assert set(best) == {"single-stage1", "single-stage2", "multi-stage1", "multi-stage2", "dimensional"}
+    assert set(best) == {"multi-stage1", "multi-stage2", "dimensional"}
     rows = {r["framework"]: r for r in grid["result"]["rows"]}
-    for task in ("single", "multi"):
+    for task in ("multi",):
         s1_best = best[f"{task}-stage1"]
         assert rows[f"one_stage-{task}"]["best_checkpoint"] == s1_best      # the one_stage row is stage one
         s2_meta = json.loads((Path(best[f"{task}-stage2"]) / "meta.json").read_text())
@@ -85,6 +94,53 @@ def test_grid_logs_children_table_and_chart_to_one_parent(grid):
     assert {"comparison.md", "comparison_table.json", "comparison.png", "result.json"} <= artifacts
     assert parent.data.metrics["dimensional.test_pearson_v_mean"] == pytest.approx(
         result["summary"]["dimensional"]["test_pearson_v"]["mean"])
+
+
+def test_predict_on_a_trained_checkpoint(grid, tmp_path, capsys):
+    """The CLI's V and A are the checkpoint (two_stage/multi's stage two) applied to training's eval transform."""
+    import csv
+
+    import torch
+    from PIL import Image
+
+    from datasets_io.images import prepare_image
+    from datasets_io.shards import ImageTransform
+    from pipelines import predict
+    from pipelines.recipe import load_model_from_checkpoint
+
+    best = Path(grid["result"]["best_checkpoints"]["multi-stage2"])
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.new("RGB", (40, 30), (250, 180, 20)).save(images / "warm.jpg")
+    Image.new("RGB", (40, 30), (20, 40, 200)).save(images / "cold.png")
+    (images / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "pred.csv"
+    assert predict.main([str(images), "--checkpoint", str(best), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    # The unreadable file is reported on stderr and counted in the summary.
+    assert any(l.startswith("skipped ") and "broken.jpg" in l for l in captured.err.splitlines()), captured.err
+    assert "wrote 2 predictions" in captured.out and "(1 unreadable images skipped)" in captured.out, captured.out
+
+    rows = list(csv.DictReader(out.open()))
+    assert [Path(r["image"]).name for r in rows] == ["cold.png", "warm.jpg"]
+    model, meta = load_model_from_checkpoint(best)
+    recipe = meta["recipe"]
+    # Training's path: ingest stores each image as prepare_image's JPEG, the eval transform reads that.
+    image_cfg = {k: v for k, v in recipe.image.items() if k != "max_side"}
+    stored = [prepare_image(Path(r["image"]).read_bytes(), max_side=recipe.image["max_side"] or 10 ** 6)
+              for r in rows]
+    transform = ImageTransform(recipe.image_size, train=False, num_classes=1, normalize=True, **image_cfg)
+    batch = transform({"image": np.array(stored, dtype=object)})["image"]
+    model.eval()
+    with torch.no_grad():
+        va = model(torch.from_numpy(batch))["va"].numpy()
+    got = np.array([[float(r["valence"]), float(r["arousal"])] for r in rows])
+    np.testing.assert_allclose(got, va, rtol=0, atol=1e-5)
+    classes = recipe.classes
+    for r in rows:
+        assert float(r["valence_sam"]) == pytest.approx(float(r["valence"]) * 4 + 5, abs=1e-4)
+        assert r["nearest_category"] in classes
+        assert r["head_category"]  # the multi-task head's category (stage-one classes)
 
 
 def test_summary_over_seeds_is_mean_and_sample_std():

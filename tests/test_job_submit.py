@@ -53,7 +53,7 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path):
     gcs_port, dash_port = _free_port(), _free_port()
     ray_tmp = tempfile.mkdtemp(prefix="er-", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
     env = {**os.environ, "RAY_AUTH_MODE": "token", "EMOTION_RAY_HOME": str(tmp_path / "home"),
-           "EMOTION_RAY_CACHE": str(tmp_path / "cache")}
+           "EMOTION_RAY_CACHE": os.environ.get("EMOTION_RAY_CACHE", str(tmp_path / "cache"))}  # the session's demo
     # Every port of its own: the test session's Ray (started by other tests) holds the defaults, e.g.
     # the dashboard agent's 52365, and a second agent on the same port never comes up.
     own_ports = [f"--{name}={_free_port()}" for name in (

@@ -3,7 +3,7 @@
 
 One tiny two_stage sweep runs once (module-scoped) and the slow tests read what it left behind:
 stage one trained once (one epoch), then one stage-two trial (two epochs) per lr of the grid
-[3e-3, 10, 1e-3], one at a time, under ASHA on ``val_mse``. lr = 10 wrecks the stage-one weights
+[3e-3, 10], one at a time, under ASHA on ``val_mse``. lr = 10 wrecks the stage-one weights
 within its first epoch (saturated, constant VA: a validation MSE far above the others'), so ASHA,
 which has the first trial's epoch-one MSE on its rung, stops it there. (lr = 1e-9 is not reliably
 worse here: stage one is already good and batch-norm statistics still adapt.) The flag and
@@ -32,7 +32,7 @@ from tuning.space import Dim
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--demo-images-per-class", "6", "--image-size", "32", "--backbone", "resnet10t", "--batch-size", "8",
         "--num-workers", "1", "--seed", "3"]
-GRID = [3e-3, 10.0, 1e-3]
+GRID = [3e-3, 10.0]      # a good trial, then one ASHA stops at its first rung (cut: the first's value)
 WRECKING_LR = 10.0
 CPU_RETURN_S = 60       # how long the stopped trial's CPUs may take to come back
 
@@ -140,7 +140,7 @@ def test_asha_stops_the_wrecked_trial_and_its_cpus_come_back(swept, ray_session)
 @pytest.mark.slow
 def test_ranked_table_trials_csv_and_best_config(swept):
     mse = [float(r["val_mse"]) for r in swept.rows]
-    assert mse == sorted(mse) and [r["rank"] for r in swept.rows] == ["1", "2", "3"]
+    assert mse == sorted(mse) and [r["rank"] for r in swept.rows] == [str(i + 1) for i in range(len(GRID))]
     assert swept.rows[-1]["status"] == "stopped_by_scheduler" and float(swept.rows[-1]["lr"]) == WRECKING_LR
     out = swept.stdout
     table = out[out.index("trials ranked by val_mse (min)"):]
