@@ -94,8 +94,37 @@ def train_one_epoch(
     when ``batches`` counts images it could not decode)."""
     model.train()
     totals: dict[str, float] = {}
-    seen = 0
     start = time.perf_counter()
+    with uneven_inputs(model):
+        seen = _train_steps(model, batches, optimizer, objective, precision, totals, grad_clip=grad_clip,
+                            log_every=log_every, log=log, on_batch=on_batch)
+    elapsed = time.perf_counter() - start
+    means = {k: (v if k.startswith("n_") else v / max(seen, 1)) for k, v in totals.items()}
+    skipped = getattr(batches, "skipped", None)  # images the device decoder could not read (--decode device)
+    if skipped is not None:
+        means["skipped"] = float(skipped)
+    means["samples"] = float(seen)
+    means["samples_per_s"] = seen / elapsed if elapsed > 0 else 0.0
+    return means
+
+
+def uneven_inputs(model: nn.Module):
+    """DDP's ``join()`` context when ``model`` is (or wraps) a DDP module, else a no-op.
+
+    Ranks may run different numbers of steps in an epoch (``--decode device`` drops a batch whose
+    images all fail to decode); without ``join`` the rank with more steps would wait for its peers'
+    gradients forever. Inside it, a rank that ran out shadows the others' collectives."""
+    m = model
+    while m is not None:
+        if isinstance(m, nn.parallel.DistributedDataParallel):
+            return m.join()
+        m = getattr(m, "_orig_mod", None)
+    return contextlib.nullcontext()
+
+
+def _train_steps(model, batches, optimizer, objective, precision, totals: dict, *, grad_clip, log_every, log,
+                 on_batch) -> int:
+    seen = 0
     for step, batch in enumerate(batches):
         if on_batch is not None:
             on_batch(step)
@@ -120,14 +149,7 @@ def train_one_epoch(
                 totals[key] = totals.get(key, 0.0) + float(value) * n
         if log_every and (step + 1) % log_every == 0:
             log(f"  step {step + 1}: loss {parts.get('loss', float(loss)):.4f}")
-    elapsed = time.perf_counter() - start
-    means = {k: (v if k.startswith("n_") else v / max(seen, 1)) for k, v in totals.items()}
-    skipped = getattr(batches, "skipped", None)  # images the device decoder could not read (--decode device)
-    if skipped is not None:
-        means["skipped"] = float(skipped)
-    means["samples"] = float(seen)
-    means["samples_per_s"] = seen / elapsed if elapsed > 0 else 0.0
-    return means
+    return seen
 
 
 @torch.no_grad()

@@ -181,3 +181,37 @@ def test_fit_learns_the_signal_without_ray():
     assert last["train_loss"] < first["train_loss"]
     assert last["val_pearson_v"] > 0.5, state.history
     assert state.early_stopping.best_epoch >= 0 and np.isfinite(state.early_stopping.best)
+
+
+def _uneven_worker(rank: int, world_size: int, init_method: str, out: str):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.parallel.DistributedDataParallel(build_model(SPEC))
+        opt = core.build_optimizer(model.parameters(), "adamw", lr=3e-3)
+        batches = _toy_batches(rank, n_batches=3 - rank)   # rank 1 runs out one step early
+        stats = core.train_one_epoch(model, batches, opt, build_objective(SPEC), core.Precision.for_device("cpu"))
+        torch.save({"samples": stats["samples"], "weights": core.unwrap(model).state_dict()}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_different_step_counts_finish_the_epoch_in_step(tmp_path):
+    """Under DDP a rank with fewer batches (``--decode device`` drops an all-unreadable batch) does not
+    leave the others waiting for its gradients: the epoch ends on every rank, weights identical."""
+    import time
+
+    ctx = torch.multiprocessing.spawn(_uneven_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)),
+                                      nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("a rank waited for ever: the epoch did not end on both ranks")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert (r0["samples"], r1["samples"]) == (24.0, 16.0)
+    for name, value in r0["weights"].items():
+        torch.testing.assert_close(value, r1["weights"][name], rtol=0, atol=0, msg=name)
