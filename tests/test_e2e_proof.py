@@ -143,15 +143,17 @@ def test_scoring_the_best_checkpoint_again_reproduces_result_json(learned, workd
 
 @pytest.fixture(scope="module")
 def resumed(ray_session, workdir):
-    """two_stage/single whose stage two dies in its second epoch (no retries), then the same command again.
+    """two_stage/single (stage two: 3 epochs) whose stage two dies in its second epoch with no retries; then
+    the same command again, during which a worker is killed in stage two's third epoch (one retry: Ray
+    Train restarts the workers). Returns what was observed along the way and the result.json."""
+    import threading
+    import time
 
-    Returns what was observed after the failure and the second run's result.json.
-    """
     from pipelines.batches import weights_digest
 
     marker = workdir / "stage2.fault"
     argv = _argv(workdir, "resume", "--demo-images-per-class", "6", "--mode", "two_stage", "--task", "single",
-                 "--num-epochs", "1", "--stage2-epochs", "2", "--early-stop", "0")
+                 "--num-epochs", "1", "--stage2-epochs", "3", "--early-stop", "0")
     with pytest.raises(Exception):              # Ray Train's error for the dead worker, no retries left
         two_stage.main([*argv, "--max-failures", "0", "--fault", f"stage2:1:0:0:{marker}"])
     assert marker.exists(), "the injected fault never fired"
@@ -167,7 +169,30 @@ def resumed(ray_session, workdir):
         "stage2_epochs": sorted(stage2_ckpts),
         "stage2_epoch0_digest": weights_digest(_model_weights(stage2_ckpts[0])) if 0 in stage2_ckpts else None,
     }
-    assert two_stage.main(argv) == 0            # same --run-name, no fault
+    # Same --run-name. Rank 1 dies at the first step of stage two's third epoch; --max-failures 1 lets Ray restart
+    # the workers, which resume from epoch 2's checkpoint. That checkpoint is read as soon as the fault
+    # fires (retention may delete it once epoch 3 is reported).
+    worker_fault = workdir / "stage2-worker.fault"
+    rerun = [*argv, "--max-failures", "1", "--fault", f"stage2:2:0:1:{worker_fault}"]
+    outcome = {}
+
+    def run():
+        try:
+            outcome["rc"] = two_stage.main(rerun)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertions below
+            outcome["error"] = repr(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 600
+    while not worker_fault.exists():
+        assert thread.is_alive(), outcome
+        assert time.monotonic() < deadline, "the worker fault never fired"
+        time.sleep(0.1)
+    seen["stage2_epoch1_digest"] = weights_digest(_model_weights(_checkpoints(run_dir / "stage2")[1]))
+    thread.join(timeout=600)
+    assert not thread.is_alive() and outcome.get("rc") == 0, outcome
+    seen["rerun"] = rerun
     return seen, json.loads((run_dir / "result.json").read_text())
 
 
@@ -183,12 +208,14 @@ def test_rerun_after_stage_two_failed_resumes_it_from_its_checkpoint(resumed, wo
     for path, data in seen["stage1_files"].items():
         assert Path(path).read_bytes() == data, path
     assert dict(after["stage1"].data.metrics) == seen["stage1_metrics"]
-    # Stage two resumed from epoch 1's checkpoint with exactly its weights, and finished.
+    # Stage two resumed from epoch 1's checkpoint with exactly its weights (the re-run), then, after the
+    # worker was killed in epoch 3, from epoch 2's (Ray Train's restart), and finished.
     tags = after["stage2"].data.tags
-    assert tags.get("resumed_from_epoch") == "1", tags
     assert tags["resume.1.weights_sha256"] == seen["stage2_epoch0_digest"]
+    assert tags["resume.2.weights_sha256"] == seen["stage2_epoch1_digest"]
+    assert tags.get("resumed_from_epoch") == "2", tags
     history = _client(workdir).get_metric_history(after["stage2"].info.run_id, "val_pearson_mean")
-    assert sorted({m.step for m in history}) == [0, 1]
+    assert sorted({m.step for m in history}) == [0, 1, 2]
     assert set(result["best_checkpoints"]) == {"stage1", "stage2"}
     # predict --checkpoint RUN_DIR uses the last stage's best checkpoint.
     from pipelines.predict import resolve_checkpoint
@@ -278,3 +305,28 @@ def test_stage_two_starts_from_stage_one_best_and_freezes_the_published_cut(resu
     assert any(not torch.equal(w1[k], w2[k]) for k in trained if k.startswith("backbone.layer4"))
     # As published, the frozen layers' BatchNorm statistics keep updating (the model is in train mode).
     assert any(not torch.equal(w1[k], w2[k]) for k in w1 if k.startswith("backbone.layer1") and stats(k))
+
+
+METRICS = ("test_pearson_v", "test_pearson_a", "test_ccc_v", "test_ccc_a", "test_mse", "test_accuracy",
+           "test_categorical_accuracy")
+
+
+def test_a_run_reports_every_metric_and_its_checkpoints(resumed):
+    _, result = resumed
+    for key in METRICS:
+        assert isinstance(result[key], float) and math.isfinite(result[key]), (key, result[key])
+    assert -1.0 <= result["test_pearson_v"] <= 1.0
+    assert 0.0 <= result["test_categorical_accuracy"] <= 1.0
+    for path in result["best_checkpoints"].values():
+        assert (Path(path) / "state.pt").exists() and (Path(path) / "meta.json").exists()
+
+
+def test_the_same_command_once_finished_replays_the_run(resumed, workdir):
+    """The same command again: nothing trains, the same MLflow run and checkpoints are reported."""
+    seen, result = resumed
+    assert two_stage.main(seen["rerun"]) == 0
+    again = json.loads((workdir / "runs" / "resume" / "result.json").read_text())
+    assert again["mlflow_run_id"] == result["mlflow_run_id"]
+    assert again["best_checkpoints"] == result["best_checkpoints"]
+    assert again["test_pearson_v"] == result["test_pearson_v"]
+    assert {k: r.info.run_id for k, r in _runs(workdir, "resume").items()} == seen["runs"]
