@@ -7,6 +7,9 @@
     with ``--decode device`` the JPEG bytes, decoded and augmented in the workers.
 (b) Bare PyTorch: ``pipelines.core.train_one_epoch`` in this one process, batches from
     ``datasets_io.shards.iter_local_batches`` (pyarrow + the same ImageTransform), torch using every core.
+(c) Bare DDP: the same core in ``--num-workers`` processes (``torch.multiprocessing``, gloo, no Ray),
+    each decoding its own share of the rows in-process, torch threads = cores / processes. The peer
+    that isolates what Ray adds from what DDP on CPU costs (gradient all-reduce on the same cores).
 
 Both run the same number of epochs on the same demo shards; the first epoch (start-up, first
 decode) is excluded from both rates. It prints training samples/s for each and their ratio.
@@ -54,6 +57,55 @@ def bare_loop(args, shards: Path, num_classes: int) -> float:
     return sum(rates[1:]) / max(len(rates) - 1, 1)
 
 
+def _ddp_rank(rank: int, args, shards: str, num_classes: int, init_method: str, out: str) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch.distributed as dist
+
+    from datasets_io.shards import SHARD_SCHEMA, ImageTransform, numpy_batch, split_folder, to_tensors
+
+    world = args.num_workers
+    torch.set_num_threads(max((os.cpu_count() or 1) // world, 1))
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    recipe = recipe_for(args, num_classes)
+    model = torch.nn.parallel.DistributedDataParallel(build_model(recipe))
+    objective = build_objective(recipe)
+    optimizer = core.build_optimizer(model.parameters(), lr=1e-3)
+    precision = core.Precision.for_device("cpu")
+    transform = ImageTransform(args.image_size, train=True, num_classes=num_classes)
+    table = pa.concat_tables([pq.read_table(f, schema=SHARD_SCHEMA)
+                              for f in sorted(split_folder(shards, "train").glob("*.parquet"))])
+
+    def batches(epoch: int):
+        order = np.random.default_rng(epoch).permutation(table.num_rows)
+        mine = order[rank::world][: table.num_rows // world // args.batch_size * args.batch_size]
+        for start in range(0, len(mine), args.batch_size):
+            yield to_tensors(transform(numpy_batch(table.take(pa.array(mine[start:start + args.batch_size])))))
+
+    rates = []
+    for epoch in range(args.epochs):
+        dist.barrier()
+        start = time.perf_counter()
+        stats = core.train_one_epoch(model, batches(epoch), optimizer, objective, precision)
+        rates.append(stats["samples"] * world / (time.perf_counter() - start))
+    if rank == 0:
+        Path(out).write_text(" ".join(f"{r:.3f}" for r in rates))
+    dist.destroy_process_group()
+
+
+def bare_ddp(args, shards: Path, num_classes: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rates.txt")
+        torch.multiprocessing.spawn(_ddp_rank, args=(args, str(shards), num_classes, f"file://{tmp}/rdv", out),
+                                    nprocs=args.num_workers, join=True)
+        rates = [float(r) for r in Path(out).read_text().split()]
+    for epoch, rate in enumerate(rates):
+        print(f"  ddp  epoch {epoch + 1}: {rate:.1f} samples/s ({args.num_workers} processes)")
+    return sum(rates[1:]) / max(len(rates) - 1, 1)
+
+
 def ray_train(args, shards: Path, num_classes: int) -> float:
     from pipelines import data
     from pipelines.train_loop import RunOptions, run_stage
@@ -97,11 +149,16 @@ def main() -> None:
     print(f"data {shards}, model {args.backbone} at {args.image_size} px, batch {args.batch_size}, "
           f"{args.epochs} epochs, {os.cpu_count()} cores")
     bare = bare_loop(args, shards, num_classes)
+    ddp = bare_ddp(args, shards, num_classes) if args.decode == "cpu" else None
     ray_rate = ray_train(args, shards, num_classes)
     print(f"\nbare PyTorch loop : {bare:8.1f} samples/s (1 process, {torch.get_num_threads()} threads)")
+    if ddp is not None:
+        print(f"bare DDP (no Ray) : {ddp:8.1f} samples/s ({args.num_workers} processes, gloo)")
     print(f"Ray Train         : {ray_rate:8.1f} samples/s ({args.num_workers} workers x "
           f"{args.cpus_per_worker} CPU, DDP/gloo)")
-    print(f"ratio Ray / bare  : {ray_rate / bare:8.2f}  (goal >= 0.9; epoch 1 excluded from both)")
+    print(f"ratio Ray / bare  : {ray_rate / bare:8.2f}  (goal >= 0.9; epoch 1 excluded from all)")
+    if ddp is not None:
+        print(f"ratio Ray / DDP   : {ray_rate / ddp:8.2f}  (what Ray adds over the same DDP without Ray)")
 
 
 if __name__ == "__main__":
