@@ -19,6 +19,14 @@ from pipelines.tracking import Tracker, log_stage_artifacts, system_metrics_inte
 from pipelines.train_loop import EvalSet, RunOptions, StageOutcome, run_stage
 
 
+def require_tracking(args) -> None:
+    """Stop in one line when ``--mlflow-uri`` is a tracking server that does not answer. Each entry point
+    calls it first, before any data is read or Ray starts (building the Ray Datasets starts Ray)."""
+    from pipelines.tracking import require_server, resolve_tracking_uri
+
+    require_server(resolve_tracking_uri(args.mlflow_uri))
+
+
 class PipelineRun:
     def __init__(self, *, run_dir: Path, run: RunOptions, tracking_uri: str, experiment: str, run_name: str,
                  tags: dict, params: dict, register: Optional[str] = None, fault: Optional[str] = None):
@@ -48,10 +56,9 @@ class PipelineRun:
     def from_args(cls, args, *, pipeline: str, run_name_prefix: str, tags: dict) -> "PipelineRun":
         """The run folder, Ray options and MLflow parent run from the shared CLI flags."""
         from pipelines import cli
-        from pipelines.tracking import require_server, resolve_tracking_uri
+        from pipelines.tracking import resolve_tracking_uri
 
-        tracking_uri = resolve_tracking_uri(args.mlflow_uri)
-        require_server(tracking_uri)   # an unreachable tracking server stops the run before Ray starts
+        tracking_uri = resolve_tracking_uri(args.mlflow_uri)   # checked already: require_tracking
         cli.init_ray(args.address)
         run_name = args.run_name or cli.default_run_name(run_name_prefix)
         run_dir = cli.storage_root(args.storage_path) / run_name

@@ -304,8 +304,9 @@ def main(argv=None) -> int:
     args = apply_defaults(cli.parse_args(build_parser(), argv))
     if args.eval:
         return evaluate_only(args)
-    from pipelines.runner import PipelineRun
+    from pipelines.runner import PipelineRun, require_tracking
 
+    require_tracking(args)
     plan = make_plan(args)
     pipeline = PipelineRun.from_args(args, pipeline="sticker", run_name_prefix=f"sticker-{args.model}",
                                      tags={"model": args.model, "dataname": "demo-SER30K" if args.demo else "SER30K",

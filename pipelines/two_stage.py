@@ -435,8 +435,9 @@ def run_frameworks(plan: Plan, pipeline, frameworks: list[str], seed: int, tag: 
 
 def main(argv=None) -> int:
     args = apply_defaults(cli.parse_args(build_parser(), argv))
-    from pipelines.runner import PipelineRun
+    from pipelines.runner import PipelineRun, require_tracking
 
+    require_tracking(args)
     plan = make_plan(args)
     mode = "grid" if args.grid else args.mode
     prefix = "two_stage-grid" if args.grid else f"two_stage-{args.mode}-{args.task}"

@@ -16,6 +16,7 @@ from typing import Optional
 
 from pipelines import cli
 from pipelines.recipe import read_meta
+from pipelines.runner import require_tracking
 from pipelines.tracking import Tracker, resolve_tracking_uri
 from pipelines.train_loop import RunOptions
 from tuning import report
@@ -142,6 +143,7 @@ def run_sweep(cfg: SweepConfig) -> Optional[SweepOutcome]:
     import ray
 
     a = cfg.args
+    require_tracking(a)
     sweep_dir = cli.storage_root(a.storage_path) / cfg.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     state = SweepState(sweep_dir)
