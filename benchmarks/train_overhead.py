@@ -58,12 +58,9 @@ def bare_loop(args, shards: Path, num_classes: int) -> float:
 
 
 def _ddp_rank(rank: int, args, shards: str, num_classes: int, init_method: str, out: str) -> None:
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     import torch.distributed as dist
 
-    from datasets_io.shards import SHARD_SCHEMA, ImageTransform, numpy_batch, split_folder, to_tensors
+    from datasets_io.shards import ImageTransform, iter_local_batches
 
     world = args.num_workers
     torch.set_num_threads(max((os.cpu_count() or 1) // world, 1))
@@ -75,20 +72,14 @@ def _ddp_rank(rank: int, args, shards: str, num_classes: int, init_method: str, 
     optimizer = core.build_optimizer(model.parameters(), lr=1e-3)
     precision = core.Precision.for_device("cpu")
     transform = ImageTransform(args.image_size, train=True, num_classes=num_classes)
-    table = pa.concat_tables([pq.read_table(f, schema=SHARD_SCHEMA)
-                              for f in sorted(split_folder(shards, "train").glob("*.parquet"))])
-
-    def batches(epoch: int):
-        order = np.random.default_rng(epoch).permutation(table.num_rows)
-        mine = order[rank::world][: table.num_rows // world // args.batch_size * args.batch_size]
-        for start in range(0, len(mine), args.batch_size):
-            yield to_tensors(transform(numpy_batch(table.take(pa.array(mine[start:start + args.batch_size])))))
-
     rates = []
     for epoch in range(args.epochs):
         dist.barrier()
         start = time.perf_counter()
-        stats = core.train_one_epoch(model, batches(epoch), optimizer, objective, precision)
+        # Ranks may differ by one batch: train_one_epoch runs under DDP's join().
+        stats = core.train_one_epoch(model, iter_local_batches(shards, "train", transform, batch_size=args.batch_size,
+                                                               shuffle=True, seed=epoch, part=(rank, world)),
+                                     optimizer, objective, precision)
         rates.append(stats["samples"] * world / (time.perf_counter() - start))
     if rank == 0:
         Path(out).write_text(" ".join(f"{r:.3f}" for r in rates))

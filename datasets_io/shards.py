@@ -352,12 +352,13 @@ def _writable(array: np.ndarray) -> np.ndarray:
 
 def iter_local_batches(out: str | os.PathLike, split: str, transform: ImageTransform,
                        batch_size: int = 32, shuffle: bool = False,
-                       seed: Optional[int] = None) -> Iterator[dict[str, Any]]:
+                       seed: Optional[int] = None, part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, Any]]:
     """Transformed tensor batches of one split, read with pyarrow (no Ray).
 
     The split's Parquet files are read into memory (JPEG bytes, as stored), ordered as
     the files are (sorted by name) or permuted with ``np.random.default_rng(seed)``; the
-    last batch may be smaller.
+    last batch may be smaller. ``part=(rank, world)``: every ``world``-th row of that order from
+    ``rank`` on (one process's share under DDP).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -366,6 +367,8 @@ def iter_local_batches(out: str | os.PathLike, split: str, transform: ImageTrans
     table = pa.concat_tables([pq.read_table(f, schema=SHARD_SCHEMA) for f in files]) if files \
         else SHARD_SCHEMA.empty_table()
     order = np.random.default_rng(seed).permutation(table.num_rows) if shuffle else np.arange(table.num_rows)
+    rank, world = part
+    order = order[rank::world]
     for start in range(0, len(order), batch_size):
         rows = table.take(pa.array(order[start:start + batch_size]))
         yield to_tensors(transform(numpy_batch(rows)))

@@ -266,6 +266,12 @@ def test_local_shuffle_is_seeded(demo_out):
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c) and not np.array_equal(a, plain)
     np.testing.assert_array_equal(np.sort(a), np.sort(plain))
+    # part=(rank, world): the ranks' shares of the same order interleave back into it, row for row.
+    parts = [labels(shuffle=True, seed=1, part=(rank, 2)) for rank in range(2)]
+    assert len(parts[0]) - len(parts[1]) in (0, 1)
+    interleaved = np.empty_like(a)
+    interleaved[0::2], interleaved[1::2] = parts
+    np.testing.assert_array_equal(interleaved, a)
 
 
 # ----------------------------------------------------------------------------- transform
