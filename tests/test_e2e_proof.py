@@ -226,18 +226,15 @@ def test_rerun_after_stage_two_failed_resumes_it_from_its_checkpoint(resumed, wo
 
 def test_mlflow_has_parent_and_child_runs_with_artifacts(resumed, workdir):
     """The two_stage run's MLflow layout: a parent, stage1 and stage2 children, curves, plots, the model."""
-    from mlflow import MlflowClient
-
     _, result = resumed
-    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
-    parent = client.get_run(result["mlflow_run_id"])
+    client = _client(workdir)
+    by_name = _runs(workdir, "resume")
+    parent = by_name.pop("parent")
+    assert parent.info.run_id == result["mlflow_run_id"]
     assert parent.data.tags["pipeline"] == "two_stage" and parent.data.tags["task"] == "single"
     assert parent.data.metrics["test_pearson_v"] == pytest.approx(result["test_pearson_v"])
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    by_name = {c.info.run_name: c for c in children}
     assert set(by_name) == {"stage1", "stage2"}
-    for child in children:
+    for child in by_name.values():
         history = client.get_metric_history(child.info.run_id, "val_pearson_v")
         assert [m.step for m in history] == list(range(len(history))) and len(history) >= 1
         assert child.data.params["batch_size"] == "8"
@@ -277,21 +274,15 @@ def _jpeg(color) -> bytes:
 def test_stage_two_starts_from_stage_one_best_and_freezes_the_published_cut(resumed, workdir):
     import torch
 
-    from mlflow import MlflowClient
-
     _, result = resumed
     s1_ckpt, s2_ckpt = (Path(result["best_checkpoints"][k]) for k in ("stage1", "stage2"))
     meta2 = json.loads((s2_ckpt / "meta.json").read_text())
     assert meta2["recipe"]["init_from"] == str(s1_ckpt)
     # The best checkpoint is the best epoch (as logged to the stage's MLflow run), not the last one.
-    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
-    parent = client.get_run(result["mlflow_run_id"])
-    (stage1,) = client.search_runs([parent.info.experiment_id], filter_string=(
-        f"tags.mlflow.parentRunId = '{parent.info.run_id}' and attributes.run_name = 'stage1'"))
+    stage1 = _runs(workdir, "resume")["stage1"]
     best1 = json.loads((s1_ckpt / "meta.json").read_text())
     assert best1["epoch"] == int(stage1.data.metrics["best_epoch"])
-    w1 = torch.load(s1_ckpt / "state.pt", weights_only=True)["model"]
-    w2 = torch.load(s2_ckpt / "state.pt", weights_only=True)["model"]
+    w1, w2 = _model_weights(s1_ckpt), _model_weights(s2_ckpt)
     def stats(key):
         return key.endswith(("running_mean", "running_var", "num_batches_tracked"))
 
