@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -46,6 +47,7 @@ __all__ = ["ingest"]
 MAX_ROWS_PER_TASK = 1024  # upper bound on rows per write task = per file and split (~50 MB)
 _TASKS_PER_CPU = 4         # enough tasks to keep every core busy and balance stragglers
 _BATCH_SIZE = 16           # images per map_batches call inside a task (bounds its memory)
+ROW_ORDER_SEED = 0          # the fixed order rows are written in (see ingest)
 
 # What the map step emits: the shard columns plus the reason a row was rejected (null if good).
 _PREPARED_SCHEMA = SHARD_SCHEMA.append(pa.field("error", pa.string()))
@@ -95,7 +97,11 @@ def ingest(
 
     options = dict(reader_options or {})
     result = _read_records(layout, root, options, lexicon_path)
-    rows = [asdict(record) for record in result.records]
+    # Written in a fixed random order, so that every file mixes the classes: a split streamed from its
+    # files is shuffled per epoch by file order and a local buffer only (datasets_io.ray_data.load_split),
+    # and readers list images folder by folder, i.e. class by class.
+    order = np.random.default_rng(ROW_ORDER_SEED).permutation(len(result.records))
+    rows = [asdict(result.records[i]) for i in order]
 
     tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:

@@ -34,7 +34,7 @@ from datasets_io.records import SHARD_SCHEMA, SPLITS, read_manifest
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["split_folder", "ImageTransform", "ImageBytes", "to_tensors", "iter_local_batches", "numpy_batch", "AUGMENTATIONS",
+__all__ = ["split_folder", "split_files", "read_split_table", "ImageTransform", "ImageBytes", "to_tensors", "iter_local_batches", "numpy_batch", "AUGMENTATIONS",
            "repeat_rows", "ra_epoch_rows"]
 
 AUGMENTATIONS = ("basic", "randaugment", "none")
@@ -350,6 +350,21 @@ def _writable(array: np.ndarray) -> np.ndarray:
     return array if array.flags.writeable else array.copy()
 
 
+def split_files(out: str | os.PathLike, split: str) -> list[Path]:
+    """The Parquet files of one split, sorted by name."""
+    return sorted(split_folder(out, split).glob("*.parquet"))
+
+
+def read_split_table(out: str | os.PathLike, split: str, columns: Optional[Sequence[str]] = None) -> pa.Table:
+    """One split's rows (JPEG bytes, as stored) as one pyarrow table, in file order."""
+    files = split_files(out, split)
+    schema = SHARD_SCHEMA if columns is None else pa.schema([SHARD_SCHEMA.field(c) for c in columns])
+    if not files:
+        return schema.empty_table()
+    return pa.concat_tables([pq.read_table(f, schema=SHARD_SCHEMA, columns=list(columns) if columns else None)
+                             for f in files])
+
+
 def iter_local_batches(out: str | os.PathLike, split: str, transform: ImageTransform,
                        batch_size: int = 32, shuffle: bool = False,
                        seed: Optional[int] = None, part: tuple[int, int] = (0, 1)) -> Iterator[dict[str, Any]]:
@@ -362,10 +377,7 @@ def iter_local_batches(out: str | os.PathLike, split: str, transform: ImageTrans
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    folder = split_folder(out, split)
-    files = sorted(folder.glob("*.parquet"))
-    table = pa.concat_tables([pq.read_table(f, schema=SHARD_SCHEMA) for f in files]) if files \
-        else SHARD_SCHEMA.empty_table()
+    table = read_split_table(out, split)
     order = np.random.default_rng(seed).permutation(table.num_rows) if shuffle else np.arange(table.num_rows)
     rank, world = part
     order = order[rank::world]

@@ -152,7 +152,7 @@ def training_datasets(path: Path, *, image_size: int, num_classes: int, seed: in
                                    keep_text=keep_text, **(image_cfg or {}), **options)
         if train and decode == "device":
             transform = ImageBytes(num_classes, keep_text=keep_text)
-        ds = load_split(path, split)
+        ds = load_split(path, split, shuffle_seed=seed if train else None)
         if train and repeated_aug > 1:
             if not train_rows:
                 raise ValueError("repeated augmentation needs the number of training rows")

@@ -274,6 +274,52 @@ def test_local_shuffle_is_seeded(demo_out):
     np.testing.assert_array_equal(interleaved, a)
 
 
+def test_ingest_writes_the_classes_mixed(demo_out):
+    """Rows are written in a fixed random order, not the reader's class-by-class listing: a split
+    streamed from its files (only file order and a local buffer shuffle it) still mixes classes."""
+    _, out = demo_out
+    labels = np.concatenate([pq.read_table(f, columns=["label"])["label"].to_numpy()
+                             for f in sorted((out / "train").glob("*.parquet"))])
+    runs = 1 + int(np.count_nonzero(np.diff(labels)))
+    classes = len(set(labels.tolist()))
+    assert classes >= 5 and runs > 2 * classes, labels  # listed class by class: runs == classes
+
+
+def _ids(ds) -> list[str]:
+    return [row["image_id"] for row in ds.select_columns(["image_id"]).iter_rows()]
+
+
+def test_a_small_split_is_read_once_into_blocks_whose_order_changes_every_epoch(demo_out, monkeypatch, tmp_path):
+    import shutil
+
+    import datasets_io.ray_data as ray_data
+    from datasets_io.shards import read_split_table
+
+    _, source = demo_out
+    out = tmp_path / "shards"
+    shutil.copytree(source, out)
+    monkeypatch.setattr(ray_data, "BLOCK_ROWS", 4)
+    ds = load_split(out, "train", shuffle_seed=3)
+    stored = read_split_table(out, "train")["image_id"].to_pylist()
+    for f in (out / "train").glob("*.parquet"):
+        f.unlink()  # held in Ray's object store: the epochs below read no file
+    epochs = [_ids(ds) for _ in range(4)]
+    permuted = [stored[i] for i in np.random.default_rng(3).permutation(len(stored))]
+    blocks = sorted(tuple(permuted[i:i + 4]) for i in range(0, len(permuted), 4))
+    assert len(blocks) >= 4
+    for ids in epochs:
+        # The seeded permutation's blocks of BLOCK_ROWS rows, each whole, in an order drawn per epoch.
+        assert sorted(tuple(ids[i:i + 4]) for i in range(0, len(ids), 4)) == blocks
+    assert len({tuple(ids) for ids in epochs}) > 1
+    assert load_split(out, "val").count() == len(read_split_table(out, "val"))  # eval splits: file order, no draw
+
+
+def test_a_large_split_streams_from_its_files(demo_out):
+    _, out = demo_out
+    ds = load_split(out, "train", shuffle_seed=0, in_memory_mb=0)
+    assert sorted(_ids(ds)) == sorted(pq.read_table(out / "train", columns=["image_id"])["image_id"].to_pylist())
+
+
 # ----------------------------------------------------------------------------- transform
 
 def _batch_of(images: list[bytes], **columns) -> dict:
