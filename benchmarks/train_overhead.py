@@ -3,8 +3,9 @@
     python benchmarks/train_overhead.py [--shards DIR | --images-per-class 250] [--epochs 3] [--num-workers 2]
 
 (a) Ray Train: ``pipelines.train_loop.run_stage`` with ``--num-workers`` CPU workers (DDP over gloo),
-    the shards streamed by Ray Data with decoding in ``map_batches`` (uint8 pixels to the workers), or
-    with ``--decode device`` the JPEG bytes, decoded and augmented in the workers.
+    the split's JPEG bytes held in Ray's object store (``datasets_io.ray_data.load_split``; streamed
+    from the files with ``EMOTION_RAY_IN_MEMORY_MB=0``), decoded in Ray Data's ``map_batches`` (uint8
+    pixels to the workers), or with ``--decode device`` decoded and augmented in the workers.
 (b) Bare PyTorch: ``pipelines.core.train_one_epoch`` in this one process, batches from
     ``datasets_io.shards.iter_local_batches`` (pyarrow + the same ImageTransform), torch using every core.
 (c) Bare DDP: the same core in ``--num-workers`` processes (``torch.multiprocessing``, gloo, no Ray),

@@ -119,6 +119,10 @@ def training_datasets(path: Path, *, image_size: int, num_classes: int, seed: in
     """Ray Datasets per split: uint8 pixels (decoded, cropped, augmented on ``train`` only; the
     workers normalise them on their device with the recipe's mean/std), never float32.
 
+    Each split's JPEG bytes are held in Ray's object store when small, else streamed from the files
+    (:func:`datasets_io.ray_data.load_split`); ``train`` is reordered every epoch (rows permuted
+    once with ``seed``, then block or file order drawn per epoch).
+
     ``decode="device"``: the ``train`` split hands over the stored JPEG bytes and targets
     (:class:`datasets_io.shards.ImageBytes`); the workers decode and augment on their device
     (:class:`datasets_io.pixels.DeviceImagePipeline`). Evaluation splits always use the CPU eval
