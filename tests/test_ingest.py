@@ -314,6 +314,31 @@ def test_a_small_split_is_read_once_into_blocks_whose_order_changes_every_epoch(
     assert load_split(out, "val").count() == len(read_split_table(out, "val"))  # eval splits: file order, no draw
 
 
+def test_training_datasets_reorder_the_train_split_only(demo_out, monkeypatch):
+    import datasets_io.ray_data as ray_data
+    from datasets_io.shards import read_split_table
+    from pipelines.data import training_datasets
+
+    _, out = demo_out
+    monkeypatch.setattr(ray_data, "BLOCK_ROWS", 4)
+    seeds, real = {}, ray_data.load_split
+
+    def recording(path, split, **kwargs):
+        seeds[split] = kwargs.get("shuffle_seed")
+        return real(path, split, **kwargs)
+
+    monkeypatch.setattr(ray_data, "load_split", recording)
+    sets = training_datasets(out, image_size=32, num_classes=7, seed=5, decode="device")  # train keeps image_id
+    assert seeds == {"train": 5, "val": None}  # evaluation splits keep their order
+    stored = read_split_table(out, "train")["image_id"].to_pylist()
+    epochs = [[str(i) for batch in sets["train"].iter_batches(batch_format="numpy") for i in batch["image_id"]]
+              for _ in range(4)]
+    assert all(sorted(ids) == sorted(stored) for ids in epochs)
+    assert len({tuple(ids) for ids in epochs}) > 1 and all(ids != stored for ids in epochs)
+    assert sorted(int(x) for b in sets["val"].iter_batches(batch_format="numpy") for x in b["label"]) == \
+        sorted(read_split_table(out, "val")["label"].to_pylist())
+
+
 def test_a_large_split_streams_from_its_files(demo_out):
     _, out = demo_out
     ds = load_split(out, "train", shuffle_seed=0, in_memory_mb=0)
