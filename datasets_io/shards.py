@@ -5,7 +5,8 @@ What a trainer needs from the output of :mod:`datasets_io.ingest`:
 * :class:`ImageTransform` turns JPEG bytes + nullable targets into fixed-shape arrays with
   presence masks (``ds.map_batches(ImageTransform(...), batch_format="numpy")`` on a Ray
   Dataset from :func:`datasets_io.ray_data.load_split`, or a plain call on a numpy batch);
-* :func:`iter_local_batches` -> the same batches read with pyarrow (tests, benchmarks, a plain loop);
+* :func:`iter_local_batches` -> the same batches read with pyarrow (tests, benchmarks, a plain loop),
+  over :func:`read_split_table` (a split's rows as one table, also what a small split is held as);
 * :func:`repeat_rows` / :func:`ra_epoch_rows`: repeated augmentation's rows (the Ray Data plan
   is :func:`datasets_io.ray_data.repeated_augmentation`).
 
@@ -34,8 +35,8 @@ from datasets_io.records import SHARD_SCHEMA, SPLITS, read_manifest
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["split_folder", "split_files", "read_split_table", "ImageTransform", "ImageBytes", "to_tensors", "iter_local_batches", "numpy_batch", "AUGMENTATIONS",
-           "repeat_rows", "ra_epoch_rows"]
+__all__ = ["split_folder", "split_files", "read_split_table", "ImageTransform", "ImageBytes", "to_tensors",
+           "iter_local_batches", "numpy_batch", "AUGMENTATIONS", "repeat_rows", "ra_epoch_rows"]
 
 AUGMENTATIONS = ("basic", "randaugment", "none")
 RANDAUGMENT_POLICY = "rand-m9-mstd0.5"
