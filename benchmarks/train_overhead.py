@@ -38,15 +38,26 @@ def recipe_for(args, num_classes: int) -> StageRecipe:
         scheduler={"name": "constant"}, epochs=args.epochs, monitor="pearson_mean", batch_size=args.batch_size)
 
 
+def training_parts(args, num_classes: int, wrap=lambda model: model):
+    """Model (``wrap``ped, e.g. in DDP), objective, optimizer, CPU precision and train transform of the bare peers."""
+    from datasets_io.shards import ImageTransform
+
+    recipe = recipe_for(args, num_classes)
+    model = wrap(build_model(recipe))
+    return (model, build_objective(recipe), core.build_optimizer(model.parameters(), lr=1e-3),
+            core.Precision.for_device("cpu"), ImageTransform(args.image_size, train=True, num_classes=num_classes))
+
+
+def steady_rate(rates: list[float]) -> float:
+    """Mean samples/s without epoch 1 (start-up, first decode)."""
+    return sum(rates[1:]) / max(len(rates) - 1, 1)
+
+
 def bare_loop(args, shards: Path, num_classes: int) -> float:
-    from datasets_io.shards import ImageTransform, iter_local_batches
+    from datasets_io.shards import iter_local_batches
 
     torch.set_num_threads(os.cpu_count() or 1)
-    recipe = recipe_for(args, num_classes)
-    model, objective = build_model(recipe), build_objective(recipe)
-    optimizer = core.build_optimizer(model.parameters(), lr=1e-3)
-    precision = core.Precision.for_device("cpu")
-    transform = ImageTransform(args.image_size, train=True, num_classes=num_classes)
+    model, objective, optimizer, precision, transform = training_parts(args, num_classes)
     rates = []
     for epoch in range(args.epochs):
         start = time.perf_counter()
@@ -55,24 +66,20 @@ def bare_loop(args, shards: Path, num_classes: int) -> float:
             optimizer, objective, precision)
         rates.append(stats["samples"] / (time.perf_counter() - start))
         print(f"  bare epoch {epoch + 1}: {rates[-1]:.1f} samples/s")
-    return sum(rates[1:]) / max(len(rates) - 1, 1)
+    return steady_rate(rates)
 
 
 def _ddp_rank(rank: int, args, shards: str, num_classes: int, init_method: str, out: str) -> None:
     import torch.distributed as dist
 
-    from datasets_io.shards import ImageTransform, iter_local_batches
+    from datasets_io.shards import iter_local_batches
 
     world = args.num_workers
     torch.set_num_threads(max((os.cpu_count() or 1) // world, 1))
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     torch.manual_seed(0)
-    recipe = recipe_for(args, num_classes)
-    model = torch.nn.parallel.DistributedDataParallel(build_model(recipe))
-    objective = build_objective(recipe)
-    optimizer = core.build_optimizer(model.parameters(), lr=1e-3)
-    precision = core.Precision.for_device("cpu")
-    transform = ImageTransform(args.image_size, train=True, num_classes=num_classes)
+    model, objective, optimizer, precision, transform = training_parts(
+        args, num_classes, wrap=torch.nn.parallel.DistributedDataParallel)
     rates = []
     for epoch in range(args.epochs):
         dist.barrier()
@@ -95,7 +102,7 @@ def bare_ddp(args, shards: Path, num_classes: int) -> float:
         rates = [float(r) for r in Path(out).read_text().split()]
     for epoch, rate in enumerate(rates):
         print(f"  ddp  epoch {epoch + 1}: {rate:.1f} samples/s ({args.num_workers} processes)")
-    return sum(rates[1:]) / max(len(rates) - 1, 1)
+    return steady_rate(rates)
 
 
 def ray_train(args, shards: Path, num_classes: int) -> float:
@@ -111,7 +118,7 @@ def ray_train(args, shards: Path, num_classes: int) -> float:
     rates = [h["train_samples_per_s"] * args.num_workers for h in outcome.history]
     for epoch, rate in enumerate(rates):
         print(f"  ray  epoch {epoch + 1}: {rate:.1f} samples/s ({args.num_workers} workers)")
-    return sum(rates[1:]) / max(len(rates) - 1, 1)
+    return steady_rate(rates)
 
 
 def main() -> None:
