@@ -303,82 +303,6 @@ def system_metrics_interval() -> Optional[float]:
     return float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or 5.0)
 
 
-class StageSystemMetrics:
-    """MLflow's system metrics (CPU, memory, disk, network and, where NVML answers, each GPU's
-    utilisation and memory) of this node, logged to a run by id for as long as a stage runs.
-
-    MLflow's ``SystemMetricsMonitor`` collects and names the values (``system/cpu_utilization_percentage``,
-    ``system/gpu_0_utilization_percentage``, ...; with ``node_id``: ``system/<node_id>/...``, one series
-    per node). Its own thread is not used: it stops for good at the first request the server does not
-    answer, and only starts logging after a full interval. Here a sample is taken every ``interval``
-    seconds and sent through a :class:`MetricBuffer` (kept while the server is down), and :meth:`stop`
-    sends the last, partial interval, so even a short stage gets a point.
-    """
-
-    def __init__(self, tracking_uri: str, run_id: str, *, node_id: Optional[str] = None, interval: float = 5.0):
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-        self.monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, node_id=node_id,
-                                            tracking_uri=tracking_uri)
-        self.prefix = "system/" + (f"{node_id}/" if node_id else "")
-        self.interval = interval
-        self.buffer = MetricBuffer(tracking_uri, run_id)
-        self.step = None
-        self._samples = 0
-        self._stop = threading.Event()
-        self.monitor.collect_metrics()      # primes psutil's CPU counter (its first reading is 0)
-        self._clear()
-        self._thread = threading.Thread(target=self._loop, name="emotion-ray-system-metrics", daemon=True)
-        self._thread.start()
-
-    def _clear(self) -> None:
-        for monitor in self.monitor.monitors:
-            monitor.clear_metrics()
-        self._samples = 0
-
-    def _first_step(self) -> int:
-        """Continue after the run's last system-metrics step (a resumed stage), else 0."""
-        try:
-            history = self.buffer.client.get_metric_history(self.buffer.run_id,
-                                                            self.prefix + "cpu_utilization_percentage")
-        except Exception:  # noqa: BLE001 - unreachable now: start at 0
-            return 0
-        return max(m.step for m in history) + 1 if history else 0
-
-    def _publish(self) -> None:
-        if not self._samples:
-            return
-        if self.step is None:
-            self.step = self._first_step()
-        values = {self.prefix + k: v for k, v in self.monitor.aggregate_metrics().items()}
-        self._clear()
-        self.buffer.add(values, self.step)
-        self.step += 1
-        self.buffer.flush()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.monitor.collect_metrics()
-                self._samples += 1
-                if self._samples >= max(1, int(self.monitor.samples_before_logging)):
-                    self._publish()
-            except Exception:  # noqa: BLE001 - a failed sample must not end the monitor
-                pass
-
-    def stop(self, wait_s: float = 10.0) -> None:
-        """Stop sampling; log the last partial interval (trying for ``wait_s`` if the server is down)."""
-        self._stop.set()
-        self._thread.join(timeout=self.interval + 5)
-        try:
-            self.monitor.collect_metrics()
-            self._samples += 1
-            self._publish()
-        except Exception:  # noqa: BLE001
-            pass
-        self.buffer.flush_patiently(wait_s)
-
-
 def log_pyfunc_model(checkpoint_dir: str, *, name: str = "model", registered_model_name: str | None = None):
     """Log the checkpoint's model as the code-based pyfunc of the active run; returns the ModelInfo."""
     import json
@@ -628,8 +552,10 @@ class EpochLogger:
         if not cfg or not cfg.get("run_id") or not interval or local_rank != 0:
             return None
         try:
-            return StageSystemMetrics(cfg["tracking_uri"], cfg["run_id"], node_id=f"node_{node_rank}" if multi_node
-                                      else None, interval=float(interval))
+            from pipelines.system_metrics import SystemMetricsSampler
+
+            return SystemMetricsSampler(cfg["tracking_uri"], cfg["run_id"], node_id=f"node_{node_rank}" if multi_node
+                                        else None, interval=float(interval))
         except Exception as e:  # noqa: BLE001 - e.g. psutil missing on this node: train without them
             logging.getLogger("emotion_ray.train").warning("system metrics off on this node: %s", e)
             return None

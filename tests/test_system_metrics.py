@@ -186,3 +186,19 @@ def test_the_module_uses_no_private_or_internal_mlflow_api():
                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))]
     assert private == []
 
+
+def test_the_epoch_logger_starts_it_on_each_nodes_local_rank_0(run):
+    """pipelines.tracking.EpochLogger.system_metrics: this sampler, one series per node on a cluster,
+    at the stage's interval; none on other local ranks or when system metrics are off."""
+    from pipelines.tracking import EpochLogger
+
+    uri, client, run_id = run
+    cfg = {"tracking_uri": uri, "run_id": run_id, "system_metrics": 0.2}
+    assert EpochLogger.system_metrics(cfg, local_rank=1, node_rank=0, multi_node=True) is None
+    assert EpochLogger.system_metrics({**cfg, "system_metrics": None}, local_rank=0, node_rank=0,
+                                      multi_node=False) is None
+    sampler = EpochLogger.system_metrics(cfg, local_rank=0, node_rank=1, multi_node=True)
+    assert isinstance(sampler, SystemMetricsSampler) and sampler.interval == 0.2
+    EpochLogger.finish(None, sampler)
+    logged = steps(client, run_id, f"system/node_1/{CPU}")
+    assert logged and logged == list(range(len(logged)))
