@@ -8,12 +8,14 @@ import re
 import subprocess
 import sys
 import tomllib
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from pipelines.versions import NOT_INSTALLED, TRACKED, mismatched_versions, resolved_versions
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "requirements" / "constraints.txt"
@@ -125,3 +127,29 @@ def test_lock_pins_rejects_a_loose_or_doubled_line():
     for bad in ("ray>=2.60\n", "ray==2.60.0\nray==2.60.1\n", "-e .\n"):
         with pytest.raises(AssertionError):
             lock_pins(bad)
+
+
+def test_resolved_versions_are_the_installed_distributions():
+    versions = resolved_versions()
+    assert list(versions) == ["python", *TRACKED]
+    assert versions["python"] == ".".join(map(str, sys.version_info[:3]))
+    for name in TRACKED:
+        assert versions[name] == metadata.version(name)
+    assert resolved_versions(["no-such-distribution-xyz"])["no-such-distribution-xyz"] == NOT_INSTALLED
+
+
+def test_mismatched_versions_names_only_what_differs():
+    here = resolved_versions()
+    assert mismatched_versions(here) == {}
+    drifted = {**here, "torch": here["torch"] + "+cpu", "python": "3.10.0", "no-such-distribution-xyz": "1.0"}
+    assert mismatched_versions(drifted) == {
+        "torch": (here["torch"] + "+cpu", here["torch"]),
+        "python": ("3.10.0", here["python"]),
+        "no-such-distribution-xyz": ("1.0", NOT_INSTALLED),
+    }
+
+
+@pytest.mark.skipif(not os.environ.get("EMOTION_RAY_INSTALLED_FROM_LOCK"),
+                    reason="set by .ci/run, which installs with -c requirements/constraints.txt")
+def test_ci_runs_the_locked_versions(pins):
+    assert mismatched_versions({name: pins[name] for name in TRACKED}) == {}
