@@ -111,6 +111,14 @@ def test_the_lock_pins_every_direct_dependency_inside_pyprojects_range(pins):
     assert outside == {}, f"pins outside pyproject.toml's ranges (run requirements/lock.sh): {outside}"
 
 
+def test_the_lock_pins_the_build_backend_inside_its_range(pins):
+    """.ci/run builds the project with --build-constraint on the lock: setuptools is in it only because
+    torch needs it, so a lock without it would leave the build backend free without a word."""
+    build_system = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]
+    for req in map(Requirement, build_system["requires"]):
+        assert req.specifier.contains(pins.get(canonicalize_name(req.name), "0")), f"{req}: not pinned in range"
+
+
 def test_the_lock_holds_what_lock_sh_holds(pins):
     """torch and torchvision are the releases CI's pip takes from local disk, ray the cluster's client's:
     the pins requirements/lock.sh holds must be the lock's (an edit of HELD without a re-run fails)."""
