@@ -3,9 +3,9 @@
 # install from: every package that `pip install -e '.[dev]'` pulls in, pinned with ==, resolved for
 # CPython 3.11 on linux x86_64 (the CI machines and the cluster's nodes).
 #
-#   pip install uv && requirements/lock.sh                           # add what pyproject.toml gained, keep the rest
-#   requirements/lock.sh --upgrade-package mlflow                    # move one package (and what it needs)
-#   requirements/lock.sh --upgrade                                   # move everything within HELD below
+#   pip install uv && requirements/lock.sh          # add what pyproject.toml gained, keep the rest
+#   requirements/lock.sh --upgrade-package mlflow   # move one package (and what it needs)
+#   requirements/lock.sh --upgrade                  # move everything, within HELD below
 #
 # uv keeps the versions already in the lock file unless told to upgrade, so a re-run changes only what
 # pyproject.toml made it change. Resolution reads metadata only: it downloads no wheels (no torch).
