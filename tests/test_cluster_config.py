@@ -6,6 +6,9 @@ but TCP 22 to addresses outside the private ranges. ``public_exposures`` checks 
 rules: the two that Ray's AWS provider gives every group it creates (mirrored in
 ``ray_default_ingress``, which a test compares with Ray's own code) plus ``provider.security_group``'s
 ``IpPermissions``. It also checks the listeners the start commands open (dashboard, MLflow) against them.
+
+Every node installs the lock file's versions (``installs_without_the_lock``), and runtime_env.yaml, which
+``ray job submit`` applies to each job, installs nothing.
 """
 from __future__ import annotations
 
@@ -22,6 +25,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
+RUNTIME_ENV_YAML = REPO / "runtime_env.yaml"
+LOCK = Path("requirements") / "constraints.txt"  # relative to the project's root, here and on the nodes
+CONSTRAINT_OPTIONS = ("-c", "--constraint", "--constraints")  # pip's and uv's spellings
+# runtime_env keys that install packages or swap the environment for each job.
+INSTALLING_RUNTIME_ENV_KEYS = {"pip", "uv", "conda", "container", "image_uri"}
 
 SSH_PORT = 22
 ALL_PORTS = (0, 65535)
@@ -210,6 +218,25 @@ def public_exposures(config: dict) -> list[str]:
     return problems
 
 
+def project_dir_on_nodes(config: dict) -> str:
+    """Where file_mounts puts the repository (the entry whose source is ``.``) on every node."""
+    return next(target for target, source in config.get("file_mounts", {}).items() if source in (".", "./"))
+
+
+def pip_installs(config: dict) -> Iterator[list[str]]:
+    """The arguments of every ``pip install``, ``python -m pip install`` and ``uv pip install``."""
+    return invocations(config, "pip", "install")
+
+
+def installs_without_the_lock(config: dict) -> list[str]:
+    """Each package install in the config's commands that is not constrained by the project's lock file
+    on the node (``-c <project dir>/requirements/constraints.txt``): such an install can put other versions
+    on a node than the driver and CI have. Empty when there is none."""
+    lock = f"{project_dir_on_nodes(config).rstrip('/')}/{LOCK.as_posix()}"
+    return ["pip install " + " ".join(args) for args in pip_installs(config)
+            if _option(args, CONSTRAINT_OPTIONS, None) != lock]
+
+
 # ---------------------------------------------------------------------------------------------- tests
 
 @pytest.fixture(scope="module")
@@ -341,3 +368,32 @@ def test_mlflow_state_outlives_the_head_node(config):
     assert backend.startswith("sqlite:////mnt/shared/") or backend.startswith("postgresql")
     assert artifacts.startswith("/mnt/shared/") or artifacts.startswith("s3://")
     assert any("/mnt/shared" in cmd and "mount -t nfs4" in cmd for cmd in config["setup_commands"])
+
+
+def test_every_node_installs_the_project_from_the_lock_file(config):
+    assert (REPO / LOCK).is_file()
+    assert installs_without_the_lock(config) == []
+    assert installs_without_the_lock(effective_config(config)) == []  # with Ray's defaults merged in
+    # The project itself, on every node (setup_commands run on head and workers alike).
+    project = project_dir_on_nodes(config)
+    setup = {"setup_commands": config["setup_commands"]}
+    assert any(_option(args, ("-e", "--editable"), None) == project for args in pip_installs(setup))
+
+
+@pytest.mark.parametrize("command", [
+    '~/.local/bin/uv pip install -q "ray[data,train,tune,default]==2.60.0" && true',  # the old setup
+    "python -m pip install -c requirements/other.txt boto3",  # another constraints file
+    "pip install -c ~/src/emotion-ray/requirements/constraints.txt -e ~/src/emotion-ray; pip install -U boto3",
+])
+def test_installs_without_the_lock_reports_a_bad_copy(config, command):
+    bad = copy.deepcopy(config)
+    bad["head_setup_commands"].append(command)
+    assert len(installs_without_the_lock(bad)) == 1
+
+
+def test_runtime_env_installs_nothing():
+    """`ray job submit --runtime-env runtime_env.yaml` applies it to every job: a package list would
+    build another environment (torch included) per job, with versions other than the lock's."""
+    runtime_env = yaml.safe_load(RUNTIME_ENV_YAML.read_text())
+    assert isinstance(runtime_env, dict)
+    assert INSTALLING_RUNTIME_ENV_KEYS & set(runtime_env) == set()
