@@ -27,7 +27,7 @@ from timm.layers import trunc_normal_
 
 from emotion_models.errors import ModelConfigError
 from emotion_models.pvt import PRETRAINED_NEW, PVT_SMALL, PyramidVisionTransformer
-from emotion_models.registry import register_model
+from emotion_models.registry import HUB, NONE, register_model
 from emotion_models.text import TEXT_LEN, build_text_model, text_features
 from emotion_models.weights import load_weights
 
@@ -167,8 +167,12 @@ class Lora(nn.Module):
 
 
 def _build(weights: Optional[str], **kwargs) -> Lora:
+    """The model, from scratch (``weights`` None or ``"none"``) or from a local file; PVT v1 has no hub weights."""
+    if weights == HUB:
+        raise ModelConfigError("LORA's PVT-v1 trunk has no weights on the timm hub: pass --weights PATH (e.g. the "
+                               "published pvt_small.pth or checkpoint.pth) or --weights none (train from scratch)")
     model = Lora(**kwargs)
-    if weights:
+    if weights and weights != NONE:
         load_weights(model, weights)
     return model
 

@@ -2,8 +2,9 @@
 
 Stage one trains it on a categorical set (``task="multi"``: VA + category logits, VA targets from
 the lexicon anchors); stage two fine-tunes it on a dimensional set with the early layers frozen
-(the paper trains only the last ResNet stage and the heads). Any timm model name works as the
-backbone; stages are found from timm's ``feature_info`` so freezing is not resnet-specific.
+(the published fine-tune trains only ResNet's ``layer4`` and the heads). Any timm model name works
+as the backbone, with or without a pretrained tag (``resnet101.tv_in1k``); stages are found from
+timm's ``feature_info`` so freezing is not resnet-specific.
 """
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ import torch
 import torch.nn as nn
 
 from emotion_models.errors import ModelConfigError
-from emotion_models.registry import register_model
-from emotion_models.weights import load_weights
+from emotion_models.registry import HUB, NONE, register_model
+from emotion_models.weights import hub_pretrained_kwargs, load_weights
 
 __all__ = ["VARegressor", "build_va", "backbone_stages", "published_cut", "data_config"]
 
 FreezeSpec = Union[int, str, None]
 TASKS = ("single", "multi")
+HEADS = ("tanh", "linear", "relu_linear")
 
 
 def backbone_stages(backbone: nn.Module) -> list[str]:
@@ -44,17 +46,19 @@ def backbone_stages(backbone: nn.Module) -> list[str]:
 
 
 def published_cut(backbone: nn.Module) -> str:
-    """The module that ends the published freeze: the last ``feature_info`` entry at stride <= 8.
+    """The module that ends the published freeze: the last ``feature_info`` entry at stride <= 16.
 
-    ResNet: ``layer2`` (conv1, bn1, layer1, layer2 frozen, as in the published code). Backbones
-    whose ``feature_info`` has no stride-8 entry fall back to the second stage.
+    The published fine-tune (``src/train.py``, ``get_params(model, feature_extract=4)``) freezes every
+    parameter before the first one named ``resnet.7`` (``layer4``): conv1, bn1, ``layer1``, ``layer2``
+    and ``layer3``, the stages through stride 16. Other backbones take the same cut by stride;
+    those whose ``feature_info`` has no stride-16 entry fall back to all but the last stage.
     """
     infos = list(getattr(backbone, "feature_info", []))
-    at8 = [info["module"] for info in infos if info.get("reduction", 0) <= 8]
+    at16 = [info["module"] for info in infos if info.get("reduction", 0) <= 16]
     stages = backbone_stages(backbone)
-    if at8 and any(info.get("reduction") == 8 for info in infos):
-        return at8[-1]
-    return stages[min(1, len(stages) - 1)]
+    if at16 and any(info.get("reduction") == 16 for info in infos):
+        return at16[-1]
+    return stages[max(len(stages) - 2, 0)]
 
 
 def data_config(backbone: str) -> dict:
@@ -74,6 +78,8 @@ def data_config(backbone: str) -> dict:
 def _freeze_end(backbone: nn.Module, names: list[str], until: Union[int, str]) -> int:
     """Index into ``names`` (``named_modules`` order) of the last module to freeze."""
     stages = backbone_stages(backbone)
+    if isinstance(until, str) and until.isdigit():
+        until = int(until)
     if until == "published":
         until = published_cut(backbone)
     if until == "all_but_last":
@@ -96,20 +102,24 @@ def _freeze_end(backbone: nn.Module, names: list[str], until: Union[int, str]) -
 class VARegressor(nn.Module):
     """Pooled backbone features → ``{"va": (N, 2)}`` (+ ``"logits": (N, num_classes)`` if multi-task).
 
-    ``bounded=True`` squashes VA with tanh onto the project's canonical [-1, 1] scale. The
-    output is a dict so that every model goes through the same training loop.
+    ``head``: ``"tanh"`` squashes VA onto the project's canonical [-1, 1] scale; ``"linear"`` leaves
+    it unbounded; ``"relu_linear"`` is the published head (``FC_va(relu(features))``, unbounded; the
+    ReLU is the identity after a ResNet's pooling, not after every backbone's). The output is a
+    dict so that every model goes through the same training loop.
     """
 
     def __init__(self, backbone: nn.Module, task: str = "single", num_classes: int = 8,
-                 bounded: bool = True, drop_rate: float = 0.0) -> None:
+                 head: str = "tanh", drop_rate: float = 0.0) -> None:
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if head not in HEADS:
+            raise ModelConfigError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
         if task == "multi" and num_classes < 1:
             raise ValueError(f"task 'multi' needs num_classes >= 1, got {num_classes}")
         self.task = task
         self.num_classes = num_classes
-        self.bounded = bounded
+        self.head = head
         self.backbone = backbone
         num_features = backbone.num_features
         self.head_drop = nn.Dropout(drop_rate)
@@ -124,8 +134,10 @@ class VARegressor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.head_drop(self.forward_features(x))
+        if self.head == "relu_linear":
+            features = torch.relu(features)
         va = self.va_head(features)
-        out = {"va": torch.tanh(va) if self.bounded else va}
+        out = {"va": torch.tanh(va) if self.head == "tanh" else va}
         if self.cls_head is not None:
             out["logits"] = self.cls_head(features)
         return out
@@ -133,10 +145,10 @@ class VARegressor(nn.Module):
     def freeze(self, until: FreezeSpec, freeze_bn: bool = True) -> "VARegressor":
         """Freeze the backbone up to and including ``until``; the rest and the heads stay trainable.
 
-        ``until``: an int n (the stem and the first n stages; 0 = stem only), a stage or any
-        backbone module name (``"layer3"``: everything registered up to the end of it),
-        ``"published"`` (the published fine-tune's cut, see :func:`published_cut`) or
-        ``"all_but_last"`` (stem + every stage but the last). ``None`` unfreezes everything.
+        ``until``: an int n (the stem and the first n stages; 0 = stem only; a string of digits
+        too), a stage or any backbone module name (``"layer3"``: everything registered up to the
+        end of it), ``"published"`` (the published fine-tune's cut, see :func:`published_cut`) or
+        ``"all_but_last"`` (stem + every stage but the last). ``None`` or ``"none"`` unfreezes everything.
         Frozen parameters get ``requires_grad=False``. With ``freeze_bn`` fully frozen modules stay
         in eval mode through :meth:`train`, so their BatchNorm statistics do not move; without it
         (the published code: the whole model is in train mode) the statistics keep updating.
@@ -146,7 +158,7 @@ class VARegressor(nn.Module):
             p.requires_grad_(True)
         self._frozen = []
         self._eval_frozen = bool(freeze_bn)
-        if until is not None:
+        if until is not None and until != "none":
             modules = list(self.backbone.named_modules())
             names = [n for n, _ in modules]
             end = _freeze_end(self.backbone, names, until)
@@ -178,22 +190,25 @@ def build_va(
     backbone: str = "resnet101",
     task: str = "single",
     num_classes: int = 8,
-    bounded: bool = True,
-    weights: Optional[str] = None,
+    head: str = "tanh",
+    weights: Optional[str] = NONE,
     drop_rate: float = 0.0,
     **timm_kwargs,
 ) -> VARegressor:
-    """Build the VA regressor on any timm backbone (never downloads; ``weights`` is a local file).
+    """Build the VA regressor on any timm backbone.
 
-    ``weights`` is a backbone state dict (timm / torchvision style, DDP or Lightning prefixes
-    allowed); a classifier checkpoint's head keys are reported as unexpected and ignored.
-    Extra keyword arguments go to ``timm.create_model`` (e.g. ``drop_path_rate``). Freezing is
-    :meth:`VARegressor.freeze`, called after any weights are loaded.
+    ``weights``: ``"hub"`` loads the backbone's pretrained weights the way timm does (the Hugging Face
+    hub and its local cache; a cached file is read without any network request), ``"none"`` (or
+    None) starts from scratch, any other value is a local backbone state dict (timm / torchvision
+    style, DDP or Lightning prefixes allowed; a classifier checkpoint's head keys are reported and
+    ignored). Extra keyword arguments go to ``timm.create_model`` (e.g. ``drop_path_rate``).
+    Freezing is :meth:`VARegressor.freeze`, called after any weights are loaded.
     """
     if not timm.is_model(backbone):
         raise ModelConfigError(f"unknown timm backbone {backbone!r}")
-    net = timm.create_model(backbone, pretrained=False, num_classes=0, global_pool="avg", **timm_kwargs)
-    model = VARegressor(net, task=task, num_classes=num_classes, bounded=bounded, drop_rate=drop_rate)
-    if weights:
+    pretrained = hub_pretrained_kwargs(backbone) if weights == HUB else {}
+    net = timm.create_model(backbone, num_classes=0, global_pool="avg", **pretrained, **timm_kwargs)
+    model = VARegressor(net, task=task, num_classes=num_classes, head=head, drop_rate=drop_rate)
+    if weights not in (None, NONE, HUB):
         load_weights(model.backbone, weights)
     return model

@@ -27,7 +27,7 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -173,3 +173,73 @@ def load_weights(model: nn.Module, path: Union[str, Path]) -> LoadReport:
                         new=[k for k in optional if not _ALWAYS_OPTIONAL.search(k)])
     _log.info("%s -> %s: %s", path, label, report.summary())
     return report
+
+
+# ----------------------------------------------------------------------------- timm's hub weights
+
+_HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm looks for in a hub repository
+
+
+def hub_repo(model_name: str) -> str:
+    """The Hugging Face repository of a timm model's pretrained weights (``timm/resnet101.tv_in1k``);
+    ``resnet101`` names the architecture's default tag."""
+    import timm
+
+    if not timm.is_model(model_name):
+        raise ModelConfigError(f"unknown timm model {model_name!r}")
+    cfg = timm.get_pretrained_cfg(model_name)
+    if cfg is None or not cfg.hf_hub_id:
+        raise ModelConfigError(f"{model_name}: timm knows no hub weights for it; pass --weights PATH (a local "
+                               "weights file) or --weights none (train from scratch)")
+    return cfg.hf_hub_id
+
+
+def cached_hub_file(model_name: str) -> Optional[str]:
+    """The local cache's copy of the model's hub weights, or None (no network is used)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = hub_repo(model_name)
+    for filename in _HUB_FILES:
+        found = try_to_load_from_cache(repo, filename)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def require_hub_weights(model_name: str) -> str:
+    """The model's pretrained weights in the local hub cache, downloaded into it first when they are not
+    there; one line naming both ways out (a local file, or training from scratch) when neither works.
+
+    Called by the driver before Ray starts or any data is read, so a missing file never costs a run.
+    """
+    found = cached_hub_file(model_name)
+    if found:
+        return found
+    repo = hub_repo(model_name)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    reason = "the hub has neither model.safetensors nor pytorch_model.bin for it"
+    for filename in _HUB_FILES:
+        try:
+            return hf_hub_download(repo, filename)
+        except LocalEntryNotFoundError as exc:   # offline (HF_HUB_OFFLINE) or the hub unreachable
+            reason = " ".join(str(exc).split())[:160]
+            break
+        except EntryNotFoundError:
+            continue   # the hub answered: this repository keeps its weights under the other name
+        except Exception as exc:  # noqa: BLE001 - no route, refused, timed out: all one answer
+            reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+            break
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    raise ModelConfigError(f"{model_name}: its pretrained weights ({repo}) are not in the local hub cache "
+                           f"({HF_HUB_CACHE}) and could not be downloaded ({reason}); pass --weights PATH (a local "
+                           "weights file) or --weights none (train from scratch)")
+
+
+def hub_pretrained_kwargs(model_name: str) -> dict:
+    """``timm.create_model`` arguments that load the hub weights: from the local cache's file when it is
+    there (no network request at all), else timm's ordinary download."""
+    found = cached_hub_file(model_name)
+    return {"pretrained": True, **({"pretrained_cfg_overlay": {"file": found}} if found else {})}

@@ -2,30 +2,30 @@
 
 A *shard* is whatever ``iter_torch_batches`` / ``iter_batches`` (Ray Data's ``DataIterator``: the
 worker's ``ray.train.get_dataset_shard(...)``) it is given. Here: training and evaluation batches
-(``--decode cpu``: uint8 tensors; ``--decode device``: JPEG bytes decoded and augmented on the
-worker's device), stage two's mixed dimensional + categorical batches, the validation cache, and
-the weights digest a resume is checked with.
+(``decode="cpu"``: uint8 tensors; ``decode="device"``: image bytes decoded and augmented on the
+worker's device, :class:`DeviceBatches`), stage two's multi-task batches (``joined``:
+:class:`MixedBatches`; the published ``pool``: :class:`PoolBatches`), the validation cache, and the
+weights digest a resume is checked with.
 """
 from __future__ import annotations
 
 import os
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 
-from pipelines.recipe import StageRecipe
 
-
-def iter_batches(shard, batch_size: int, *, train: bool, seed: int, epoch: int,
-                  device_images=None) -> Iterator[dict]:
-    """A shard's batches as tensors. ``device_images`` (a :class:`datasets_io.pixels.DeviceImagePipeline`,
-    ``--decode device``): the rows carry JPEG bytes, decoded and augmented on the worker's device."""
-    kwargs: dict[str, Any] = {"batch_size": batch_size, "drop_last": train}
+def iter_batches(shard, batch_size: int, *, train: bool, seed: int, epoch: int, device_images=None,
+                 drop_last: Optional[bool] = None) -> Iterator[dict]:
+    """A shard's batches as tensors: shuffled through a local buffer and the last partial batch dropped
+    when ``train`` (``drop_last`` says otherwise). ``device_images`` (a
+    :class:`datasets_io.prep.DeviceImagePipeline`, ``decode="device"``): the rows carry image bytes,
+    decoded and augmented on the worker's device."""
+    kwargs: dict[str, Any] = {"batch_size": batch_size, "drop_last": train if drop_last is None else drop_last}
     if train:
         kwargs.update(local_shuffle_buffer_size=max(4 * batch_size, 64), local_shuffle_seed=seed + epoch)
     if device_images is not None:
-        from datasets_io.pixels import DeviceBatches
-
         prefetch = int(os.environ.get("EMOTION_RAY_DEVICE_PREFETCH", 1))  # batches prepared ahead (0: none)
         return DeviceBatches(shard.iter_batches(batch_format="numpy", **kwargs), device_images, epoch, prefetch)
     return shard.iter_torch_batches(**kwargs)
@@ -44,7 +44,8 @@ class EvalCache:
     streaming-split execution per epoch. Any rank over the budget keeps all of them streaming.
     """
 
-    def __init__(self, make_batches, device: torch.device, budget_mb: float = EVAL_CACHE_MB):
+    def __init__(self, make_batches, device: torch.device, budget_mb: Optional[float] = None):
+        budget_mb = EVAL_CACHE_MB if budget_mb is None else budget_mb
         self.make_batches, self.device, self.budget = make_batches, device, budget_mb * 2**20
         self.cached: Optional[list] = None
         self._kept: Optional[list] = None
@@ -83,21 +84,6 @@ def _all_ranks(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
     return bool(value.item())
-
-
-def device_pipeline(recipe: StageRecipe, device: torch.device):
-    """The ``--decode device`` training transform of a recipe (None for ``--decode cpu``)."""
-    if recipe.decode == "cpu":
-        return None
-    if recipe.decode != "device":
-        raise ValueError(f"unknown decode {recipe.decode!r}; expected 'cpu' or 'device'")
-    from datasets_io.pixels import DeviceImagePipeline
-
-    aug, image = recipe.augmentation or {}, recipe.image or {}
-    return DeviceImagePipeline(recipe.image_size, train=True, device=device, augment=aug.get("augment", "basic"),
-                               scale=tuple(aug.get("crop_scale") or (0.5, 1.0)),
-                               interpolation=image.get("interpolation", "bicubic"), crop_pct=image.get("crop_pct"),
-                               auto_augment=aug.get("auto_augment"), seed=recipe.seed, mean=image.get("mean"))
 
 
 class MixedBatches:
@@ -145,6 +131,85 @@ def mixed_batches(dim_shard, cat_shard, batch_size: int, seed: int, epoch: int, 
         yield mix_batches(dim, next(cat_iter))
 
 
+class PoolBatches:
+    """Stage two's published batching (``batching="pool"``): one shuffled pool of this rank's dimensional
+    and categorical training rows, cut into batches of ``batch_size``, one pass over both per epoch.
+
+    The published loader shuffles ``ConcatDataset([categorical train, Emotion6 train])`` and cuts it
+    into batches of 10 (``drop_last``). The same distribution without moving either set through a
+    global shuffle: each stream is read in its own shuffled order, and each batch takes ``k`` rows from
+    the dimensional stream and ``batch_size - k`` from the categorical one, ``k`` drawn from the
+    hypergeometric distribution of the rows still left (seeded by seed, epoch and rank): consecutive
+    batches of a uniformly shuffled pool have exactly these counts. A batch with no dimensional row
+    is a category-only step (see :func:`emotion_models.losses.multitask_loss`). ``n_dim`` / ``n_cat``:
+    the rows each stream holds for this rank.
+    """
+
+    def __init__(self, dim_shard, cat_shard, batch_size: int, seed: int, epoch: int, *, n_dim: int, n_cat: int,
+                 rank: int = 0, device_images=None):
+        self.streams = [iter_batches(s, batch_size, train=True, seed=seed + i, epoch=epoch,
+                                     device_images=device_images, drop_last=False)
+                        for i, s in enumerate((dim_shard, cat_shard))]
+        self.batch_size, self.counts = batch_size, (int(n_dim), int(n_cat))
+        self.rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(rank)])
+
+    @property
+    def skipped(self) -> int:
+        return sum(getattr(s, "skipped", 0) for s in self.streams)
+
+    def __iter__(self) -> Iterator[dict]:
+        dim, cat = (_Rows(iter(s)) for s in self.streams)
+        left_dim, left_cat = self.counts
+        while left_dim + left_cat >= self.batch_size:
+            k = int(self.rng.hypergeometric(left_dim, left_cat, self.batch_size)) if left_dim and left_cat \
+                else (self.batch_size if left_dim else 0)
+            dims, cats = dim.take(k), cat.take(self.batch_size - k)
+            if dims is None or cats is None:   # a stream ran dry before its expected count: the epoch ends
+                return
+            left_dim, left_cat = left_dim - k, left_cat - (self.batch_size - k)
+            yield mix_batches(dims, cats)
+
+
+class _Rows:
+    """Rows of a batch stream, taken ``k`` at a time across batch boundaries."""
+
+    def __init__(self, batches: Iterator[dict]):
+        self.batches, self.pending, self.at = batches, None, 0
+
+    def _refill(self) -> bool:
+        while self.pending is None or self.at >= _length(self.pending):
+            following = next(self.batches, None)
+            if following is None:
+                return False
+            self.pending, self.at = following, 0
+        return True
+
+    def take(self, k: int) -> Optional[dict]:
+        """The next ``k`` rows as one batch (zero rows keep the stream's keys and shapes); None when the
+        stream has fewer left."""
+        parts = []
+        while k > 0:
+            if not self._refill():
+                return None
+            end = min(self.at + k, _length(self.pending))
+            parts.append(_slice(self.pending, self.at, end))
+            k, self.at = k - (end - self.at), end
+        if parts:
+            return {key: torch.cat([p[key] for p in parts]) if isinstance(parts[0][key], torch.Tensor)
+                    else [v for p in parts for v in p[key]] for key in parts[0]}
+        if self.pending is None and not self._refill():
+            return None
+        return _slice(self.pending, 0, 0)
+
+
+def _length(batch: dict) -> int:
+    return int(batch["image"].shape[0])
+
+
+def _slice(batch: dict, start: int, end: int) -> dict:
+    return {key: value[start:end] for key, value in batch.items()}
+
+
 def mix_batches(dim: dict, cat: dict) -> dict:
     """Concatenate a dimensional and a categorical batch with the masks that keep their roles apart."""
     n_dim, n_cat = dim["image"].shape[0], cat["image"].shape[0]
@@ -158,6 +223,103 @@ def mix_batches(dim: dict, cat: dict) -> dict:
     cat_part["has_va"] = torch.zeros(n_cat, dtype=torch.bool)
     keys = [k for k in dim_part if k in cat_part and isinstance(dim_part[k], torch.Tensor)]
     return {k: torch.cat([dim_part[k], cat_part[k].to(dim_part[k].dtype)]) for k in keys}
+
+
+_DROP = ("image", "image_id", "repeat", "text")
+
+
+class DeviceBatches:
+    """Numpy batches of :class:`datasets_io.prep.ImageBytes` rows -> tensor batches, images decoded
+    and augmented by a :class:`datasets_io.prep.DeviceImagePipeline` (uint8 on its device), targets as
+    CPU tensors.
+
+    The next ``prefetch`` batches are prepared in a background thread while the current one is in
+    use; on CUDA that thread works on its own stream, so decode and augmentation kernels overlap
+    the training step (``prefetch=0``: prepared in the consuming thread, when asked for). Rows whose bytes fail to decode are dropped from their batch and
+    counted in :attr:`skipped`; a batch with none left is skipped whole.
+    """
+
+    def __init__(self, batches, pipeline, epoch: int, prefetch: int = 1):
+        self.batches = batches
+        self.pipeline = pipeline
+        self.epoch = int(epoch)
+        self.prefetch = max(int(prefetch), 0)
+        self.skipped = 0
+
+    def convert(self, batch: dict) -> Optional[dict]:
+        images, kept, skipped = self.pipeline(batch["image"], batch.get("image_id"), epoch=self.epoch,
+                                              repeats=batch.get("repeat"))
+        self.skipped += skipped
+        if not len(kept):
+            return None
+        out = {"image": images}
+        for key, value in batch.items():
+            if key in _DROP:
+                continue
+            value = np.asarray(value)
+            if value.dtype == object:
+                out[key] = [value[i] for i in kept]
+            else:
+                out[key] = torch.from_numpy(np.ascontiguousarray(value if skipped == 0 else value[kept]))
+        return out
+
+    def __iter__(self):
+        if self.prefetch:
+            yield from self._threaded()
+            return
+        for batch in self.batches:
+            out = self.convert(batch)
+            if out is not None:
+                yield out
+
+    def _threaded(self):
+        import contextlib
+        import queue
+        import threading
+
+        device = self.pipeline.device
+        cuda = device.type == "cuda"
+        stream = torch.cuda.Stream(device=device) if cuda else None
+        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        done = object()
+        stop = threading.Event()
+
+        def work():
+            try:
+                on_stream = (torch.cuda.stream(stream) if cuda else contextlib.nullcontext())
+                with on_stream:
+                    for batch in self.batches:
+                        if stop.is_set():
+                            break
+                        out = self.convert(batch)
+                        if cuda:
+                            stream.synchronize()   # this thread waits; the training stream never does
+                        if out is not None:
+                            ready.put(out)
+                ready.put(done)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
+                ready.put(exc)
+
+        thread = threading.Thread(target=work, name="device-decode", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if cuda:  # made on the side stream, used on the current one: tell the caching allocator
+                    item["image"].record_stream(torch.cuda.current_stream(device))
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():
+                try:
+                    ready.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            thread.join()
 
 
 def weights_digest(model_state: dict) -> str:

@@ -16,12 +16,35 @@ class UsageError(ValueError):
     """A bad flag value or combination, reported as one line."""
 
 
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one :class:`UsageError` line (exit 2 through :func:`run_main`)
+    instead of a usage block, so that every entry point reports bad input the same way."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+# The speed flags both pipelines take, and --recipe.
+COMPILE_HELP = ("compile the training model in place (nn.Module.compile, after DDP wrapping); the first steps pay "
+                "a warm-up of tens of seconds (more on CPU) before the faster steps; validation/test stay eager")
+DECODE_HELP = ("where training images are decoded and augmented: cpu (Ray Data tasks, uint8 pixels to the "
+               "workers) or device (Ray Data hands the stored bytes; the worker decodes with nvJPEG on its GPU "
+               "and augments with torchvision.transforms.v2 ops)")
+
+
+def add_recipe_arg(parser: argparse.ArgumentParser, pipeline: str, default: str = "default") -> None:
+    parser.add_argument("--recipe", default=None, metavar="NAME|PATH",
+                        help=f"the training recipe: a name in recipes/{pipeline}/ (published: the released code's "
+                             f"training; default: the project's corrections; demo) or a YAML file; default "
+                             f"'{default}' for real data, 'demo' for the embedded demo")
+
+
 def add_ray_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("Ray")
     g.add_argument("--address", default=None,
                    help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
     g.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (DDP ranks)")
-    g.add_argument("--use-gpu", action="store_true", help="one GPU per worker, bf16 autocast, channels_last")
+    g.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     g.add_argument("--cpus-per-worker", type=float, default=None,
                    help="CPUs reserved per worker (default 1 with GPUs; 0.5 on a CPU-only machine, "
                         "leaving cores to Ray Data)")
@@ -49,8 +72,7 @@ def add_mlflow_args(parser: argparse.ArgumentParser) -> None:
 
 def add_config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None,
-                        help="YAML/JSON file of flag values (e.g. a sweep's best_config.yaml); "
-                             "flags on the command line win")
+                        help="YAML/JSON file of flag values (flag name: value); flags on the command line win")
 
 
 def load_config_file(path: str) -> dict:
@@ -69,47 +91,58 @@ def load_config_file(path: str) -> dict:
         raise UsageError(f"{p}: cannot parse config file: {exc}".splitlines()[0]) from None
     if not isinstance(data, dict):
         raise UsageError(f"{p}: a config file must hold a mapping of flag names to values")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    return data
+
+
+def config_tokens(values: dict) -> list[str]:
+    """A config file's ``{flag: value}`` as command-line tokens (``lr: 0.1`` -> ``--lr 0.1``; true ->
+    ``--flag``, false -> ``--no-flag``; lists -> several values), so argparse itself checks them."""
+    tokens: list[str] = []
+    for key, value in values.items():
+        option = "--" + str(key).replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            tokens.append(option if value else f"--no-{option[2:]}")
+        elif isinstance(value, (list, tuple)):
+            tokens += [option, *map(str, value)]
+        else:
+            tokens += [option, str(value)]
+    return tokens
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse with ``--config FILE`` values as defaults under the command line's own flags."""
+    """Parse the command line, with a ``--config FILE``'s values first (the command line's own flags win).
+
+    The file's values are parsed by the same parser (so a wrong name, type or choice is the same one-line
+    error, naming the file), then the command line after them."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     pre, _ = parser.parse_known_args(argv)
     if getattr(pre, "config", None):
-        values = load_config_file(pre.config)
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UsageError(f"{pre.config}: unknown setting(s) {', '.join(unknown)}")
-        for action in parser._actions:  # argparse checks choices on the command line only, not on defaults
-            value = values.get(action.dest)
-            if action.choices is None or value is None:
-                continue
-            bad = [v for v in (value if isinstance(value, list) else [value]) if v not in action.choices]
-            if bad:
-                raise UsageError(f"{pre.config}: {action.dest}: {bad[0]!r} is not one of "
-                                 f"{', '.join(map(str, action.choices))}")
-        parser.set_defaults(**values)
+        tokens = config_tokens(load_config_file(pre.config))
+        try:
+            parser.parse_args(tokens)
+        except UsageError as exc:
+            raise UsageError(f"{pre.config}: {exc}") from None
+        argv = tokens + argv
     args = parser.parse_args(argv)
-    if any(a.dest == "verbose" for a in parser._actions):  # every entry point with the Ray flags
+    if hasattr(args, "verbose"):  # every entry point with the Ray flags
         from pipelines import console
 
         console.configure(args.verbose)
         global _ADDRESS
         _ADDRESS = getattr(args, "address", None)
-    args.explicit = _explicit_dests(parser, argv) | (set(load_config_file(pre.config)) if pre.config else set())
     return args
 
 
-def _explicit_dests(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> set[str]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    flags = {opt: a.dest for a in parser._actions for opt in a.option_strings}
-    found = set()
-    for token in argv:
-        key = token.split("=", 1)[0]
-        if key in flags:
-            found.add(flags[key])
-    return found
+def run_options(args: argparse.Namespace):
+    """Where the run happens (:class:`pipelines.train_loop.RunOptions`) from the shared Ray and MLflow flags."""
+    from pipelines.train_loop import RunOptions
+
+    return RunOptions(storage_path=str(storage_root(args.storage_path)), num_workers=args.num_workers,
+                      use_gpu=args.use_gpu, cpus_per_worker=cpus_per_worker(args), max_failures=args.max_failures,
+                      address=args.address, run_name=args.run_name, mlflow_uri=args.mlflow_uri,
+                      experiment=args.experiment, register=args.register, fault=getattr(args, "fault", None))
 
 
 def default_run_name(prefix: str) -> str:
@@ -169,7 +202,8 @@ def fmt(value) -> str:
 def one_line_errors() -> tuple[type[BaseException], ...]:
     """The errors that are the user's, reported as one line: a bad flag (:class:`UsageError`), bad input
     data (:class:`datasets_io.errors.DataError`), a model or checkpoint that cannot be built or loaded
-    (:class:`emotion_models.errors.ModelConfigError`) and a missing file or a file where a folder belongs
+    (:class:`emotion_models.errors.ModelConfigError`), a recipe that does not fit its types
+    (:class:`pipelines.recipe.RecipeError`), and a missing file or a file where a folder belongs
     (or the other way round), and an MLflow tracking server that does not answer
     (:class:`pipelines.tracking.TrackingServerUnreachable`). Any other exception, a plain ``ValueError``
     or ``KeyError`` included, is a bug."""
@@ -177,7 +211,9 @@ def one_line_errors() -> tuple[type[BaseException], ...]:
     from emotion_models.errors import ModelConfigError  # imported here: emotion_models imports torch
     from pipelines.tracking import TrackingServerUnreachable
 
-    return (UsageError, DataError, ModelConfigError, TrackingServerUnreachable, FileNotFoundError,
+    from pipelines.recipe import RecipeError
+
+    return (UsageError, RecipeError, DataError, ModelConfigError, TrackingServerUnreachable, FileNotFoundError,
             NotADirectoryError, IsADirectoryError)
 
 

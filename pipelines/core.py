@@ -6,6 +6,9 @@ to resume exactly where it was (``TrainState``). Both pipelines, the Ray Train g
 (:mod:`pipelines.train_loop`) and the benchmarks call these functions; nothing here knows where
 the batches come from (Ray Data shards or a local Parquet reader).
 
+The recipe sections this core reads are defined here, beside their use: :class:`OptimizerSpec`,
+:class:`ScheduleSpec` and :class:`SelectSpec` (:mod:`pipelines.recipe` composes them).
+
 A batch is a ``dict[str, Tensor]``; what a model takes from it, and how its outputs are scored,
 is the job of an *objective* (:mod:`pipelines.objectives`).
 """
@@ -16,14 +19,119 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Optional, Protocol
+from typing import Any, Callable, Iterable, Literal, Optional, Protocol
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from datasets_io.pixels import ImageNorm
+from datasets_io.prep import ImageNorm
 from emotion_models.metrics import Accumulator
+
+
+# ----------------------------------------------------------------------------- the recipe's sections
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The optimiser (a recipe's ``optimizer`` section): torch's Adam / AdamW / SGD through timm.
+
+    ``lr``: the learning rate; when None, ``base_lr x global batch / lr_batch`` (DeiT's linear
+    scaling, the SER30K rule). ``decay_exempt``: which parameters get no weight decay: ``none``
+    (the two-stage code: one group), ``bias_norm`` (biases and 1-D parameters: what timm 0.4.12 did
+    for the published LORA, which defines no ``no_weight_decay``) or ``bias_norm_tokens`` (also the
+    model's ``no_weight_decay()`` names: position embeddings and cls tokens).
+    """
+
+    name: Literal["adam", "adamw", "sgd"] = "adamw"
+    lr: Optional[float] = 1e-3
+    base_lr: Optional[float] = None
+    lr_batch: int = 512
+    weight_decay: float = 0.0
+    decay_exempt: Literal["none", "bias_norm", "bias_norm_tokens"] = "none"
+    momentum: float = 0.9
+
+    def __post_init__(self):
+        if (self.lr is None) == (self.base_lr is None):
+            raise ValueError("give exactly one of lr and base_lr (lr = base_lr x global batch / lr_batch)")
+        if (self.lr if self.lr is not None else self.base_lr) <= 0:
+            raise ValueError("the learning rate must be positive")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, not {self.weight_decay}")
+
+    def effective_lr(self, global_batch: int) -> float:
+        return self.lr if self.lr is not None else self.base_lr * global_batch / self.lr_batch
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """The learning-rate schedule (a recipe's ``schedule`` section).
+
+    - ``cosine_after_warmup``: ``warmup_epochs`` of linear warm-up to lr, then a cosine over the
+      remaining epochs down to ``min_lr_ratio x lr``; stepped per epoch.
+    - ``deit_cosine``: DeiT's (the SER30K recipe): a cosine over all epochs from lr to ``min_lr``,
+      its first ``warmup_epochs`` replaced by a linear warm-up from ``warmup_lr``; stepped per epoch.
+    - ``constant``: lr throughout (after any warm-up).
+    - ``multistep_per_batch``: the two-stage code's ``MultiStepLR(milestones, gamma)`` stepped after
+      every optimiser step, so the milestones count *batches* (the published rate falls to 1/32 of
+      the base after 50 batches and stays there).
+
+    ``step_arg`` (per-epoch schedules): after epoch e, step the scheduler to ``e + 1`` (timm's own
+    ``train.py``: epoch e trains at the schedule's value for e) or to ``e`` (``finished_epoch``: the
+    published SER30K loop's ``lr_scheduler.step(epoch)``, one epoch behind).
+    """
+
+    name: Literal["cosine_after_warmup", "deit_cosine", "constant", "multistep_per_batch"] = "cosine_after_warmup"
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-5
+    min_lr: float = 1e-5
+    min_lr_ratio: float = 0.01
+    milestones: tuple[int, ...] = (10, 20, 30, 40, 50)
+    gamma: float = 0.5
+    step_arg: Literal["next_epoch", "finished_epoch"] = "next_epoch"
+
+    def __post_init__(self):
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, not {self.warmup_epochs}")
+
+    @property
+    def per_batch(self) -> bool:
+        return self.name == "multistep_per_batch"
+
+
+@dataclass(frozen=True)
+class SelectSpec:
+    """Which epoch's model a stage keeps, and when it stops (a recipe's ``select`` section).
+
+    ``metric`` (a validation metric, ``mode`` max or min) is monitored each epoch. ``keep``: the
+    ``best`` epoch's model, or the published two-stage rule ``last_on_stop``: the best while training
+    runs, but when it stops early the *last* epoch's model overwrites it. ``patience`` bad epochs in a
+    row stop training (0: never, with ``stop="patience_reached"``); ``stop="patience_exceeded"`` stops
+    only after ``patience + 1`` (the published ``patience > early_stop``). ``floor``: an epoch improves
+    only beyond it (the published ``best_v = 0``: a model whose validation Pearson never exceeds 0
+    never counts as better).
+    """
+
+    metric: str = "pearson_mean"
+    mode: Literal["max", "min"] = "max"
+    keep: Literal["best", "last_on_stop"] = "best"
+    patience: int = 0
+    stop: Literal["patience_reached", "patience_exceeded"] = "patience_reached"
+    floor: Optional[float] = None
+
+    def __post_init__(self):
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0, not {self.patience}")
+
+
+# Named selection rules (--select): the published two-stage one and the project's.
+SELECT_PRESETS = {
+    "val_pearson_v_last_on_stop": {"metric": "pearson_v", "mode": "max", "keep": "last_on_stop",
+                                   "stop": "patience_exceeded", "floor": 0.0},
+    "val_pearson_mean_best": {"metric": "pearson_mean", "mode": "max", "keep": "best",
+                              "stop": "patience_reached", "floor": None},
+    "val_accuracy_best": {"metric": "accuracy", "mode": "max", "keep": "best", "stop": "patience_reached",
+                          "floor": None},
+}
 
 
 class Objective(Protocol):
@@ -38,30 +146,64 @@ class Objective(Protocol):
     def metrics(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]: ...
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
 @dataclass
 class Precision:
-    """Where and how the math runs: bf16 autocast and channels_last on GPU, fp32 on CPU; and how
-    image batches are prepared once on the device (``norm``: uint8 pixels -> normalised float32)."""
+    """Where and how the math runs, and how image batches are prepared once on the device.
+
+    ``precision`` (a recipe's): ``auto`` (bf16 autocast + channels_last on a GPU, fp32 elsewhere),
+    ``fp32``, ``bf16`` (autocast), or ``fp16`` (autocast with a ``GradScaler``, the SER30K code's
+    mixed precision; evaluation runs under the same autocast). ``grad_scaler="epoch"``: a fresh
+    scaler every epoch (the published ``main.py`` makes a new one at each epoch's start), else one
+    for the run. ``norm``: uint8 pixels -> normalised float32 on the device.
+    """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     amp_dtype: Optional[torch.dtype] = None
     channels_last: bool = False
-    norm: Optional[ImageNorm] = None      # None: timm's ImageNet mean/std
+    norm: ImageNorm = field(default_factory=ImageNorm)
+    scaler: Optional[torch.amp.GradScaler] = None
+    scaler_per_epoch: bool = False
 
     @classmethod
-    def for_device(cls, device: torch.device | str, amp: Optional[bool] = None,
-                   image: Optional[dict] = None) -> "Precision":
-        """``image``: a recipe's ``image`` dict; its ``mean`` / ``std`` normalise the uint8 batches."""
+    def for_device(cls, device: torch.device | str, precision: str = "auto", norm: Optional[ImageNorm] = None,
+                   grad_scaler: str = "run") -> "Precision":
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
         device = torch.device(device)
         on_gpu = device.type == "cuda"
-        use_amp = on_gpu if amp is None else amp
-        return cls(device=device, amp_dtype=torch.bfloat16 if use_amp else None, channels_last=on_gpu,
-                   norm=ImageNorm.from_image_cfg(image))
+        dtype = {"auto": torch.bfloat16 if on_gpu else None, "fp32": None, "bf16": torch.bfloat16,
+                 "fp16": torch.float16}[precision]
+        scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+        return cls(device=device, amp_dtype=dtype, channels_last=on_gpu, norm=norm or ImageNorm(), scaler=scaler,
+                   scaler_per_epoch=scaler is not None and grad_scaler == "epoch")
 
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def new_epoch(self) -> None:
+        """At an epoch's start: a fresh ``GradScaler`` when the recipe says so (published SER30K)."""
+        if self.scaler_per_epoch:
+            self.scaler = torch.amp.GradScaler(self.device.type)
+
+    def backward_step(self, loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
+                      grad_clip: Optional[float]) -> None:
+        """``backward`` + optional gradient-norm clipping + ``optimizer.step``, through the scaler in fp16."""
+        scale = self.scaler
+        (scale.scale(loss) if scale else loss).backward()
+        if grad_clip:
+            if scale:
+                scale.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if scale:
+            scale.step(optimizer)
+            scale.update()
+        else:
+            optimizer.step()
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Move a batch to the device; ``image`` arrives as uint8 pixels (4x less to copy) and is
@@ -71,8 +213,6 @@ class Precision:
             if isinstance(value, torch.Tensor):
                 value = value.to(self.device, non_blocking=True)
                 if key == "image":
-                    if self.norm is None:
-                        self.norm = ImageNorm()
                     value = self.norm(value, channels_last=self.channels_last)
             out[key] = value
         return out
@@ -85,22 +225,25 @@ def train_one_epoch(
     objective: Objective,
     precision: Precision,
     *,
+    schedule: Optional["Schedule"] = None,
     grad_clip: Optional[float] = None,
     log_every: int = 0,
     log: Callable[[str], None] = print,
     on_batch: Optional[Callable[[int], None]] = None,
 ) -> dict[str, float]:
     """One pass over ``batches``; returns the sample-weighted mean of the loss parts (and ``skipped``,
-    when ``batches`` counts images it could not decode)."""
+    when ``batches`` counts images it could not decode). A per-batch ``schedule`` steps after every
+    optimiser step."""
     model.train()
+    precision.new_epoch()
     totals: dict[str, float] = {}
     start = time.perf_counter()
     with uneven_inputs(model):
-        seen = _train_steps(model, batches, optimizer, objective, precision, totals, grad_clip=grad_clip,
-                            log_every=log_every, log=log, on_batch=on_batch)
+        seen = _train_steps(model, batches, optimizer, objective, precision, totals, schedule=schedule,
+                            grad_clip=grad_clip, log_every=log_every, log=log, on_batch=on_batch)
     elapsed = time.perf_counter() - start
     means = {k: (v if k.startswith("n_") else v / max(seen, 1)) for k, v in totals.items()}
-    skipped = getattr(batches, "skipped", None)  # images the device decoder could not read (--decode device)
+    skipped = getattr(batches, "skipped", None)  # images the device decoder could not read (decode="device")
     if skipped is not None:
         means["skipped"] = float(skipped)
     means["samples"] = float(seen)
@@ -109,21 +252,18 @@ def train_one_epoch(
 
 
 def uneven_inputs(model: nn.Module):
-    """DDP's ``join()`` context when ``model`` is (or wraps) a DDP module, else a no-op.
+    """DDP's ``join()`` context when ``model`` is a DDP module, else a no-op.
 
-    Ranks may run different numbers of steps in an epoch (``--decode device`` drops a batch whose
+    Ranks may run different numbers of steps in an epoch (``decode="device"`` drops a batch whose
     images all fail to decode); without ``join`` the rank with more steps would wait for its peers'
     gradients forever. Inside it, a rank that ran out shadows the others' collectives."""
-    m = model
-    while m is not None:
-        if isinstance(m, nn.parallel.DistributedDataParallel):
-            return m.join()
-        m = getattr(m, "_orig_mod", None)
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.join()
     return contextlib.nullcontext()
 
 
-def _train_steps(model, batches, optimizer, objective, precision, totals: dict, *, grad_clip, log_every, log,
-                 on_batch) -> int:
+def _train_steps(model, batches, optimizer, objective, precision, totals: dict, *, schedule, grad_clip,
+                 log_every, log, on_batch) -> int:
     seen = 0
     for step, batch in enumerate(batches):
         if on_batch is not None:
@@ -136,10 +276,9 @@ def _train_steps(model, batches, optimizer, objective, precision, totals: dict, 
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}; parts {parts}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        precision.backward_step(loss, model, optimizer, grad_clip)
+        if schedule is not None:
+            schedule.after_step()
         n = int(batch["image"].shape[0])
         seen += n
         for key, value in parts.items():
@@ -182,7 +321,7 @@ def evaluate(model, batches, objective, precision) -> tuple[dict[str, Any], dict
 
 
 def _float_outputs(outputs) -> dict:
-    # Losses and metrics are computed in fp32 even when the forward ran under bf16 autocast.
+    # Losses and metrics are computed in fp32 even when the forward ran under autocast.
     if isinstance(outputs, torch.Tensor):  # a classifier that returns bare logits
         outputs = {"logits": outputs}
     return {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
@@ -191,26 +330,36 @@ def _float_outputs(outputs) -> dict:
 
 @dataclass
 class EarlyStopping:
-    """Patience on a validation metric; remembers the best epoch, never forgets it."""
+    """Patience on a validation metric, and which epoch's model the stage keeps (see :class:`SelectSpec`)."""
 
     patience: int
     mode: str = "max"
+    keep: str = "best"
+    stop: str = "patience_reached"
+    floor: Optional[float] = None
     best: Optional[float] = None
     best_epoch: int = -1
     bad_epochs: int = 0
+    last_epoch: int = -1
 
     def __post_init__(self):
         if self.mode not in ("max", "min"):
             raise ValueError(f"early-stopping mode must be 'max' or 'min', not {self.mode!r}")
 
+    @classmethod
+    def from_spec(cls, spec: SelectSpec) -> "EarlyStopping":
+        return cls(patience=spec.patience, mode=spec.mode, keep=spec.keep, stop=spec.stop, floor=spec.floor)
+
     def step(self, value: float, epoch: int) -> bool:
         """Record ``value`` for ``epoch``; returns True when it is the best so far."""
+        self.last_epoch = epoch
+        reference = self.best if self.best is not None else self.floor
         if value is None or (isinstance(value, float) and math.isnan(value)):
             improved = False
-        elif self.best is None:
+        elif reference is None:
             improved = True
         else:
-            improved = value > self.best if self.mode == "max" else value < self.best
+            improved = value > reference if self.mode == "max" else value < reference
         if improved:
             self.best, self.best_epoch, self.bad_epochs = float(value), epoch, 0
         else:
@@ -219,7 +368,18 @@ class EarlyStopping:
 
     @property
     def should_stop(self) -> bool:
+        if self.stop == "patience_exceeded":
+            return self.bad_epochs > self.patience
         return self.patience > 0 and self.bad_epochs >= self.patience
+
+    @property
+    def selected_epoch(self) -> int:
+        """The epoch whose model the stage keeps: the best, or with ``keep="last_on_stop"`` the last
+        epoch when training stopped early; the last epoch when none ever improved (the published
+        code would have no saved model to load then)."""
+        if (self.keep == "last_on_stop" and self.should_stop) or self.best_epoch < 0:
+            return self.last_epoch
+        return self.best_epoch
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -229,85 +389,69 @@ class EarlyStopping:
             setattr(self, key, value)
 
 
-def build_optimizer(params, name: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.0,
-                    momentum: float = 0.9, filter_bias_and_bn: bool = False) -> torch.optim.Optimizer:
-    """timm's ``create_optimizer_v2`` over ``params`` (an iterable of parameters, or a module).
+def build_optimizer(model: nn.Module, spec: OptimizerSpec, global_batch: int) -> torch.optim.Optimizer:
+    """timm's ``create_optimizer_v2`` over the *unwrapped* model's trainable parameters.
 
-    ``"adamw"`` / ``"adam"`` are torch's ``AdamW`` / ``Adam`` with their default betas and eps;
-    ``"sgd"`` is torch's ``SGD`` with Nesterov momentum (timm's ``"sgd"``).
-
-    ``filter_bias_and_bn=True`` (the DeiT/PVT recipe) needs the *unwrapped* module: timm then
-    exempts biases, every 1-D parameter (norm weights) and the names the model's
-    ``no_weight_decay()`` returns (position embeddings, cls/query tokens) from weight decay, and
-    skips frozen parameters. Otherwise every trainable parameter decays, in one group (the plain
-    path the two-stage pipeline has always used): timm gets the list of trainable parameters, not
-    the module, since given a module it would apply ``no_weight_decay()`` even then.
+    ``adamw`` / ``adam`` are torch's ``AdamW`` / ``Adam`` with their default betas and eps; ``sgd`` is
+    torch's ``SGD`` with Nesterov momentum (timm's ``sgd``). Decay groups follow ``spec.decay_exempt``.
     """
-    name = name.lower()
-    if name not in ("adamw", "adam", "sgd"):
-        raise ValueError(f"unknown optimizer {name!r}; known: adamw, adam, sgd")
-    if filter_bias_and_bn:
-        if not isinstance(params, nn.Module):
-            raise TypeError("filter_bias_and_bn=True needs the model (an nn.Module), not a parameter list")
-        if hasattr(params, "module"):
-            raise TypeError("pass the unwrapped model (core.unwrap), not its DDP wrapper: "
-                            "no_weight_decay() names are matched against its named_parameters()")
-        trainable = any(p.requires_grad for p in params.parameters())
-    else:
-        params = [p for p in (params.parameters() if isinstance(params, nn.Module) else params) if p.requires_grad]
-        trainable = bool(params)
+    if hasattr(model, "module"):
+        raise TypeError("pass the unwrapped model (core.unwrap), not its DDP wrapper: "
+                        "no_weight_decay() names are matched against its named_parameters()")
+    from timm.optim import create_optimizer_v2, param_groups_weight_decay
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("no trainable parameters: every layer is frozen")
-    from timm.optim import create_optimizer_v2
-
-    return create_optimizer_v2(params, opt=name, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                               filter_bias_and_bn=filter_bias_and_bn)
-
-
-def linear_scaled_lr(base_lr: float, batch_size: int, world_size: int, reference: int = 512) -> float:
-    """DeiT's linear scaling rule: ``base_lr x batch_size x world_size / reference``."""
-    return base_lr * batch_size * world_size / reference
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: int = 0,
-                    name: str = "cosine", min_lr_ratio: float = 0.01, min_lr: float = 1e-5,
-                    warmup_lr: float = 1e-5):
-    """A per-epoch timm scheduler (``create_scheduler_v2``); :func:`step_scheduler` advances it.
-
-    Epoch ``e`` trains at the schedule's value at ``e``: it is stepped with ``step(e + 1)`` after
-    epoch ``e`` (timm's own train.py; the published DeiT/PVT/LORA loop calls ``step(e)``, which
-    trains epochs 0 and 1 both at the warm-up start).
-
-    ``"cosine"`` / ``"constant"`` (the two-stage pipeline): epoch ``e < warmup_epochs`` trains at
-    ``lr * (e + 1) / (warmup_epochs + 1)`` (timm's linear warm-up from ``lr / (warmup_epochs + 1)``),
-    then a cosine over the remaining ``epochs - warmup_epochs`` epochs down to ``min_lr_ratio * lr``
-    (``warmup_prefix``), or the constant lr. ``lr`` is the optimizer's (one lr for all groups).
-    ``"timm_cosine"`` (the DeiT/PVT recipe): warm-up from ``warmup_lr`` over ``warmup_epochs``
-    epochs, then cosine over ``epochs`` (warm-up included) down to ``min_lr`` (absolute values;
-    ``min_lr_ratio`` is not used).
-    """
-    from timm.scheduler import create_scheduler_v2
-
-    if name == "timm_cosine":
-        scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=epochs, min_lr=min_lr,
-                                           warmup_lr=warmup_lr, warmup_epochs=warmup_epochs)
-        return scheduler
-    if name not in ("cosine", "constant"):
-        raise ValueError(f"unknown scheduler {name!r}; known: cosine, constant, timm_cosine")
-    base = {group.get("initial_lr", group["lr"]) for group in optimizer.param_groups}
-    if len(base) != 1:
-        raise ValueError(f"the {name!r} schedule needs one lr for every param group, got {sorted(base)}")
-    lr = base.pop()
-    scheduler, _ = create_scheduler_v2(optimizer, sched=name, num_epochs=max(epochs - warmup_epochs, 1),
-                                       min_lr=min_lr_ratio * lr, warmup_lr=lr / (warmup_epochs + 1),
-                                       warmup_epochs=warmup_epochs, warmup_prefix=True)
-    return scheduler
+    if spec.decay_exempt == "none":
+        params = trainable
+    else:
+        tokens = getattr(model, "no_weight_decay", None)
+        names = tokens() if spec.decay_exempt == "bias_norm_tokens" and callable(tokens) else ()
+        params = param_groups_weight_decay(model, spec.weight_decay, no_weight_decay_list=names)
+    return create_optimizer_v2(params, opt=spec.name, lr=spec.effective_lr(global_batch),
+                               weight_decay=spec.weight_decay, momentum=spec.momentum, filter_bias_and_bn=False)
 
 
-def step_scheduler(scheduler, next_epoch: int) -> None:
-    """End-of-epoch step of a :func:`build_scheduler` schedule: timm's schedulers are told the epoch
-    about to start (and set every param group's lr to its value there)."""
-    scheduler.step(next_epoch)
+class Schedule:
+    """A :class:`ScheduleSpec` on an optimiser: stepped after every optimiser step (``after_step``) or at
+    every epoch's end (``after_epoch``), as the spec says; its state is checkpointed with the run's."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, spec: ScheduleSpec, epochs: int):
+        self.spec = spec
+        if spec.per_batch:
+            self.scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(spec.milestones),
+                                                                  gamma=spec.gamma)
+            return
+        from timm.scheduler import create_scheduler_v2
+
+        if spec.name == "deit_cosine":
+            self.scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=epochs, min_lr=spec.min_lr,
+                                                    warmup_lr=spec.warmup_lr, warmup_epochs=spec.warmup_epochs)
+            return
+        base = {group.get("initial_lr", group["lr"]) for group in optimizer.param_groups}
+        if len(base) != 1:
+            raise ValueError(f"the {spec.name!r} schedule needs one lr for every param group, got {sorted(base)}")
+        lr, warmup = base.pop(), spec.warmup_epochs
+        sched = "cosine" if spec.name == "cosine_after_warmup" else "constant"
+        self.scheduler, _ = create_scheduler_v2(optimizer, sched=sched, num_epochs=max(epochs - warmup, 1),
+                                                min_lr=spec.min_lr_ratio * lr, warmup_lr=lr / (warmup + 1),
+                                                warmup_epochs=warmup, warmup_prefix=True)
+
+    def after_step(self) -> None:
+        if self.spec.per_batch:
+            self.scheduler.step()
+
+    def after_epoch(self, epoch: int) -> None:
+        """After epoch ``epoch``: timm's schedulers are told the epoch to take the lr of (see ``step_arg``)."""
+        if not self.spec.per_batch:
+            self.scheduler.step(epoch + 1 if self.spec.step_arg == "next_epoch" else epoch)
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
 
 
 def seed_everything(seed: int) -> None:
@@ -342,55 +486,44 @@ class TrainState:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: Any
+    schedule: Schedule
     early_stopping: EarlyStopping
     epoch: int = 0                        # the next epoch to run
     history: list = field(default_factory=list)
+    precision: Optional[Precision] = None   # its GradScaler's state travels with the run's
 
     def state_dict(self) -> dict:
+        scaler = self.precision.scaler if self.precision is not None else None
         return {
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": self.schedule.state_dict(),
             "early_stopping": self.early_stopping.state_dict(),
             "epoch": self.epoch,
             "history": self.history,
             "rng": rng_state(),
+            **({"scaler": scaler.state_dict()} if scaler is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.schedule.load_state_dict(state["scheduler"])
         self.early_stopping.load_state_dict(state["early_stopping"])
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
         set_rng_state(state["rng"])
+        if "scaler" in state and self.precision is not None and self.precision.scaler is not None:
+            self.precision.scaler.load_state_dict(state["scaler"])
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside ``torch.compile`` and DDP / DataParallel wrappers (in any nesting): its
-    ``state_dict`` names carry no ``_orig_mod.`` / ``module.`` prefixes."""
-    while True:
-        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or hasattr(model, "module"):
-            model = model.module
-        else:
-            return model
-
-
-def save_checkpoint(path, payload: dict) -> None:
-    """Write atomically: a crash never leaves a half-written file under ``path``."""
-    import os
-
-    tmp = f"{path}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The model inside DDP / DataParallel wrappers (``.module``, in any nesting): its ``state_dict``
+    names carry no ``module.`` prefix. (Compiling is done in place, ``nn.Module.compile``, so it
+    wraps nothing.)"""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
 
 
 @dataclass
@@ -412,33 +545,36 @@ def fit(
     val_batches: Callable[[int], Iterable[dict]],
     epochs: int,
     monitor: str,
+    val_objective: Optional[Objective] = None,
     eval_model: Optional[nn.Module] = None,
     on_epoch_end: Optional[Callable[[EpochResult, TrainState], None]] = None,
     grad_clip: Optional[float] = None,
     log: Callable[[str], None] = print,
     on_batch: Optional[Callable[[int, int], None]] = None,
 ) -> TrainState:
-    """The epoch loop: train, validate, step the schedule, track the best epoch, stop early.
+    """The epoch loop: train, validate, step the schedule, track the selected epoch, stop early.
 
     ``train_batches(epoch)`` / ``val_batches(epoch)`` return fresh iterables each epoch.
     ``eval_model`` is the module used for validation (the unwrapped model under DDP, so that
     ranks with uneven validation shards never wait on each other); defaults to ``state.model``.
     ``on_epoch_end`` runs after the state is advanced (the Ray glue reports and checkpoints there).
+    ``val_objective`` scores validation when its classes differ from training's (default: ``objective``).
     """
     eval_model = eval_model or state.model
+    val_objective = val_objective or objective
     while state.epoch < epochs and not state.early_stopping.should_stop:
         epoch = state.epoch
         start = time.perf_counter()
         lr = state.optimizer.param_groups[0]["lr"]
         hook = (lambda step: on_batch(epoch, step)) if on_batch else None
-        train_stats = train_one_epoch(state.model, train_batches(epoch), state.optimizer, objective,
-                                      precision, grad_clip=grad_clip, on_batch=hook)
-        val_metrics, _ = evaluate(eval_model, val_batches(epoch), objective, precision)
+        train_stats = train_one_epoch(state.model, train_batches(epoch), state.optimizer, objective, precision,
+                                      schedule=state.schedule, grad_clip=grad_clip, on_batch=hook)
+        val_metrics, _ = evaluate(eval_model, val_batches(epoch), val_objective, precision)
         if monitor not in val_metrics:
             raise KeyError(f"monitored metric {monitor!r} is not among the validation metrics "
                            f"{sorted(val_metrics)}")
         improved = state.early_stopping.step(val_metrics[monitor], epoch)
-        step_scheduler(state.scheduler, epoch + 1)
+        state.schedule.after_epoch(epoch)
         state.epoch = epoch + 1
         scalar_val = {k: v for k, v in val_metrics.items() if isinstance(v, (int, float))}
         seconds = time.perf_counter() - start

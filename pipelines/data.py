@@ -36,7 +36,8 @@ def check_dataname(name: str, flag: str = "") -> None:
 
 
 def resolve_shards(name_or_path: str, *, data_root: Optional[str] = None, max_side: int = 512,
-                   lexicon: Optional[str] = None, seed: int = 42, show_progress: bool = True) -> Path:
+                   lexicon: Optional[str] = None, seed: int = 42, reader_options: Optional[dict] = None,
+                   show_progress: bool = True) -> Path:
     """The ingested shard folder for a dataset name or path, ingesting it first when needed.
 
     - an ingested folder (has ``manifest.json``): used as it is;
@@ -51,7 +52,8 @@ def resolve_shards(name_or_path: str, *, data_root: Optional[str] = None, max_si
         if not path.is_dir():
             raise DataError(f"{path}: neither an ingested shard folder nor a raw dataset folder")
         layout = detect_layout(path)
-        return _ingest_once(layout, path, data_dir() / path.name, {"seed": seed}, max_side, lexicon, show_progress)
+        return _ingest_once(layout, path, data_dir() / path.name, {"seed": seed, **(reader_options or {})},
+                            max_side, lexicon, show_progress, checked=reader_options)
     check_dataname(name_or_path)
     layout, options = dataset_options(name_or_path)
     out = data_dir() / name_or_path
@@ -64,13 +66,18 @@ def resolve_shards(name_or_path: str, *, data_root: Optional[str] = None, max_si
     root = Path(data_root).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such dataset folder (--data-root for {name_or_path})")
-    return _ingest_once(layout, root, out, {**options, "seed": seed}, max_side, lexicon, show_progress)
+    return _ingest_once(layout, root, out, {**options, "seed": seed, **(reader_options or {})}, max_side, lexicon,
+                        show_progress, checked=reader_options)
 
 
 def _ingest_once(layout: str, root: Path, out: Path, options: dict, max_side: int, lexicon: Optional[str],
-                 show_progress: bool) -> Path:
+                 show_progress: bool, checked: Optional[dict] = None) -> Path:
+    """Ingest ``root`` into ``out`` unless it is there already; ``checked``: the reader options a recipe
+    asks for, compared (with ``max_side``) against an existing ingest's."""
     options = ingest_options(layout, options)  # e.g. SER30K ships its own split: no seed
-    if not is_ingested(out):
+    if is_ingested(out):
+        _note_other_ingest(out, max_side, ingest_options(layout, checked or {}))
+    else:
         from datasets_io.ingest import ingest
         from pipelines import cli
 
@@ -78,6 +85,20 @@ def _ingest_once(layout: str, root: Path, out: Path, options: dict, max_side: in
         ingest(layout, root, out, max_side=max_side, reader_options=options, lexicon_path=lexicon,
                show_progress=show_progress)
     return out
+
+
+def _note_other_ingest(out: Path, max_side: int, options: dict) -> None:
+    """One line when shards already on disk were ingested otherwise than the recipe asks (they are used
+    as they are; ``python -m datasets_io ingest ... --overwrite`` makes them again)."""
+    params = read_manifest(out).get("params") or {}
+    differ = []
+    if params.get("max_side") != max_side:
+        differ.append(f"max_side {params.get('max_side')} (the recipe: {max_side})")
+    stored = params.get("reader_options") or {}
+    differ += [f"{k} {stored.get(k)!r} (the recipe: {v!r})" for k, v in options.items() if stored.get(k, v) != v]
+    if differ:
+        print(f"note: {out} was ingested with {', '.join(differ)}; using it as it is "
+              f"(re-ingest with --overwrite to match the recipe)")
 
 
 def demo_shards(cache_dir: Optional[str] = None, *, images_per_class: int = 60, image_size: int = 64,
@@ -112,58 +133,93 @@ def check_shards(path: Path, *, role: str, need_va: bool = False, need_labels: b
     return manifest
 
 
-def training_datasets(path: Path, *, image_size: int, num_classes: int, seed: int, augment: str = "basic",
-                      splits=("train", "val"), keep_text: bool = False, image_cfg: Optional[dict] = None,
-                      crop_scale: Optional[tuple] = None, auto_augment: Optional[str] = None,
-                      repeated_aug: int = 1, train_rows: Optional[int] = None, decode: str = "cpu") -> dict:
-    """Ray Datasets per split: uint8 pixels (decoded, cropped, augmented on ``train`` only; the
-    workers normalise them on their device with the recipe's mean/std), never float32.
+def split_dataset(path: Path, split: str, prep, *, num_classes: int, seed: int, augment: bool = False,
+                  keep_text: bool = False, train_rows: Optional[int] = None):
+    """One split's Ray Dataset of uint8 pixels and dense targets (never float32: the workers normalise
+    on their device), prepared as ``prep`` says.
 
-    Each split's JPEG bytes are held in Ray's object store when small, else streamed from the files
-    (:func:`datasets_io.ray_data.load_split`); ``train`` is reordered every epoch (rows permuted
-    once with ``seed``, then block or file order drawn per epoch).
-
-    ``decode="device"``: the ``train`` split hands over the stored JPEG bytes and targets
-    (:class:`datasets_io.shards.ImageBytes`); the workers decode and augment on their device
-    (:class:`datasets_io.pixels.DeviceImagePipeline`). Evaluation splits always use the CPU eval
-    transform, the one ``pipelines.predict`` uses.
-
-    ``image_cfg`` (``mean``, ``std``, ``interpolation``, ``crop_pct``; see
-    ``emotion_models.va.data_config``) prepares images as the backbone's pretrained_cfg says;
-    without it, timm's ImageNet defaults. ``train``: RandomResizedCrop (``crop_scale``), flip,
-    ``augment`` (RandAugment with the ``auto_augment`` policy), and DeiT's repeated augmentation
-    when ``repeated_aug`` > 1 (over ``train_rows`` rows); fresh draws every epoch. Others: resize +
-    centre crop.
+    The split's image bytes are held in Ray's object store when small, else streamed from the files
+    (:func:`datasets_io.ray_data.load_split`). ``split == "train"`` is reordered every epoch (rows
+    permuted once with ``seed``, then block or file order drawn per epoch), repeated
+    (``prep.repeated_aug`` over ``train_rows``) and handed over as stored bytes with
+    ``prep.decode="device"``. ``augment``: the training transform (fresh draws every epoch; the
+    training split, or a validation split the recipe augments), else the evaluation transform.
     """
+    from datasets_io.prep import ImageTransform
     from datasets_io.ray_data import load_split, repeated_augmentation
-    from datasets_io.shards import ImageBytes, ImageTransform
+
+    train = split == "train"
+    if train:
+        transform = prep.batch_transform(train=True, num_classes=num_classes, keep_text=keep_text)
+    else:   # evaluation splits are decoded on the CPU, whatever prep.decode says
+        transform = ImageTransform(prep, train=augment, num_classes=num_classes, keep_text=keep_text,
+                                   seed=None if augment else seed)
+    ds = load_split(path, split, shuffle_seed=seed if train else None)
+    if train and prep.repeated_aug > 1:
+        if not train_rows:
+            raise ValueError("repeated augmentation needs the number of training rows")
+        ds = repeated_augmentation(ds, prep.repeated_aug, train_rows)
+    ds = ds.map_batches(transform, batch_format="numpy")
+    # Training shows one line per epoch; Ray Data's per-operator bars, streamed from every worker each
+    # epoch, would bury it (the ingest keeps its bars).
+    ds.context.enable_progress_bars = False
+    return ds
+
+
+def training_datasets(manifest: dict, prep, *, num_classes: int, seed: int, splits=("train", "val"),
+                      keep_text: bool = False) -> dict:
+    """Ray Datasets per split of an ingested dataset (its ``manifest``, as :func:`check_shards` returns
+    it), prepared as ``prep`` says (:func:`split_dataset`); the validation split takes the training
+    transform when the recipe says so for the dataset's layout (``prep.val_augment``)."""
     from pipelines import cli
 
-    if decode not in ("cpu", "device"):
-        raise ValueError(f"unknown decode {decode!r}; expected 'cpu' or 'device'")
     # Ray Data's first call would start Ray itself, with Ray's console (every worker's log, INFO lines);
     # started here, it gets the project's console settings. (With a cached demo nothing else starts it first.)
     cli.init_ray()
-    out = {}
-    for split in splits:
-        train = split == "train"
-        # Training crops are drawn fresh each epoch (seed=None): a seeded transform would repeat the
-        # same crop of an image every epoch. Evaluation has no randomness.
-        options = {k: v for k, v in (("scale", tuple(crop_scale) if crop_scale else None),
-                                     ("auto_augment", auto_augment)) if v is not None and train}
-        transform = ImageTransform(image_size, train=train, num_classes=num_classes,
-                                   augment=augment if train else "none", seed=None if train else seed,
-                                   keep_text=keep_text, **(image_cfg or {}), **options)
-        if train and decode == "device":
-            transform = ImageBytes(num_classes, keep_text=keep_text)
-        ds = load_split(path, split, shuffle_seed=seed if train else None)
-        if train and repeated_aug > 1:
-            if not train_rows:
-                raise ValueError("repeated augmentation needs the number of training rows")
-            ds = repeated_augmentation(ds, repeated_aug, train_rows)
-        ds = ds.map_batches(transform, batch_format="numpy")
-        # Training shows one line per epoch; Ray Data's per-operator bars, streamed from every
-        # worker each epoch, would bury it (the ingest keeps its bars).
-        ds.context.enable_progress_bars = False
-        out[split] = ds
-    return out
+    path = Path(manifest["shards"])
+    augment_val = prep.validates_like_training(manifest.get("layout"))
+    return {split: split_dataset(path, split, prep, num_classes=num_classes, seed=seed, keep_text=keep_text,
+                                 augment=split == "val" and augment_val, train_rows=manifest["counts"]["train"])
+            for split in splits}
+
+
+class Shards:
+    """An ingested dataset a pipeline uses: its manifest, classes and their VA anchors, and its Ray
+    Datasets, built once per image preparation (a sweep's trials that change no ``prep`` field share them)."""
+
+    def __init__(self, manifest: dict, lexicon):
+        self.manifest = manifest
+        self.classes = tuple(manifest["classes"])
+        lexicon.check(self.classes)
+        self.anchors = tuple(tuple(float(x) for x in row) for row in lexicon.va_many(self.classes))
+        self._cache: dict = {}
+
+    @property
+    def layout(self) -> str:
+        return self.manifest.get("layout", "")
+
+    @property
+    def counts(self) -> dict:
+        return self.manifest.get("counts", {})
+
+    @property
+    def max_side(self) -> Optional[int]:
+        return (self.manifest.get("params") or {}).get("max_side")
+
+    def datasets(self, prep, seed: int, splits=("train", "val", "test"), keep_text: bool = False) -> dict:
+        key = (prep, seed, tuple(splits), keep_text)
+        if key not in self._cache:
+            self._cache[key] = training_datasets(self.manifest, prep, num_classes=len(self.classes), seed=seed,
+                                                 splits=splits, keep_text=keep_text)
+        return self._cache[key]
+
+    def training_images(self, prep, seed: int):
+        """The training and validation images, with the evaluation transform, as one dataset: what the
+        published LDL code scores as its test split (``DimensionalDataset`` reads ``train/`` in test mode)."""
+        key = ("training_images", prep, seed)
+        if key not in self._cache:
+            path = Path(self.manifest["shards"])
+            parts = [split_dataset(path, split, prep, num_classes=len(self.classes), seed=seed, augment=False)
+                     for split in ("train", "val")]
+            self._cache[key] = parts[0].union(parts[1])
+        return self._cache[key]

@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import numpy as np
 
-# The comparison's columns (test split of the dimensional set, and the categorical accuracy).
+# The printed table's columns (test split of the dimensional set, and the categorical accuracy); every
+# test metric of every row is summarised, logged to MLflow and written to result.json.
 COMPARE = ("test_pearson_v", "test_pearson_a", "test_ccc_v", "test_ccc_a", "test_mse", "test_categorical_accuracy")
 
 
 def summarize(rows: list[dict]) -> dict:
-    """``{framework: {metric: {"mean", "std", "n"}}}`` over seeds (sample std, ddof 1; 0 for one seed)."""
+    """``{framework: {metric: {"mean", "std", "n"}}}`` over seeds for every ``test_*`` metric of the rows
+    (sample std, ddof 1; 0 for one seed)."""
     out: dict = {}
+    metrics = dict.fromkeys(k for r in rows for k in r if k.startswith("test_"))
     for framework in dict.fromkeys(r["framework"] for r in rows):
         mine = [r for r in rows if r["framework"] == framework]
         out[framework] = {}
-        for key in COMPARE:
+        for key in metrics:
             values = [r[key] for r in mine if isinstance(r.get(key), (int, float))]
             if values:
                 arr = np.asarray(values, dtype=np.float64)

@@ -7,18 +7,16 @@ a ReLU, ``FC_va`` (features -> 2, VA on the SAM 1..9 scale, no activation) and, 
 model, ``FC_cat`` (features -> classes). Its forward is ``FC_va(relu(flatten(resnet(x))))``.
 
 The project's VA model predicts VA on the canonical [-1, 1] scale, ``canonical = (sam - 5) / 4``.
-A linear head maps exactly: ``W' = W / 4``, ``b' = (b - 5) / 4``. The published head is unbounded,
-so the imported model is built with ``bounded=False`` (no tanh), recorded in the checkpoint's recipe.
-The ReLU after pooling is the identity on a ResNet (its last block ends in a ReLU), so the project's
-pooled features equal the published ones. Images are prepared as the published evaluation did:
-``Resize(448)`` (bilinear) + ``CenterCrop(448)`` (crop fraction 1.0), ImageNet mean and std.
+A linear head maps exactly: ``W' = W / 4``, ``b' = (b - 5) / 4``. The imported model has the published
+head (``head="relu_linear"``: ``FC_va(relu(features))``, unbounded), recorded in the checkpoint's recipe.
+Images are prepared as the published evaluation did: the original file, ``Resize(448)`` (bilinear) +
+``CenterCrop(448)`` (crop fraction 1.0), ImageNet mean and std.
 
     python -m pipelines.import_published two_stage_multi_FI_rs_42.pt OUT_DIR [--backbone resnet101]
     python -m pipelines.predict --checkpoint two_stage_multi_FI_rs_42.pt --backbone resnet101 photos/
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -27,7 +25,10 @@ from typing import Optional
 
 import torch
 
+from datasets_io.prep import ImagePrep
 from emotion_models.errors import ModelConfigError
+from emotion_models.losses import LossSpec
+from emotion_models.registry import ModelSpec
 from pipelines import cli
 from pipelines.recipe import StageRecipe
 
@@ -42,10 +43,10 @@ _FI_SORTED = ["amusement", "anger", "awe", "contentment", "disgust", "excitement
 _LDL_ORDER = ["amusement", "awe", "contentment", "excitement", "anger", "disgust", "fear", "sadness"]
 HEAD_CLASSES = {"fi": _FI_SORTED, "flickrldl": _LDL_ORDER, "twitterldl": _LDL_ORDER,
                 "flickr": ["negative", "neutral", "positive"], "instagram": ["negative", "neutral", "positive"]}
-# How the published code prepared evaluation images.
-PUBLISHED_IMAGE = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bilinear",
-                   "crop_pct": 1.0, "max_side": None}
-PUBLISHED_IMAGE_SIZE = 448
+# How the published code prepared evaluation images (src/dataset.py: the original file, Resize(448) +
+# CenterCrop(448), ImageNet mean and std).
+PUBLISHED_PREP = ImagePrep(size=448, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bilinear",
+                           crop_pct=1.0, max_side=0)
 
 
 def parse_name(path: Path) -> dict:
@@ -104,7 +105,7 @@ def import_checkpoint(path: str | Path, backbone: str = "resnet101", dataname: O
         head_classes = [f"class_{i}" for i in range(num_classes)]
     set_name = next((k for k in CATEGORY_SETS if k.lower() == data.lower()), "FI")
     classes = list(CATEGORY_SETS[set_name])
-    model = build_va(backbone, task=task, num_classes=num_classes or 8, bounded=False)
+    model = build_va(backbone, task=task, num_classes=num_classes or 8, head="relu_linear")
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # same names, other shapes (e.g. a ResNet-50 file with --backbone resnet101)
@@ -118,30 +119,29 @@ def import_checkpoint(path: str | Path, backbone: str = "resnet101", dataname: O
     model.eval()
     anchors = Lexicon.builtin().va_many(classes).tolist()
     recipe = StageRecipe(
-        name="published",
-        model={"name": "va", "backbone": backbone, "task": task, "num_classes": num_classes or 8, "bounded": False},
-        objective={"kind": "va", "alpha": 0.9, "va_loss": "mse", "num_classes": len(classes),
-                   "anchors": anchors, "accuracy_from": "anchors", "va_scale": 16.0},
-        optimizer={}, classes=classes, head_classes=head_classes,
-        image_size=PUBLISHED_IMAGE_SIZE, image=dict(PUBLISHED_IMAGE))
+        name="published", source=str(path.resolve()),
+        model=ModelSpec(name="va", backbone=backbone, weights="none", head="relu_linear",
+                        options={"task": task, "num_classes": num_classes or 8}),
+        prep=PUBLISHED_PREP, loss=LossSpec(va_weight=0.9, va_scale=16.0, anchor_decode="cosine_sam"),
+        classes=tuple(classes), head_classes=tuple(head_classes) if head_classes else None,
+        anchors=tuple(tuple(a) for a in anchors))
     published = {"source": str(path.resolve()), **info, "va_head": "W/4, (b-5)/4 (SAM 1..9 -> [-1, 1])"}
     return model, {"recipe": recipe, "epoch": None, "published": published}
 
 
 def save_project_checkpoint(model, meta: dict, out_dir: str | Path) -> Path:
     """Write ``meta.json`` + ``state.pt`` (``{"model": state_dict}``): a project checkpoint folder."""
-    from pipelines.core import save_checkpoint
-    from pipelines.recipe import STATE_FILE, write_meta
+    from pipelines.checkpoints import STATE_FILE, save_state, write_meta
 
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out / STATE_FILE, {"model": model.state_dict()})
+    save_state(out / STATE_FILE, {"model": model.state_dict()})
     write_meta(out, **meta)
     return out
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipelines.import_published", description=__doc__.split("\n\n")[0])
+    p = cli.Parser(prog="python -m pipelines.import_published", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="the published {mode}_{task}_{data}_rs_{seed}.pt")
     p.add_argument("out", help="folder to write the project checkpoint to (meta.json + state.pt)")
     p.add_argument("--backbone", default="resnet101", help="timm name of the published backbone")
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     model, meta = import_checkpoint(args.checkpoint, args.backbone, args.dataname)
     out = save_project_checkpoint(model, meta, args.out)
-    print(f"imported {args.checkpoint} ({meta['recipe'].model['task']}, {args.backbone}) -> {out}")
+    print(f"imported {args.checkpoint} ({meta['recipe'].model.options['task']}, {args.backbone}) -> {out}")
     return 0
 
 

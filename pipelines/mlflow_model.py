@@ -31,9 +31,9 @@ ERROR = "error"
 
 class EmotionModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from pipelines.recipe import load_model_from_checkpoint
+        from pipelines.checkpoints import load_model
 
-        self.model, self.meta = load_model_from_checkpoint(context.artifacts[CHECKPOINT])
+        self.model, self.meta = load_model(context.artifacts[CHECKPOINT])
         self.model.eval()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
@@ -43,12 +43,11 @@ class EmotionModel(mlflow.pyfunc.PythonModel):
         if "image" not in frame.columns:
             raise ValueError(f"the input needs an 'image' column (image bytes); got columns {list(frame.columns)}")
         recipe = self.meta["recipe"]
-        size = recipe.image_size or 224
         texts = frame["text"].tolist() if "text" in frame.columns else [None] * len(frame)
         rows = []
         for value, text in zip(frame["image"].tolist(), texts):
             data = _as_bytes(value)
-            ok, batch, bad = load_images([_Blob(data)], size, recipe.image) if data is not None \
+            ok, batch, bad = load_images([_Blob(data)], recipe.prep) if data is not None \
                 else ([], None, [(None, "not image bytes")])
             if not ok:
                 rows.append({ERROR: f"unreadable image: {bad[0][1]}"})

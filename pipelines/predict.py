@@ -14,10 +14,10 @@ and counted.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -29,7 +29,7 @@ from pipelines import cli
 
 
 def resolve_checkpoint(path: str) -> Path:
-    from pipelines.recipe import META_FILE, RESULT_FILE
+    from pipelines.checkpoints import META_FILE, RESULT_FILE
 
     p = Path(path).expanduser().resolve()
     if (p / META_FILE).exists():
@@ -48,9 +48,9 @@ def load_any(checkpoint: str, *, backbone: str = "resnet101", dataname: str | No
         from pipelines.import_published import import_checkpoint
 
         return import_checkpoint(p, backbone=backbone, dataname=dataname)
-    from pipelines.recipe import load_model_from_checkpoint
+    from pipelines.checkpoints import load_model
 
-    return load_model_from_checkpoint(resolve_checkpoint(checkpoint))
+    return load_model(resolve_checkpoint(checkpoint))
 
 
 def list_images(target: str) -> list[Path]:
@@ -62,38 +62,39 @@ def list_images(target: str) -> list[Path]:
     raise FileNotFoundError(f"{p}: no such image or folder")
 
 
-# Checkpoints written before the recipe recorded how images were prepared were ingested at this size.
-DEFAULT_MAX_SIDE = 512
-NO_SHRINK = 1 << 20
+def stored_bytes(data: bytes, max_side: int) -> bytes:
+    """An image as the ingest stored it: validated, shrunk to ``max_side`` and re-encoded (0: the original
+    bytes, validated by decoding them, as the published codes read their files)."""
+    from datasets_io.images import decode_image, prepare_image
+
+    if max_side:
+        return prepare_image(data, max_side=max_side)
+    decode_image(data)
+    return data
 
 
-def load_images(paths: list[Path], image_size: int, image: dict | None = None
-                ) -> tuple[list[Path], torch.Tensor, list[tuple[Path, str]]]:
+def load_images(paths: list[Path], prep) -> tuple[list[Path], torch.Tensor, list[tuple[Path, str]]]:
     """Decode with the same validation and eval transform as training; returns (ok paths, batch, bad).
 
-    ``image`` is the recipe's ``image`` entry: ``max_side`` (the ingest's; ``None`` = no shrinking, as
-    for imported published checkpoints) and the eval transform's mean, std, interpolation, crop_pct.
+    ``prep`` is the recipe's :class:`datasets_io.prep.ImagePrep`: images are stored as the ingest stored
+    them (``max_side``), then take the evaluation transform and the normalisation the workers apply.
     """
-    from datasets_io.images import BadImage, prepare_image
-    from datasets_io.shards import ImageTransform
+    from datasets_io.images import BadImage
+    from datasets_io.prep import ImageTransform
 
-    image = dict(image or {"max_side": DEFAULT_MAX_SIDE})
-    max_side = image.pop("max_side", DEFAULT_MAX_SIDE) or NO_SHRINK
-    ok, jpegs, bad = [], [], []
+    ok, stored, bad = [], [], []
     for path in paths:
         try:
-            jpegs.append(prepare_image(path.read_bytes(), max_side=max_side))
+            stored.append(stored_bytes(path.read_bytes(), prep.max_side))
             ok.append(path)
-        except (BadImage, OSError) as exc:
-            bad.append((path, str(exc)))
-    if not jpegs:
-        return ok, torch.empty(0, 3, image_size, image_size), bad
-    from datasets_io.pixels import ImageNorm
-
-    transform = ImageTransform(image_size, train=False, num_classes=1, **image)
-    pixels = transform({"image": np.array(jpegs, dtype=object)})["image"]  # uint8, as training's workers get them
+        except (BadImage, OSError, ValueError) as exc:
+            bad.append((path, str(exc) or type(exc).__name__))
+    if not stored:
+        return ok, torch.empty(0, 3, prep.size, prep.size), bad
+    transform = ImageTransform(prep, train=False, num_classes=1)
+    pixels = transform({"image": np.array(stored + [None], dtype=object)[:len(stored)]})["image"]
     # Normalised as the workers normalise on their device: the same ImageNorm, the recipe's mean/std.
-    return ok, ImageNorm.from_image_cfg(image)(torch.from_numpy(pixels)), bad
+    return ok, prep.resolve().norm()(torch.from_numpy(pixels)), bad
 
 
 @torch.no_grad()
@@ -104,13 +105,14 @@ def predict_rows(model, meta: dict, images: torch.Tensor, text: str | None = Non
 
     recipe = meta["recipe"]
     model.eval()
-    classes = recipe.classes or []
-    if recipe.objective["kind"] == "classify":
+    classes = list(recipe.classes or [])
+    if recipe.loss.kind == "classify":
         kwargs = {}
-        if recipe.objective.get("use_text"):
+        options = recipe.model.options
+        if options.get("text_encoder"):
             from emotion_models.text import make_tokenizer
 
-            tokenizer = make_tokenizer(recipe.model.get("text_encoder", "bytes"), recipe.model.get("max_text_len", 32))
+            tokenizer = make_tokenizer(options["text_encoder"], options.get("max_text_len", 30))
             ids, mask = tokenizer([text or ""] * len(images))
             kwargs = {"text_ids": torch.from_numpy(ids), "text_mask": torch.from_numpy(mask)}
         prob = torch.softmax(model(images, **kwargs)["logits"], dim=1).numpy()
@@ -118,7 +120,7 @@ def predict_rows(model, meta: dict, images: torch.Tensor, text: str | None = Non
                  **{f"p_{c}": float(v) for c, v in zip(classes or range(len(p)), p)}} for p in prob]
     out = model(images)
     va = out["va"].numpy()
-    anchors = np.asarray(recipe.objective.get("anchors") or Lexicon.builtin().va_many(classes), dtype=np.float32)
+    anchors = np.asarray(recipe.anchors or Lexicon.builtin().va_many(classes), dtype=np.float32)
     nearest = nearest_anchor(va, anchors)
     rows = []
     for i, (v, a) in enumerate(va):
@@ -131,7 +133,7 @@ def predict_rows(model, meta: dict, images: torch.Tensor, text: str | None = Non
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipelines.predict", description=__doc__.split("\n\n")[0])
+    p = cli.Parser(prog="python -m pipelines.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("target", help="an image or a folder of images")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder, or a run folder with result.json")
     p.add_argument("--model", default=None,
@@ -152,12 +154,13 @@ def main(argv=None) -> int:
         return _write(rows, bad, args.out)
 
     model, meta = load_any(args.checkpoint, backbone=args.backbone, dataname=args.dataname)
-    image_size = args.image_size or meta["recipe"].image_size or 224
+    prep = meta["recipe"].prep
+    if args.image_size:
+        prep = replace(prep, size=args.image_size)
     paths = list_images(args.target)
     rows, bad = [], []
     for start in range(0, len(paths), args.batch_size):
-        ok, batch, bad_now = load_images(paths[start:start + args.batch_size], image_size,
-                                         meta["recipe"].image)
+        ok, batch, bad_now = load_images(paths[start:start + args.batch_size], prep)
         bad += bad_now
         if ok:
             rows += [{"image": str(path), **row} for path, row in zip(ok, predict_rows(model, meta, batch, args.text))]

@@ -11,32 +11,63 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from pipelines import console
-from pipelines.recipe import RESULT_FILE, RUN_STATE_FILE, StageRecipe, jsonable
+from pipelines.checkpoints import RESULT_FILE, RUN_STATE_FILE
+from pipelines.recipe import Recipe, StageRecipe, jsonable
 from pipelines.tracking import Tracker, log_stage_artifacts, system_metrics_interval
-from pipelines.train_loop import EvalSet, RunOptions, StageOutcome, run_stage
+from pipelines.train_loop import RunOptions, StageData, StageOutcome, run_stage
 
 
-def require_tracking(args) -> None:
+def require_tracking(run: RunOptions) -> None:
     """Stop in one line when ``--mlflow-uri`` is a tracking server that does not answer. Each entry point
     calls it first, before any data is read or Ray starts (building the Ray Datasets starts Ray)."""
     from pipelines.tracking import require_server, resolve_tracking_uri
 
-    require_server(resolve_tracking_uri(args.mlflow_uri))
+    require_server(resolve_tracking_uri(run.mlflow_uri))
+
+
+def require_weights(*recipes: StageRecipe) -> None:
+    """Before Ray starts or any data is read: every recipe's starting weights can be had (a local file
+    exists; hub weights are in the local cache or download now; LORA has no hub weights), else one line
+    naming the ways out. A start from scratch is said once, here and (as a tag) in MLflow."""
+    from emotion_models.registry import HUB
+    from emotion_models.weights import require_hub_weights
+
+    said = set()
+    for recipe in recipes:
+        spec = recipe.model
+        key = (spec.name, spec.backbone, spec.weights)
+        if key in said:
+            continue
+        said.add(key)
+        if spec.from_scratch:
+            print(f"training from scratch: {spec.backbone or spec.name} starts from random weights (--weights none)")
+        elif spec.weights == HUB:
+            if spec.name != "va":
+                from emotion_models.errors import ModelConfigError
+
+                raise ModelConfigError(f"{spec.name} has no weights on the timm hub: pass --weights PATH (a local "
+                                       "file, e.g. the published pvt_small.pth) or --weights none (train from scratch)")
+            path = require_hub_weights(spec.backbone)
+            print(f"pretrained weights: {spec.backbone} from the hub cache ({path})")
+        elif not Path(spec.weights).expanduser().is_file():
+            raise FileNotFoundError(f"{spec.weights}: no such weights file (--weights)")
 
 
 class PipelineRun:
-    def __init__(self, *, run_dir: Path, run: RunOptions, tracking_uri: str, experiment: str, run_name: str,
-                 tags: dict, params: dict, register: Optional[str] = None, fault: Optional[str] = None):
-        self.register = register
-        self.fault = fault  # tests: "stage:epoch:step:rank:marker" kills one worker of that stage once
-        self.run_dir = run_dir
+    def __init__(self, *, run: RunOptions, run_name: str, tags: dict, recipe: Recipe):
+        from pipelines.tracking import resolve_tracking_uri
+        from pipelines.versions import resolved_versions
+
+        self.register = run.register
+        self.fault = run.fault  # tests: "stage:epoch:step:rank:marker" kills one worker of that stage once
+        self.run_dir = Path(run.storage_path) / run_name
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.run = RunOptions(**{**run.__dict__, "storage_path": str(run_dir)})
-        self.tracker = Tracker(tracking_uri, experiment)
-        self.state_path = run_dir / RUN_STATE_FILE
+        self.run = RunOptions(**{**run.__dict__, "storage_path": str(self.run_dir)})
+        self.tracker = Tracker(resolve_tracking_uri(run.mlflow_uri), run.experiment)
+        self.state_path = self.run_dir / RUN_STATE_FILE
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"stages": {}}
         self.started = time.time()
         parent = self.state.get("parent_run_id")
@@ -45,35 +76,33 @@ class PipelineRun:
             print(f"resuming run {run_name!r} (MLflow run {parent}); finished stages: "
                   f"{', '.join(self.state['stages']) or 'none'}")
         else:
-            parent = self.tracker.retrying("start the parent run",
-                                           lambda: self.tracker.start_run(run_name, tags=tags, params=params),
-                                           required=True)
+            versions = resolved_versions()
+            params = {"recipe": recipe.name, "num_workers": run.num_workers, "use_gpu": run.use_gpu,
+                      **{f"version.{k}": v for k, v in versions.items()}}
+            parent = self.tracker.retrying("start the parent run", lambda: self.tracker.start_run(
+                run_name, tags={**tags, "recipe": recipe.name}, params=params), required=True)
+            self.tracker.retrying("the recipe", lambda: self.tracker.client.log_text(parent, recipe.to_yaml(),
+                                                                                     "recipe.yaml"))
             self.state["parent_run_id"] = parent
         self.parent_id = parent
         self._save()
 
     @classmethod
-    def from_args(cls, args, *, pipeline: str, run_name_prefix: str, tags: dict) -> "PipelineRun":
-        """The run folder, Ray options and MLflow parent run from the shared CLI flags."""
-        from pipelines import cli
-        from pipelines.tracking import resolve_tracking_uri
-
-        tracking_uri = resolve_tracking_uri(args.mlflow_uri)   # checked already: require_tracking
-        cli.init_ray(args.address)
-        run_name = args.run_name or cli.default_run_name(run_name_prefix)
-        run_dir = cli.storage_root(args.storage_path) / run_name
-        run = RunOptions(storage_path=str(run_dir), num_workers=args.num_workers, use_gpu=args.use_gpu,
-                         cpus_per_worker=cli.cpus_per_worker(args), max_failures=args.max_failures)
-        params = {k: v for k, v in vars(args).items() if k not in ("explicit", "fault")}
-        return cls(run_dir=run_dir, run=run, tracking_uri=tracking_uri,
-                   experiment=args.experiment, run_name=run_name, params=params,
-                   register=getattr(args, "register", None), fault=getattr(args, "fault", None),
-                   tags={"pipeline": pipeline, **tags})
-
-    def print_summary(self, result: dict, path: Path, title: str) -> None:
+    def start(cls, run: RunOptions, *, pipeline: str, run_name_prefix: str, tags: dict, recipe: Recipe) -> "PipelineRun":
+        """Ray started, the run folder and the MLflow parent run (reused when ``--run-name`` names an
+        earlier run) made."""
         from pipelines import cli
 
-        rows = [(k, cli.fmt(v)) for k, v in result.items() if k.startswith("test_") and not isinstance(v, list)]
+        cli.init_ray(run.address)
+        return cls(run=run, run_name=run.run_name or cli.default_run_name(run_name_prefix),
+                   tags={"pipeline": pipeline, **tags}, recipe=recipe)
+
+    def print_summary(self, result: dict, path: Path, title: str, keys: Sequence[str] = ()) -> None:
+        """The run's headline test metrics (``keys``; every ``test_*`` metric is in result.json and MLflow),
+        where its results are, how to open them, and how long it took."""
+        from pipelines import cli
+
+        rows = [(k, cli.fmt(result[k])) for k in keys if isinstance(result.get(k), (int, float))]
         rows += [("mlflow run", self.parent_id),
                  ("mlflow ui", f"mlflow ui --backend-store-uri {self.tracker.uri}"),
                  ("result", str(path)), ("wall time", f"{time.time() - self.started:.0f} s")]
@@ -90,9 +119,8 @@ class PipelineRun:
         name, epoch, step, rank, marker = self.fault.split(":", 4)
         return {"epoch": int(epoch), "step": int(step), "rank": int(rank), "marker": marker} if name == stage else None
 
-    def stage(self, recipe: StageRecipe, datasets: dict, *, manifests: dict,
-              tests: Optional[dict[str, EvalSet]] = None) -> dict:
-        """Train one stage (or reuse it when finished) and score its best checkpoint on ``tests``.
+    def stage(self, recipe: StageRecipe, data: StageData, *, manifests: dict) -> dict:
+        """Train one stage (or reuse it when finished) and score its selected checkpoint on ``data.tests``.
 
         Returns ``{"outcome": StageOutcome fields, "tests": {name: metrics}, "mlflow_run_id": ...}``.
         """
@@ -106,17 +134,22 @@ class PipelineRun:
         # whose results are saved: the error says how to continue).
         resume_hint = f"start {name}'s MLflow run; the finished stages are saved, rerun the same command " \
                       f"with --run-name {self.run_dir.name} to continue"
+        per_worker = recipe.per_worker_batch(self.run.num_workers)
         if not child or not self.tracker.retrying(resume_hint, lambda: self.tracker.run_exists(child), required=True):
             child = self.tracker.retrying(resume_hint, lambda: self.tracker.start_run(
-                name, parent_id=self.parent_id, params=recipe.to_dict()), required=True)
+                name, parent_id=self.parent_id, tags={"recipe": recipe.source, "pretrained": recipe.model.weights},
+                params={**recipe.to_dict(), "per_worker_batch_size": per_worker}), required=True)
             self.state["child_runs"][name] = child
             self._save()
-            self.tracker.retrying(f"{name}: dataset inputs", lambda: self.tracker.log_dataset_inputs(child, manifests))
-        print(f"[{name}] training: {recipe.epochs} epochs max, monitor val_{recipe.monitor} "
-              f"({recipe.monitor_mode}), {self.run.num_workers} workers")
-        tests = tests or {}
+            self.tracker.retrying(f"{name}: recipe and dataset inputs", lambda: (
+                self.tracker.client.log_text(child, _yaml(recipe.to_dict()), "recipe.yaml"),
+                self.tracker.log_dataset_inputs(child, manifests)))
+        select = recipe.select
+        print(f"[{name}] training: {recipe.epochs} epochs max, select val_{select.metric} ({select.mode}, keep "
+              f"{select.keep}), batch {recipe.batch_size} = {self.run.num_workers} workers x {per_worker}")
+        tests = data.tests
         try:
-            outcome: StageOutcome = run_stage(recipe, datasets, self.run, tests=tests, fault=self._fault(name),
+            outcome: StageOutcome = run_stage(recipe, data, self.run, fault=self._fault(name),
                                               mlflow={"tracking_uri": self.tracker.uri, "run_id": child,
                                                       "system_metrics": system_metrics_interval()})
         finally:
@@ -134,8 +167,9 @@ class PipelineRun:
                                                       manifests=manifests,
                                                       tests={k: {**v, "classes": tests[k].classes or recipe.classes}
                                                              for k, v in test_results.items()}))
-        track(f"{name}: best_epoch", lambda: self.tracker.log_metrics(
-            child, {"best_epoch": outcome.info.get("best_epoch", -1)}))
+        track(f"{name}: best and selected epoch", lambda: self.tracker.log_metrics(
+            child, {"best_epoch": outcome.info.get("best_epoch", -1),
+                    "selected_epoch": outcome.info.get("selected_epoch", -1)}))
         track(f"{name}: end of its run", lambda: self.tracker.end_run(child))
         unlogged = self.tracker.unlogged[unlogged_before:]
         if unlogged:
@@ -184,3 +218,9 @@ class PipelineRun:
             path.write_text(json.dumps(jsonable(result), indent=2))
         return path
 
+
+
+def _yaml(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(jsonable(data), sort_keys=False)

@@ -314,8 +314,7 @@ def log_pyfunc_model(checkpoint_dir: str, *, name: str = "model", registered_mod
 
     import mlflow
 
-    from pipelines.core import load_checkpoint
-    from pipelines.recipe import META_FILE, STATE_FILE, checkpoint_state_path
+    from pipelines.checkpoints import META_FILE, STATE_FILE, load_state, state_path
 
     # The model's code file, not imported here (importing it registers the model with set_model).
     code = Path(__file__).resolve().with_name("mlflow_model.py")
@@ -330,7 +329,7 @@ def log_pyfunc_model(checkpoint_dir: str, *, name: str = "model", registered_mod
         ckpt = Path(tmp) / MODEL_CHECKPOINT
         ckpt.mkdir()
         # Only the weights (not the optimizer's state) and the recipe.
-        state = load_checkpoint(checkpoint_state_path(checkpoint_dir))
+        state = load_state(state_path(checkpoint_dir))
         torch.save({"model": state["model"]}, ckpt / STATE_FILE)
         meta = json.loads((Path(checkpoint_dir) / META_FILE).read_text())
         (ckpt / META_FILE).write_text(json.dumps(meta, indent=1))

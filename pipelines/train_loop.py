@@ -8,14 +8,16 @@ record the published SER30K protocol's figure, never to select). ``evaluate_spli
 finished checkpoint in one plain Ray task (no trainer, no process group). Everything the workers
 do besides getting shards, wrapping the model and reporting is the plain-PyTorch core.
 
-Data: the driver passes Ray Datasets already mapped to uint8 pixels (``datasets_io.shards.ImageTransform``;
-normalised on the worker's device by ``core.Precision.to_device``), or with ``decode="device"`` the
-training rows' JPEG bytes, decoded and augmented on the worker (``datasets_io.pixels``). A worker keeps
-its validation shard in memory after the first epoch when it is small (:class:`pipelines.batches.EvalCache`).
-``recipe.compile``: the training model is ``torch.compile``d after DDP wrapping; evaluation stays eager.
-``train`` is split evenly across workers (DDP needs equal batch counts); ``val``/``test`` are split
-unevenly so every row is seen exactly once, evaluated on the unwrapped model (no collectives in
-the forward), and gathered before metrics are computed.
+Data: the driver passes Ray Datasets already mapped to uint8 pixels (``datasets_io.prep.ImageTransform``;
+normalised on the worker's device by ``core.Precision.to_device``), or with ``prep.decode="device"`` the
+training rows' stored bytes, decoded and augmented on the worker (``datasets_io.prep.DeviceImagePipeline``).
+A worker keeps its validation shard in memory after the first epoch when it is small and not augmented
+(:class:`pipelines.batches.EvalCache`). ``recipe.compile``: the training model is compiled in place
+after DDP wrapping (``nn.Module.compile``); evaluation runs the inner module.
+``train`` (and stage two's pool) is split evenly across workers (DDP needs equal batch counts);
+``val``/``test`` are split unevenly so every row is seen exactly once, evaluated on the unwrapped
+model (no collectives in the forward), and gathered before metrics are computed. ``recipe.batch_size``
+is the global batch: each worker takes ``batch_size / num_workers``.
 """
 from __future__ import annotations
 
@@ -36,11 +38,17 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 
 from pipelines import console, core
-from pipelines.batches import EvalCache, MixedBatches, device_pipeline, iter_batches, weights_digest
+from pipelines.batches import EvalCache, MixedBatches, PoolBatches, iter_batches, weights_digest
+from pipelines.checkpoints import STATE_FILE, build_stage_model, load_state, save_state, state_path, write_meta
+from pipelines.objectives import build_objective
+from pipelines.recipe import StageRecipe, jsonable
 from pipelines.tracking import EpochLogger
-from pipelines.recipe import (MIX_KEY, STATE_FILE, TRAIN_KEY, EvalSet, StageRecipe, build_model, build_objective,
-                              checkpoint_state_path, jsonable, write_meta)
 
+# The datasets a stage trains on, by name: ``train`` split evenly across workers (DDP); stage two's
+# categorical stream, read whole by every worker (``joined``) or split evenly too (``pool``).
+TRAIN_KEY = "train"
+JOIN_KEY = "train_categorical"
+POOL_KEY = "train_pool_categorical"
 # Per-epoch test accuracy (recipe.test_every_epoch): the published SER30K protocol reports its maximum.
 EPOCH_TEST_KEY = "epoch_test_accuracy"
 logger = logging.getLogger("emotion_ray.train")
@@ -48,7 +56,8 @@ logger = logging.getLogger("emotion_ray.train")
 
 @dataclass
 class RunOptions:
-    """Where and how stages run on Ray (never stored with a checkpoint)."""
+    """Where and how a pipeline runs (never stored with a checkpoint): the Ray cluster and workers,
+    the storage, the MLflow tracking server, and the run's name."""
 
     storage_path: str
     num_workers: int = 2
@@ -57,6 +66,12 @@ class RunOptions:
     max_failures: int = 0
     keep_checkpoints: int = 2
     callbacks: list = field(default_factory=list)   # Ray Train UserCallbacks, e.g. Tune's TuneReportCallback
+    address: Optional[str] = None
+    run_name: Optional[str] = None
+    mlflow_uri: Optional[str] = None
+    experiment: str = "emotion-ray"
+    register: Optional[str] = None
+    fault: Optional[str] = None                     # tests: "stage:epoch:step:rank:marker" kills one worker once
 
 
 @dataclass
@@ -66,7 +81,24 @@ class StageContext:
     checkpoint_root: str                      # where Ray Train keeps this stage's checkpoints
     mlflow: Optional[dict] = None             # {"tracking_uri", "run_id"}: rank 0 logs epochs there
     fault: Optional[dict] = None              # {"epoch", "step", "rank", "marker"}: kill a worker once
-    tests: dict = field(default_factory=dict)  # split name -> objective override (or None)
+    tests: dict = field(default_factory=dict)  # split name -> (classes, anchors) it is scored with (or None)
+    rows: dict = field(default_factory=dict)   # training dataset name -> rows (pool batching's counts)
+    val_augmented: bool = False                # validation takes the training transform: never cached
+    val_scoring: Optional[tuple] = None        # (classes, anchors) the validation split is scored with
+
+
+@dataclass
+class StageData:
+    """The data of one stage: its training datasets (``train``, ``val``, and stage two's categorical
+    stream), the test splits scored after training, the training rows per dataset (from the ingest
+    manifests: the pool's counts; counting a mapped Ray Dataset would decode it), and whether the
+    validation split takes the training transform."""
+
+    datasets: dict
+    tests: dict = field(default_factory=dict)       # split name -> EvalSet
+    rows: dict = field(default_factory=dict)
+    val_augmented: bool = False
+    val_scoring: Optional[tuple] = None             # (classes, anchors) of a validation set of other classes
 
 
 @dataclass
@@ -80,11 +112,11 @@ class StageOutcome:
 
 
 class EvalSplitDataConfig(DataConfig):
-    """Split ``train`` evenly across workers, evaluation sets (``val``, ``test``, ...) unevenly
-    (every row exactly once).
+    """Split ``train`` (and the pool's categorical set) evenly across workers, evaluation sets (``val``,
+    ``test``, ...) unevenly (every row exactly once).
 
-    A categorical stream mixed into stage two (``train_categorical``) is not split: each worker
-    reads it whole and takes every ``world_size``-th batch, so it can be abandoned mid-epoch.
+    The categorical stream joined to stage two's batches (``train_categorical``) is not split: each
+    worker reads it whole and takes every ``world_size``-th batch, so it can be abandoned mid-epoch.
     """
 
     def __init__(self):
@@ -97,10 +129,10 @@ class EvalSplitDataConfig(DataConfig):
         self._options = ExecutionOptions(resource_limits=current.resource_limits,
                                          preserve_order=current.preserve_order,
                                          verbose_progress=current.verbose_progress)
-        super().__init__(datasets_to_split=[TRAIN_KEY], execution_options=self._options)
+        super().__init__(datasets_to_split=[TRAIN_KEY, POOL_KEY], execution_options=self._options)
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        rest = {k: v for k, v in datasets.items() if k in (TRAIN_KEY, MIX_KEY)}
+        rest = {k: v for k, v in datasets.items() if k in (TRAIN_KEY, JOIN_KEY, POOL_KEY)}
         evals = {k: v for k, v in datasets.items() if k not in rest}
         output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
         for name, ds in evals.items():
@@ -132,63 +164,65 @@ def _maybe_inject_fault(fault: Optional[dict], epoch: int, step: int) -> None:
 
 
 def build_for_device(recipe: StageRecipe, device: torch.device):
-    """Model (initial weights, frozen layers, memory format), objective and precision of a recipe."""
+    """Model (starting weights, frozen layers, memory format), objective and precision of a recipe."""
     core.seed_everything(recipe.seed)
-    model = build_model(recipe)
-    if recipe.init_from:
-        model.load_state_dict(core.load_checkpoint(checkpoint_state_path(recipe.init_from))["model"])
-    if recipe.init_weights:  # a weights file in another format (a published checkpoint.pth): exact fit
-        from emotion_models.weights import load_weights
-
-        load_weights(model, recipe.init_weights)
-    if recipe.freeze_until is not None:
-        model.freeze(recipe.freeze_until, freeze_bn=recipe.freeze_bn)
-    # Images reach the device as uint8 and are normalised there with the recipe's mean/std.
-    precision = core.Precision.for_device(device, amp=recipe.amp, image=recipe.image)
+    model = build_stage_model(recipe)
+    precision = core.Precision.for_device(device, recipe.precision, recipe.prep.norm(), recipe.grad_scaler)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model.to(device), build_objective(recipe), precision
 
 
+def _train_batches(recipe: StageRecipe, context: StageContext, batch_size: int, device_images, rank: int,
+                   world: int):
+    """``epoch -> batches`` of the stage's training data, by its ``batching``."""
+    train_shard, seed = ray.train.get_dataset_shard(TRAIN_KEY), recipe.seed
+    if recipe.batching == "joined":
+        cat_shard = ray.train.get_dataset_shard(JOIN_KEY)
+        return lambda epoch: MixedBatches(train_shard, cat_shard, batch_size, seed, epoch, rank=rank, world=world,
+                                          device_images=device_images)
+    if recipe.batching == "pool":
+        cat_shard = ray.train.get_dataset_shard(POOL_KEY)
+        n_dim, n_cat = context.rows[TRAIN_KEY] // world, context.rows[POOL_KEY] // world  # equal splits
+        return lambda epoch: PoolBatches(train_shard, cat_shard, batch_size, seed, epoch, n_dim=n_dim, n_cat=n_cat,
+                                         rank=rank, device_images=device_images)
+    return lambda epoch: iter_batches(train_shard, batch_size, train=True, seed=seed, epoch=epoch,
+                                      device_images=device_images)
+
+
 def fit_worker(config: dict) -> dict:
-    """What every Ray Train worker runs: fit the recipe, checkpoint each epoch, score the best on the tests."""
+    """What every Ray Train worker runs: fit the recipe, checkpoint each epoch, score the selected epoch on the tests."""
     recipe = StageRecipe.from_dict(config["recipe"])
     context = StageContext(**config["context"])
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # Rank 0's lines reach the driver's console (pipelines.console: through the relay when quiet).
     log = console.emitter(logger) if rank == 0 else (lambda *_: None)
     device = ray.train.torch.get_device()
     model, objective, precision = build_for_device(recipe, device)
-    if ctx.get_world_size() > 1:
+    if world > 1:
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
-    # Validation and test run the eager module (same parameters): compiling it too would add a second
+    # Validation and test run the inner module (same parameters): compiling it too would add a second
     # warm-up and a recompile for the last, smaller batch of every split.
     eval_model = core.unwrap(model)
     if recipe.compile:
-        # After DDP wrapping, as Ray Train's own guide does (DDP's optimizer splits graphs at buckets).
-        # Checkpoints save core.unwrap(model).state_dict(): no "_orig_mod." prefixes.
-        model = torch.compile(model)
-    device_images = device_pipeline(recipe, device)
-    batch_size, seed = recipe.batch_size, recipe.seed
-
-    if recipe.optimizer.get("filter_bias_and_bn"):  # timm's param groups need the unwrapped module
-        optimizer = core.build_optimizer(eval_model, **recipe.optimizer)
-    else:
-        trainable = eval_model.trainable_parameters() if hasattr(eval_model, "trainable_parameters") \
-            else eval_model.parameters()
-        optimizer = core.build_optimizer(trainable, **recipe.optimizer)
-    scheduler = core.build_scheduler(optimizer, epochs=recipe.epochs, **recipe.scheduler)
-    state = core.TrainState(model, optimizer, scheduler, core.EarlyStopping(recipe.early_stop, recipe.monitor_mode))
+        # In place (no wrapper: checkpoints carry no prefix), after DDP wrapping as Ray Train's guide does.
+        model.compile()
+    device_images = recipe.prep.device_pipeline(device, recipe.seed)
+    batch_size, seed = recipe.per_worker_batch(world), recipe.seed
+    optimizer = core.build_optimizer(eval_model, recipe.optimizer, recipe.batch_size)
+    schedule = core.Schedule(optimizer, recipe.schedule, recipe.epochs)
+    state = core.TrainState(model, optimizer, schedule, core.EarlyStopping.from_spec(recipe.select),
+                            precision=precision)
     mlflow_log = EpochLogger(context.mlflow, log) if rank == 0 else None
     system_metrics = EpochLogger.system_metrics(  # each node's local rank 0
         context.mlflow, local_rank=ctx.get_local_rank(), node_rank=ctx.get_node_rank(),
-        multi_node=ctx.get_local_world_size() < ctx.get_world_size())
+        multi_node=ctx.get_local_world_size() < world)
     resumed_from = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            state.load_state_dict(core.load_checkpoint(Path(ckpt_dir) / STATE_FILE))
+            state.load_state_dict(load_state(Path(ckpt_dir) / STATE_FILE))
         resumed_from = state.epoch
         log(f"[{recipe.name}] resumed from checkpoint: continuing at epoch {state.epoch + 1}")
         if mlflow_log is not None:
@@ -197,18 +231,10 @@ def fit_worker(config: dict) -> dict:
             mlflow_log.tags({f"resume.{state.epoch}.weights_sha256": weights_digest(eval_model.state_dict()),
                              "resumed_from_epoch": str(state.epoch)})
 
-    train_shard = ray.train.get_dataset_shard(TRAIN_KEY)
+    train_batches = _train_batches(recipe, context, batch_size, device_images, rank, world)
     val_shard = ray.train.get_dataset_shard("val")
-    if recipe.mix_categorical:
-        cat_shard = ray.train.get_dataset_shard(MIX_KEY)
-        world = ctx.get_world_size()
-        train_batches = lambda epoch: MixedBatches(train_shard, cat_shard, batch_size, seed, epoch,  # noqa: E731
-                                                   rank=rank, world=world, device_images=device_images)
-    else:
-        train_batches = lambda epoch: iter_batches(train_shard, batch_size, train=True, seed=seed,  # noqa: E731
-                                                    epoch=epoch, device_images=device_images)
     val_batches = EvalCache(lambda epoch: iter_batches(val_shard, batch_size, train=False, seed=seed, epoch=epoch),
-                            device)
+                            device, budget_mb=0 if context.val_augmented else None)
     epochs_run: list[int] = []
 
     def on_epoch_end(result: core.EpochResult, st: core.TrainState) -> None:
@@ -228,7 +254,7 @@ def fit_worker(config: dict) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                core.save_checkpoint(Path(tmp) / STATE_FILE, st.state_dict())
+                save_state(Path(tmp) / STATE_FILE, st.state_dict())
                 write_meta(tmp, recipe, epoch=result.epoch, val=result.val)
                 ckpt = Checkpoint.from_directory(tmp)
             ray.train.report(jsonable(metrics), checkpoint=ckpt, checkpoint_dir_name=checkpoint_name(result.epoch))
@@ -240,40 +266,46 @@ def fit_worker(config: dict) -> dict:
             progress(epoch, step)
         _maybe_inject_fault(context.fault, epoch, step)
 
+    val_objective = build_objective(recipe, *context.val_scoring) if context.val_scoring else objective
     core.fit(state, objective, precision, train_batches=train_batches, val_batches=val_batches,
-             epochs=recipe.epochs, monitor=recipe.monitor, eval_model=eval_model,
-             on_epoch_end=on_epoch_end, grad_clip=recipe.grad_clip, log=log, on_batch=on_batch)
-    stopped_early = state.early_stopping.should_stop and state.epoch < recipe.epochs
+             val_objective=val_objective, epochs=recipe.epochs, monitor=recipe.select.metric, eval_model=eval_model,
+             on_epoch_end=on_epoch_end, grad_clip=recipe.grad_clip or None, log=log, on_batch=on_batch)
+    es = state.early_stopping
+    stopped_early = es.should_stop and state.epoch < recipe.epochs
+    selected = es.selected_epoch
     if stopped_early:
-        log(f"[{recipe.name}] early stop after epoch {state.epoch}: no improvement of {recipe.monitor} "
-            f"for {state.early_stopping.patience} epochs (best epoch {state.early_stopping.best_epoch + 1})")
-    tests = _test_best(recipe, context, eval_model, state.early_stopping.best_epoch, precision, log)
+        kept = "the last epoch's model is kept (select.keep: last_on_stop)" if selected != es.best_epoch else \
+            f"best epoch {es.best_epoch + 1}"
+        log(f"[{recipe.name}] early stop after epoch {state.epoch}: no improvement of {recipe.select.metric} "
+            f"for {es.bad_epochs} epochs; {kept}")
+    tests = _test_selected(recipe, context, eval_model, selected, batch_size, precision, log)
     EpochLogger.finish(mlflow_log, system_metrics)  # on a failure Ray ends this worker, and its sampler
-    return {"history": state.history, "best_epoch": state.early_stopping.best_epoch,
-            "best": state.early_stopping.best, "resumed_from": resumed_from, "epochs_run": epochs_run,
-            "stopped_early": stopped_early, "tests": tests if rank == 0 else {}}
+    return {"history": state.history, "best_epoch": es.best_epoch, "selected_epoch": selected, "best": es.best,
+            "resumed_from": resumed_from, "epochs_run": epochs_run, "stopped_early": stopped_early,
+            "tests": tests if rank == 0 else {}}
 
 
-def _test_best(recipe: StageRecipe, context: StageContext, model, best_epoch: int, precision, log) -> dict:
-    """Score the best epoch's weights on each test split, once, after training.
+def _test_selected(recipe: StageRecipe, context: StageContext, model, epoch: int, batch_size: int, precision,
+                   log) -> dict:
+    """Score the selected epoch's weights on each test split, once, after training.
 
-    The best checkpoint is read back from the run folder (kept by ``CheckpointConfig``), so this
-    also holds after a restart, when the best weights are no longer in memory.
+    The checkpoint is read back from the run folder (kept by ``CheckpointConfig``), so this also
+    holds after a restart, when the selected weights are no longer in memory.
     """
     if not context.tests:
         return {}
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Rank 0 reaches this only after its last report() returned, i.e. its checkpoint is persisted.
         torch.distributed.barrier()
-    best_dir = Path(context.checkpoint_root) / checkpoint_name(best_epoch)
-    core.unwrap(model).load_state_dict(core.load_checkpoint(checkpoint_state_path(best_dir))["model"])
+    selected_dir = Path(context.checkpoint_root) / checkpoint_name(epoch)
+    core.unwrap(model).load_state_dict(load_state(state_path(selected_dir))["model"])
     results = {}
-    for name, objective in context.tests.items():
+    for name, scored in context.tests.items():
+        classes, anchors = scored or (None, None)
         shard = ray.train.get_dataset_shard(name)
-        metrics, arrays = core.evaluate(model, iter_batches(shard, recipe.batch_size, train=False, seed=recipe.seed,
-                                                             epoch=0),
-                                        build_objective(recipe, objective), precision)
-        log(f"[{recipe.name}] {name} (best epoch {best_epoch + 1}): " + ", ".join(
+        metrics, arrays = core.evaluate(model, iter_batches(shard, batch_size, train=False, seed=recipe.seed, epoch=0),
+                                        build_objective(recipe, classes, anchors), precision)
+        log(f"[{recipe.name}] {name} (epoch {epoch + 1}): " + ", ".join(
             f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
         results[name] = {"metrics": metrics, "arrays": arrays}
     return results
@@ -285,20 +317,24 @@ def checkpoint_name(epoch: int) -> str:
 
 # ----------------------------------------------------------------------------- driver side
 
-def run_stage(recipe: StageRecipe, datasets: dict, run: RunOptions, *, tests: Optional[dict[str, EvalSet]] = None,
-              mlflow: Optional[dict] = None, fault: Optional[dict] = None) -> StageOutcome:
-    """Train one stage; returns where its best checkpoint is. Re-running resumes an unfinished run.
+def run_stage(recipe: StageRecipe, data: StageData, run: RunOptions, *, mlflow: Optional[dict] = None,
+              fault: Optional[dict] = None, test: bool = True) -> StageOutcome:
+    """Train one stage; returns where its selected checkpoint is. Re-running resumes an unfinished run.
 
-    ``tests`` maps a split name to an :class:`EvalSet`: after training, the workers score the best
-    checkpoint on each (the test splits are read only then); results land in ``outcome.info["tests"]``.
+    After training, the workers score the selected checkpoint on each of ``data.tests`` (the test splits
+    are read only then; ``test=False`` skips them, as sweep trials do); results land in
+    ``outcome.info["tests"]``.
     """
     name = recipe.name
+    datasets = data.datasets
     missing = [k for k in (TRAIN_KEY, "val") if k not in datasets]
     if missing:
         raise ValueError(f"stage {name}: datasets {missing} are missing")
-    tests = tests or {}
+    tests = data.tests if test else {}
+    recipe.per_worker_batch(run.num_workers)   # a global batch that does not divide stops here, in one line
     context = StageContext(checkpoint_root=str(Path(run.storage_path) / name), mlflow=mlflow, fault=fault,
-                           tests={k: t.objective for k, t in tests.items()})
+                           tests={k: (t.classes, t.anchors) for k, t in tests.items()}, rows=dict(data.rows),
+                           val_augmented=data.val_augmented, val_scoring=data.val_scoring)
     resources = {"CPU": run.cpus_per_worker, **({"GPU": 1} if run.use_gpu else {})}
     # Retention follows early stopping exactly: checkpoints are ranked by "improved" (1 when the epoch
     # set a new best), and Ray breaks ties in favour of later reports, so the latest improvement — the
@@ -320,11 +356,11 @@ def run_stage(recipe: StageRecipe, datasets: dict, run: RunOptions, *, tests: Op
     if result.error:
         raise RuntimeError(f"stage {name} failed: {result.error}")
     info = result.return_value or {}
-    best_epoch = info.get("best_epoch", -1)
-    best = Path(context.checkpoint_root) / checkpoint_name(best_epoch) if best_epoch >= 0 else None
-    best_metrics = next((m for c, m in (result.best_checkpoints or []) if best and Path(c.path) == best), {})
-    return StageOutcome(name=name, path=str(result.path), best_checkpoint=str(best) if best else None,
-                        best_metrics=best_metrics, history=info.get("history", []), info=info)
+    selected_epoch = info.get("selected_epoch", -1)
+    selected = Path(context.checkpoint_root) / checkpoint_name(selected_epoch) if selected_epoch >= 0 else None
+    metrics = next((m for c, m in (result.best_checkpoints or []) if selected and Path(c.path) == selected), {})
+    return StageOutcome(name=name, path=str(result.path), best_checkpoint=str(selected) if selected else None,
+                        best_metrics=metrics, history=info.get("history", []), info=info)
 
 
 def evaluate_splits(recipe: StageRecipe, datasets: dict, run: RunOptions, *, checkpoint_dir: Optional[str] = None,
@@ -337,18 +373,18 @@ def evaluate_splits(recipe: StageRecipe, datasets: dict, run: RunOptions, *, che
     """
     if (checkpoint_dir is None) == (weights is None):
         raise ValueError("evaluate_splits needs exactly one of checkpoint_dir and weights")
-    recipe = recipe.without_pretrained().replace(init_from=checkpoint_dir, init_weights=weights, freeze_until=None)
+    recipe = recipe.replace(init_from=checkpoint_dir, init_weights=weights, freeze=None)
     task = ray.remote(num_cpus=max(run.cpus_per_worker, 1e-4), num_gpus=1 if run.use_gpu else 0)(_evaluate_task)
-    return ray.get(task.remote(recipe.to_dict(), datasets))
+    return ray.get(task.remote(recipe.to_dict(), datasets, recipe.per_worker_batch(run.num_workers)))
 
 
-def _evaluate_task(recipe: dict, datasets: dict) -> dict:
+def _evaluate_task(recipe: dict, datasets: dict, batch_size: int) -> dict:
     recipe = StageRecipe.from_dict(recipe)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, objective, precision = build_for_device(recipe, device)
     out = {}
     for split, ds in datasets.items():
-        metrics, arrays = core.evaluate(model, iter_batches(ds, recipe.batch_size, train=False, seed=recipe.seed,
-                                                            epoch=0), objective, precision)
+        metrics, arrays = core.evaluate(model, iter_batches(ds, batch_size, train=False, seed=recipe.seed, epoch=0),
+                                        objective, precision)
         out[split] = {"metrics": metrics, "arrays": arrays}
     return out

@@ -7,13 +7,19 @@ import numpy as np
 import pytest
 import torch
 
+from emotion_models.registry import ModelSpec, build_model
 from pipelines import core
-from pipelines.recipe import StageRecipe, build_model, build_objective
+from pipelines.objectives import build_objective
+from pipelines.recipe import StageRecipe
 
-SPEC = StageRecipe(name="core", model={"name": "va", "backbone": "resnet10t", "task": "multi", "num_classes": 3},
-                   objective={"kind": "va", "alpha": 0.5, "num_classes": 3,
-                              "anchors": [[-0.8, 0.5], [0.0, -0.5], [0.8, 0.5]], "accuracy_from": "logits"},
-                   optimizer={})
+SPEC = StageRecipe(name="core", model=ModelSpec(backbone="resnet10t", weights="none",
+                                                options={"task": "multi", "num_classes": 3}),
+                   classes=("a", "b", "c"), head_classes=("a", "b", "c"),
+                   anchors=((-0.8, 0.5), (0.0, -0.5), (0.8, 0.5)))
+
+
+def _lr_spec(lr: float) -> core.OptimizerSpec:
+    return core.OptimizerSpec(name="adamw", lr=lr)
 
 
 def test_early_stopping_keeps_the_first_of_tied_bests_and_stops_on_patience():
@@ -32,12 +38,12 @@ def test_early_stopping_keeps_the_first_of_tied_bests_and_stops_on_patience():
 def _trained_lrs(sched_kwargs: dict, epochs: int, lr: float = 1.0) -> list[float]:
     """The lr each epoch trains at, stepped as ``fit`` steps it."""
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    sched = core.build_scheduler(opt, epochs=epochs, **sched_kwargs)
+    sched = core.Schedule(opt, core.ScheduleSpec(**sched_kwargs), epochs)
     lrs = []
     for epoch in range(epochs):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
-        core.step_scheduler(sched, epoch + 1)
+        sched.after_epoch(epoch)
     return lrs
 
 
@@ -59,7 +65,7 @@ def _lambda_lr_factor(epoch: int, epochs: int, warmup: int, name: str, ratio: fl
     return ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-@pytest.mark.parametrize("name", ["cosine", "constant"])
+@pytest.mark.parametrize("name", ["cosine_after_warmup", "constant"])
 @pytest.mark.parametrize("epochs, warmup", [(6, 0), (10, 2), (3, 5)])
 def test_timm_schedule_trains_each_epoch_at_the_hand_written_lambda_lr_value(name, epochs, warmup):
     lr, ratio = 2e-3, 0.01
@@ -81,7 +87,7 @@ def test_cosine_schedule_needs_one_lr_for_all_groups():
     a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([{"params": [a]}, {"params": [b], "lr": 0.5}], lr=1.0)
     with pytest.raises(ValueError, match="one lr"):
-        core.build_scheduler(opt, epochs=4)
+        core.Schedule(opt, core.ScheduleSpec(), 4)
 
 
 @pytest.mark.parametrize("name, reference", [
@@ -98,16 +104,15 @@ def test_plain_optimizer_is_torchs_own_with_its_defaults_and_one_identical_step(
         return net
 
     ours_net, ref_net = model(), model()
-    ours = core.build_optimizer(iter([p for p in ours_net.parameters() if p.requires_grad]), name, lr=0.1,
-                                weight_decay=0.05)
+    ours = core.build_optimizer(ours_net, core.OptimizerSpec(name=name, lr=0.1, weight_decay=0.05), global_batch=1)
     ref = reference([p for p in ref_net.parameters() if p.requires_grad], 0.1, 0.05)
     assert type(ours) is type(ref)
     assert len(ours.param_groups) == len(ref.param_groups) == 1
     strip = lambda group: {k: v for k, v in group.items() if k != "params"}  # noqa: E731
     assert strip(ours.param_groups[0]) == strip(ref.param_groups[0])
     assert [id(p) for p in ours.param_groups[0]["params"]] == [id(p) for p in ours_net.parameters() if p.requires_grad]
-    # From a module, the plain path takes its trainable parameters too.
-    assert len(core.build_optimizer(ours_net, name).param_groups[0]["params"]) == 4
+    # The plain path takes the trainable parameters only, in one group.
+    assert len(ours.param_groups[0]["params"]) == 4
 
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
     for net, opt in ((ours_net, ours), (ref_net, ref)):
@@ -122,9 +127,11 @@ def test_plain_optimizer_is_torchs_own_with_its_defaults_and_one_identical_step(
 def test_plain_optimizer_refuses_a_fully_frozen_model():
     net = torch.nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable"):
-        core.build_optimizer(net.parameters())
-    with pytest.raises(ValueError, match="unknown optimizer"):
-        core.build_optimizer(torch.nn.Linear(2, 2).parameters(), "lamb")
+        core.build_optimizer(net, core.OptimizerSpec(), global_batch=1)
+    from pipelines.recipe import RecipeError, build
+
+    with pytest.raises(RecipeError, match="lamb"):
+        build(core.OptimizerSpec, {"name": "lamb"}, "optimizer")
 
 
 def _toy_batches(seed: int, n_batches: int = 4, size: int = 16):
@@ -145,9 +152,9 @@ def _toy_batches(seed: int, n_batches: int = 4, size: int = 16):
 
 def _state(seed: int = 0) -> core.TrainState:
     core.seed_everything(seed)
-    model = build_model(SPEC)
-    opt = core.build_optimizer(model.parameters(), "adamw", lr=3e-3)
-    return core.TrainState(model, opt, core.build_scheduler(opt, epochs=4), core.EarlyStopping(patience=0))
+    model = build_model(SPEC.model)
+    opt = core.build_optimizer(model, _lr_spec(3e-3), global_batch=8)
+    return core.TrainState(model, opt, core.Schedule(opt, core.ScheduleSpec(), 4), core.EarlyStopping(patience=0))
 
 
 def _fit(state, epochs: int):
@@ -164,9 +171,11 @@ def test_resume_from_a_saved_state_equals_an_uninterrupted_run(tmp_path):
     straight = _fit(_state(), epochs=3)
 
     first = _fit(_state(), epochs=1)
-    core.save_checkpoint(tmp_path / "state.pt", first.state_dict())
+    from pipelines.checkpoints import load_state, save_state
+
+    save_state(tmp_path / "state.pt", first.state_dict())
     resumed = _state(seed=123)                   # fresh objects, different RNG: everything must come back
-    resumed.load_state_dict(core.load_checkpoint(tmp_path / "state.pt"))
+    resumed.load_state_dict(load_state(tmp_path / "state.pt"))
     assert resumed.epoch == 1
     resumed = _fit(resumed, epochs=3)
 
@@ -189,8 +198,8 @@ def _uneven_worker(rank: int, world_size: int, init_method: str, out: str):
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     try:
         torch.manual_seed(0)
-        model = torch.nn.parallel.DistributedDataParallel(build_model(SPEC))
-        opt = core.build_optimizer(model.parameters(), "adamw", lr=3e-3)
+        model = torch.nn.parallel.DistributedDataParallel(build_model(SPEC.model))
+        opt = core.build_optimizer(core.unwrap(model), _lr_spec(3e-3), global_batch=8)
         batches = _toy_batches(rank, n_batches=3 - rank)   # rank 1 runs out one step early
         stats = core.train_one_epoch(model, batches, opt, build_objective(SPEC), core.Precision.for_device("cpu"))
         torch.save({"samples": stats["samples"], "weights": core.unwrap(model).state_dict()}, f"{out}/rank{rank}.pt")

@@ -1,5 +1,5 @@
-"""ImageTransform's crops are timm's: eval = timm's eval transform, train = timm's RandomResizedCrop
-(with the per-image seeding of ImageTransform), so no hand-written geometry needs its own proof."""
+"""The prep's crops are timm's: eval = timm's eval transform, train = timm's RandomResizedCrop (with the
+per-image seeding of ImageTransform), so no hand-written geometry needs its own proof."""
 from __future__ import annotations
 
 import io
@@ -11,7 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets_io.shards import ImageTransform, _random_resized_crop_box
+from datasets_io.prep import ImagePrep, ImageTransform, crop_box
+
+
+def _normalized(prep: ImagePrep, train: bool, batch: dict, **kw) -> np.ndarray:
+    pixels = ImageTransform(prep, train=train, num_classes=3, **kw)(batch)["image"]
+    return prep.resolve().norm()(torch.from_numpy(pixels)).numpy()
 
 SIZES = [(90, 60), (64, 64), (33, 77), (120, 45), (41, 40)]
 
@@ -33,13 +38,12 @@ def test_eval_path_equals_timms_eval_transform(interpolation, crop_pct):
     from timm.data import DEFAULT_CROP_PCT, create_transform
 
     batch = _batch()
-    ours = ImageTransform(32, train=False, num_classes=3, interpolation=interpolation, crop_pct=crop_pct,
-                          normalize=True)(batch)
+    ours = _normalized(ImagePrep(size=32, interpolation=interpolation, crop_pct=crop_pct), False, batch)
     timm_eval = create_transform(32, is_training=False, interpolation=interpolation,
                                  crop_pct=crop_pct or DEFAULT_CROP_PCT)
     for i, data in enumerate(batch["image"]):
         expected = timm_eval(Image.open(io.BytesIO(data)).convert("RGB"))
-        torch.testing.assert_close(torch.from_numpy(ours["image"][i]), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(ours[i]), expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("scale", [(0.5, 1.0), (0.08, 1.0)])
@@ -51,7 +55,7 @@ def test_train_crop_is_timms_random_resized_crop_seeded_per_image(scale):
     from torchvision.transforms import functional as F
 
     batch = _batch()
-    ours = ImageTransform(24, train=True, num_classes=3, seed=5, scale=scale, normalize=True)(batch)["image"]
+    ours = _normalized(ImagePrep(size=24, scale=scale), True, batch, seed=5)
     crop = RandomResizedCropAndInterpolation(24, scale=scale, interpolation="bicubic")
     for i, data in enumerate(batch["image"]):
         rng = np.random.default_rng([5, zlib.crc32(f"img{i}".encode())])
@@ -65,7 +69,7 @@ def test_train_crop_is_timms_random_resized_crop_seeded_per_image(scale):
 
 def test_crop_box_depends_only_on_the_images_generator_and_leaves_global_state():
     state = random.getstate(), np.random.get_state()[1].copy()
-    boxes = [_random_resized_crop_box((300, 200), np.random.default_rng(7), scale=(0.08, 1.0)) for _ in range(2)]
+    boxes = [crop_box((300, 200), np.random.default_rng(7), scale=(0.08, 1.0)) for _ in range(2)]
     assert boxes[0] == boxes[1]
     left, top, right, bottom = boxes[0]
     assert 0 <= left < right <= 300 and 0 <= top < bottom <= 200
@@ -74,5 +78,5 @@ def test_crop_box_depends_only_on_the_images_generator_and_leaves_global_state()
 
 def test_a_tiny_image_never_gets_an_empty_crop():
     for seed in range(50):
-        left, top, right, bottom = _random_resized_crop_box((2, 1), np.random.default_rng(seed), scale=(0.08, 1.0))
+        left, top, right, bottom = crop_box((2, 1), np.random.default_rng(seed), scale=(0.08, 1.0))
         assert right > left and bottom > top

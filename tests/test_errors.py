@@ -55,14 +55,15 @@ def test_project_errors_are_value_errors():
 
 
 def test_config_value_outside_choices_is_a_usage_error(tmp_path):
-    import argparse
-
-    parser = argparse.ArgumentParser()
+    parser = cli.Parser(prog="p")
     cli.add_config_arg(parser)
     parser.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"optimizer": "rmsprop"}))
-    with pytest.raises(cli.UsageError, match="'rmsprop' is not one of adam, sgd"):
+    with pytest.raises(cli.UsageError, match=r"c\.json: .*invalid choice: 'rmsprop'"):
+        cli.parse_args(parser, ["--config", str(config)])
+    config.write_text(json.dumps({"nosuchflag": 1}))
+    with pytest.raises(cli.UsageError, match=r"c\.json: .*unrecognized arguments: --nosuchflag"):
         cli.parse_args(parser, ["--config", str(config)])
     config.write_text(json.dumps({"optimizer": "sgd"}))
     assert cli.parse_args(parser, ["--config", str(config)]).optimizer == "sgd"

@@ -1,5 +1,5 @@
-"""The input path (issue 11): uint8 batches, normalisation on the device, the device decode path,
-the evaluation cache, and --compile. No Ray except where a test says so."""
+"""The input path: uint8 batches, normalisation on the device, the device decode path, the evaluation
+cache, and compiling in place. No Ray except where a test says so."""
 from __future__ import annotations
 
 import io
@@ -10,9 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets_io.pixels import DeviceBatches, DeviceImagePipeline, ImageNorm
-from datasets_io.shards import ImageBytes, ImageTransform
+from datasets_io.prep import DeviceImagePipeline, ImageBytes, ImageNorm, ImagePrep, ImageTransform
 from pipelines import core
+from pipelines.batches import DeviceBatches
+
+
+def _prep(size: int, **kw) -> ImagePrep:
+    return ImagePrep(size=size, **kw)
 
 
 class _Objective:
@@ -41,27 +45,25 @@ def _rows(n: int = 5) -> dict:
 
 @pytest.mark.parametrize("train", [True, False])
 def test_image_transform_hands_out_uint8_nchw(train):
-    out = ImageTransform(24, train=train, num_classes=3, seed=1)(_rows())
+    out = ImageTransform(_prep(24), train=train, num_classes=3, seed=1)(_rows())
     assert out["image"].dtype == np.uint8 and out["image"].shape == (5, 3, 24, 24)
     assert out["image"].flags.c_contiguous
-    floats = ImageTransform(24, train=train, num_classes=3, seed=1, normalize=True)(_rows())["image"]
-    assert floats.dtype == np.float32 and floats.shape == (5, 3, 24, 24)
 
 
-def test_normalisation_on_the_device_equals_the_old_float_path():
+def test_normalisation_on_the_device_equals_the_float_arithmetic():
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    pixels = ImageTransform(32, train=False, num_classes=3)(_rows())["image"]
-    # The float32 numpy path ImageTransform used before (NHWC -> NCHW, / 255, - mean, / std).
+    pixels = ImageTransform(_prep(32), train=False, num_classes=3)(_rows())["image"]
+    # The float32 arithmetic written out (/ 255, - mean, / std).
     old = (pixels.astype(np.float32) / 255.0 - np.asarray(mean, np.float32).reshape(1, 3, 1, 1)) \
         / np.asarray(std, np.float32).reshape(1, 3, 1, 1)
-    precision = core.Precision.for_device("cpu", image={"mean": mean, "std": std})
+    precision = core.Precision.for_device("cpu", norm=_prep(32, mean=mean, std=std).norm())
     got = precision.to_device({"image": torch.from_numpy(pixels), "label": torch.zeros(5)})["image"]
     assert got.dtype == torch.float32
     np.testing.assert_allclose(got.numpy(), old, rtol=0, atol=1e-6)
     cl = ImageNorm(mean, std)(torch.from_numpy(pixels), channels_last=True)
     assert cl.is_contiguous(memory_format=torch.channels_last)
     np.testing.assert_allclose(cl.numpy(), old, rtol=0, atol=1e-6)
-    # Without a recipe entry: timm's ImageNet values, the old default.
+    # Without a recipe value: timm's ImageNet values.
     from timm.data import IMAGENET_DEFAULT_MEAN
 
     assert core.Precision.for_device("cpu").norm.mean == tuple(IMAGENET_DEFAULT_MEAN)
@@ -76,7 +78,7 @@ def _device_batch(epoch: int, pipeline: DeviceImagePipeline, rows: dict) -> torc
 @pytest.mark.parametrize("augment", ["basic", "randaugment"])
 def test_device_path_is_reproducible_per_seed_epoch_image_and_differs_across_epochs(augment):
     rows = _rows(6)
-    pipe = DeviceImagePipeline(24, train=True, augment=augment, seed=3, scale=(0.08, 1.0))
+    pipe = DeviceImagePipeline(_prep(24, augment=augment), train=True, seed=3)
     a = _device_batch(0, pipe, rows)
     assert a.dtype == torch.uint8 and a.shape == (6, 3, 24, 24)
     torch.testing.assert_close(a, _device_batch(0, pipe, rows), rtol=0, atol=0)
@@ -85,13 +87,13 @@ def test_device_path_is_reproducible_per_seed_epoch_image_and_differs_across_epo
     torch.testing.assert_close(_device_batch(0, pipe, sub), a[2:4], rtol=0, atol=0)
     b = _device_batch(1, pipe, rows)
     assert all(not torch.equal(a[i], b[i]) for i in range(6))       # fresh draws every epoch
-    other_seed = DeviceImagePipeline(24, train=True, augment=augment, seed=4, scale=(0.08, 1.0))
+    other_seed = DeviceImagePipeline(_prep(24, augment=augment), train=True, seed=4)
     assert not torch.equal(_device_batch(0, other_seed, rows), a)
     # Eval: resize + centre crop, no randomness; close to the CPU eval transform (PIL vs tensor resize).
-    ev = DeviceImagePipeline(24, train=False)
+    ev = DeviceImagePipeline(_prep(24), train=False)
     e = _device_batch(0, ev, rows)
     torch.testing.assert_close(e, _device_batch(5, ev, rows), rtol=0, atol=0)
-    cpu = torch.from_numpy(ImageTransform(24, train=False, num_classes=3)(rows)["image"])
+    cpu = torch.from_numpy(ImageTransform(_prep(24), train=False, num_classes=3)(rows)["image"])
     assert (e.float() - cpu.float()).abs().mean() < 12
 
 
@@ -101,7 +103,7 @@ def test_a_corrupt_jpeg_in_a_device_batch_is_skipped_and_counted():
     rows["image"][4] = rows["image"][4][: len(rows["image"][4]) // 3]  # truncated mid-stream
     batch = ImageBytes(num_classes=3)(rows)
     assert batch["image"].dtype == object and batch["repeat"].tolist() == [0] * 5
-    pipe = DeviceImagePipeline(16, train=True, seed=0)
+    pipe = DeviceImagePipeline(_prep(16), train=True, seed=0)
     decoded, failed = pipe.decode(batch["image"])
     assert failed == sum(d is None for d in decoded) and decoded[2] is None
     batches = DeviceBatches([batch, ImageBytes(num_classes=3)(_rows(3))], pipe, epoch=0)
@@ -123,7 +125,7 @@ def test_a_corrupt_jpeg_in_a_device_batch_is_skipped_and_counted():
 
 
 def test_device_batches_prefetch_in_order_and_pass_errors_through():
-    pipe = DeviceImagePipeline(16, train=False)
+    pipe = DeviceImagePipeline(_prep(16), train=False)
     batches = [ImageBytes(num_classes=3)({k: v[i:i + 2] for k, v in _rows(6).items()}) for i in range(0, 6, 2)]
     eager = [b["image"] for b in DeviceBatches(batches, pipe, 0, prefetch=0)]
     ahead = [b["image"] for b in DeviceBatches(batches, pipe, 0, prefetch=2)]
@@ -157,19 +159,21 @@ def test_eval_cache_streams_once_then_replays_from_memory():
     assert calls == [0, 1, 2]
 
 
-def test_recipes_take_compile_and_decode_from_both_pipelines():
-    from pipelines import sticker, two_stage
+def test_one_prep_builds_the_cpu_and_device_paths_and_decode_chooses():
+    """decode="device": the training split hands over bytes and the worker's pipeline decodes them;
+    decode="cpu": Ray Data decodes. Evaluation is always the CPU eval transform. One crop definition."""
+    cpu, device = _prep(20), _prep(20, decode="device")
+    assert isinstance(cpu.batch_transform(train=True, num_classes=3), ImageTransform)
+    assert cpu.device_pipeline("cpu", seed=0) is None
+    assert isinstance(device.batch_transform(train=True, num_classes=3), ImageBytes)
+    assert isinstance(device.batch_transform(train=False, num_classes=3), ImageTransform)
+    pipe = device.device_pipeline("cpu", seed=0)
+    assert isinstance(pipe, DeviceImagePipeline) and pipe.prep.size == 20
+    # The stored recipe round-trips through meta.json with its prep, and both pipelines' recipes carry one.
     from pipelines.recipe import StageRecipe
 
-    args = two_stage.apply_defaults(two_stage.build_parser().parse_args(["--compile", "--decode", "device"]))
-    recipe = two_stage.stage_recipe(args, name="s", head_classes=["a"], classes=["a"], objective={"kind": "va"},
-                                    epochs=1, lr=1e-3, decay=0.0, monitor="pearson_mean")
-    assert recipe.compile and recipe.decode == "device"
+    recipe = StageRecipe(prep=device, compile=True)
     assert StageRecipe.from_dict(recipe.to_dict()) == recipe
-    sargs = sticker.apply_defaults(sticker.build_parser().parse_args(["--model", "lora_v"]))
-    srecipe = sticker.sticker_recipe(sargs, ["a", "b"])
-    assert not srecipe.compile and srecipe.decode == "cpu"
-    assert set(srecipe.image) >= {"mean", "std", "interpolation", "crop_pct"}
 
 
 @pytest.mark.slow
@@ -178,7 +182,8 @@ def test_a_compiled_epoch_runs_and_its_checkpoint_loads_into_an_eager_model(tmp_
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                                 torch.nn.Flatten(), torch.nn.Linear(4, 3))
-    compiled = torch.compile(model)
+    model.compile()                       # in place: the module stays itself, its state dict unprefixed
+    compiled = model
     assert core.unwrap(compiled) is model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
 
@@ -189,10 +194,12 @@ def test_a_compiled_epoch_runs_and_its_checkpoint_loads_into_an_eager_model(tmp_
     stats = core.train_one_epoch(compiled, batches, optimizer, _Objective(), core.Precision.for_device("cpu"))
     assert stats["samples"] == 12 and np.isfinite(stats["loss"])
     print(f"compiled epoch (warm-up included): {time.perf_counter() - start:.1f}s")
-    state = core.TrainState(compiled, optimizer, core.build_scheduler(optimizer, epochs=1, name="constant"),
+    from pipelines.checkpoints import load_state, save_state
+
+    state = core.TrainState(compiled, optimizer, core.Schedule(optimizer, core.ScheduleSpec(name="constant"), 1),
                             core.EarlyStopping(0))
-    core.save_checkpoint(tmp_path / "state.pt", state.state_dict())
-    saved = core.load_checkpoint(tmp_path / "state.pt")["model"]
+    save_state(tmp_path / "state.pt", state.state_dict())
+    saved = load_state(tmp_path / "state.pt")["model"]
     assert not any(k.startswith("_orig_mod.") for k in saved)
     eager = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                                 torch.nn.Flatten(), torch.nn.Linear(4, 3))

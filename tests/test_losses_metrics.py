@@ -280,6 +280,7 @@ def test_ldl_jaccard_is_the_published_weighted_jaccard_of_dominant_labels():
 def test_va_objective_reports_the_ldl_score_for_both_heads():
     """Multi-task: from the predicted distribution; single-task: from the nearest anchor of the VA."""
     skm = pytest.importorskip("sklearn.metrics")
+    from emotion_models.losses import LossSpec
     from pipelines.objectives import VAObjective
 
     rng = np.random.default_rng(6)
@@ -290,12 +291,12 @@ def test_va_objective_reports_the_ldl_score_for_both_heads():
     arrays = {"va_pred": va_pred, "va_true": np.zeros((40, 2), np.float32), "has_va": np.zeros(40, bool),
               "label": dist.argmax(1), "has_dist": np.ones(40, bool), "label_dist": dist}
     true_hot = metrics.dominant_labels(dist)
-    single = VAObjective(num_classes=3, anchors=anchors, accuracy_from="anchors").metrics(arrays)
+    single = VAObjective(LossSpec(), num_classes=3, anchors=anchors, accuracy_from="anchors").metrics(arrays)
     nearest = losses.nearest_anchor(va_pred, anchors)
     assert single["ldl_jaccard"] == pytest.approx(
         skm.jaccard_score(true_hot, np.eye(3, dtype=int)[nearest], average="weighted", zero_division=0))
-    multi = VAObjective(num_classes=3, anchors=anchors, accuracy_from="logits").metrics(
-        {**arrays, "prob": prob})
+    multi = VAObjective(LossSpec(), num_classes=3, anchors=anchors, accuracy_from="logits").metrics(
+        {**arrays, "logit": np.log(prob)})
     assert multi["ldl_jaccard"] == pytest.approx(
         skm.jaccard_score(true_hot, metrics.dominant_labels(prob), average="weighted", zero_division=0))
     assert "kl" in multi and "kl" not in single

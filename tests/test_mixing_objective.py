@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from emotion_models import losses
+from emotion_models.losses import LossSpec
 from pipelines.objectives import VAObjective
 from pipelines.batches import mix_batches
 
@@ -67,12 +68,12 @@ def _arrays():
     va_pred = np.array([[-0.7, 0.4], [0.1, -0.4], [0.7, 0.6], [0.75, 0.45]])
     return {"va_pred": va_pred, "va_true": np.array([[-0.8, 0.5], [0.0, -0.5], [0.8, 0.5], [0.0, 0.0]]),
             "has_va": np.array([1, 1, 1, 0]), "label": np.array([0, 1, 1, 0]),
-            # The head disagrees with the anchors on rows 1 and 2.
-            "prob": np.array([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8], [0.1, 0.8, 0.1], [0.9, 0.05, 0.05]])}
+            # The head disagrees with the anchors on rows 1 and 2 (logits: log-probabilities).
+            "logit": np.log(np.array([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8], [0.1, 0.8, 0.1], [0.9, 0.05, 0.05]]))}
 
 
 def test_va_accuracy_by_nearest_anchor():
-    obj = VAObjective(num_classes=3, anchors=ANCHORS, accuracy_from="anchors")
+    obj = VAObjective(LossSpec(), num_classes=3, anchors=ANCHORS, accuracy_from="anchors")
     m = obj.metrics(_arrays())
     # Nearest anchors: 0, 1, 2, 2 against labels 0, 1, 1, 0.
     assert np.asarray(losses.nearest_anchor(_arrays()["va_pred"], ANCHORS)).tolist() == [0, 1, 2, 2]
@@ -83,7 +84,7 @@ def test_va_accuracy_by_nearest_anchor():
 
 
 def test_va_accuracy_from_the_category_head():
-    obj = VAObjective(num_classes=3, anchors=ANCHORS, accuracy_from="logits")
+    obj = VAObjective(LossSpec(), num_classes=3, anchors=ANCHORS, accuracy_from="logits")
     m = obj.metrics(_arrays())
     # Head argmax: 0, 2, 1, 0 against labels 0, 1, 1, 0.
     assert m["accuracy"] == pytest.approx(3 / 4)
@@ -92,8 +93,8 @@ def test_va_accuracy_from_the_category_head():
 
 def test_va_accuracy_needs_anchors_and_a_known_mode():
     with pytest.raises(ValueError, match="anchors"):
-        VAObjective(accuracy_from="anchors")
+        VAObjective(LossSpec(), accuracy_from="anchors")
     with pytest.raises(ValueError, match="accuracy_from"):
-        VAObjective(accuracy_from="argmax")
-    m = VAObjective(num_classes=3, accuracy_from=None).metrics(_arrays())
+        VAObjective(LossSpec(), accuracy_from="argmax")
+    m = VAObjective(LossSpec(), num_classes=3, accuracy_from=None).metrics(_arrays())
     assert "accuracy" not in m and "pearson_v" in m

@@ -18,7 +18,7 @@ import torch.nn as nn
 torchvision = pytest.importorskip("torchvision")
 
 from pipelines import import_published, predict  # noqa: E402
-from pipelines.recipe import load_model_from_checkpoint  # noqa: E402
+from pipelines.checkpoints import load_model  # noqa: E402
 
 
 class PublishedVA(nn.Module):
@@ -63,11 +63,11 @@ def test_imported_model_reproduces_the_published_arithmetic(tmp_path, task):
         out = model(x)
     assert sam.abs().max() > 1.5, "the check needs outputs outside [-1, 1] on the canonical scale"
     torch.testing.assert_close(out["va"], (sam - 5) / 4, rtol=1e-5, atol=1e-5)
-    assert meta["recipe"].model["bounded"] is False       # the published head is unbounded: no tanh
+    assert meta["recipe"].model.head == "relu_linear"    # the published head: relu, then unbounded linear
     if task == "multi":
         torch.testing.assert_close(out["logits"], features @ net.FC_cat.weight.T + net.FC_cat.bias,
                                    rtol=1e-5, atol=1e-5)
-        assert meta["recipe"].head_classes[:3] == ["amusement", "anger", "awe"]  # sorted FI folders
+        assert list(meta["recipe"].head_classes[:3]) == ["amusement", "anger", "awe"]  # sorted FI folders
     else:
         assert "logits" not in out
     assert meta["published"]["mode"] == "two_stage" and meta["published"]["seed"] == 42
@@ -79,8 +79,8 @@ def test_import_command_writes_a_project_checkpoint_and_predict_gives_published_
     net, path = _published(tmp_path, "multi")
     out_dir = tmp_path / "imported"
     assert import_published.main([path, str(out_dir), "--backbone", "resnet18"]) == 0
-    model, meta = load_model_from_checkpoint(out_dir)             # weights_only load of the project format
-    assert meta["recipe"].image["crop_pct"] == 1.0 and meta["recipe"].image_size == 448
+    model, meta = load_model(out_dir)             # weights_only load of the project format
+    assert meta["recipe"].prep.crop_pct == 1.0 and meta["recipe"].prep.size == 448
 
     images = tmp_path / "imgs"
     images.mkdir()
@@ -97,7 +97,9 @@ def test_import_command_writes_a_project_checkpoint_and_predict_gives_published_
                              *extra]) == 0
         results[name] = list(csv.DictReader(csv_path.open()))
     paths = sorted(images.iterdir())
-    _, batch, bad = predict.load_images(paths, 96, meta["recipe"].image)
+    from dataclasses import replace
+
+    _, batch, bad = predict.load_images(paths, replace(meta["recipe"].prep, size=96))
     assert not bad
     with torch.no_grad():
         sam, _ = net(batch)

@@ -19,10 +19,13 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("argv, message", [
     (["--dataname", "NoSuchSet"], "unknown dataset 'NoSuchSet'"),
     (["--dataname", "/nonexistent/FI"], "/nonexistent/FI"),
-    (["--dataname", "FI", "--mode", "one_stage"], "not ingested yet"),
+    (["--dataname", "FI", "--mode", "one_stage", "--weights", "none"], "not ingested yet"),
     (["--dataname", "FI"], "--dimensional"),
-    (["--lr", "-1"], "--lr must be positive"),
-    (["--stage2-lr", "0"], "--stage2-lr must be positive"),
+    (["--lr", "-1"], "[stage].optimizer: the learning rate must be positive"),
+    (["--stage2-lr", "0"], "stage2].optimizer: the learning rate must be positive"),
+    (["--batch-size", "9"], "--batch-size 9 (the global batch) does not divide among 2 workers"),
+    (["--recipe", "nosuch"], "--recipe nosuch: no such recipe for two_stage"),
+    (["--head", "sigmoid"], "invalid choice: 'sigmoid'"),
 ])
 def test_bad_configuration_fails_before_training_with_one_line(tmp_path, argv, message):
     proc = subprocess.run([sys.executable, "pipelines/two_stage.py", *argv, "--storage-path", str(tmp_path)],
@@ -44,17 +47,19 @@ def test_mismatched_classes_fail_before_training(ray_session, tmp_path):
         for i in range(6):
             Image.new("RGB", (16, 16), (i * 30, 0, 0)).save(root / cls / f"{i}.jpg")
     with pytest.raises(ValueError, match="grumpiness"):
-        two_stage.main(["--dataname", str(root), "--mode", "one_stage", "--storage-path", str(tmp_path / "runs"),
+        two_stage.main(["--dataname", str(root), "--mode", "one_stage", "--weights", "none",
+                        "--storage-path", str(tmp_path / "runs"),
                         "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}"])
 
 
 def test_stage_two_flags_default_to_stage_ones():
     from pipelines import cli, two_stage
 
-    def parsed(*argv):
-        return two_stage.apply_defaults(cli.parse_args(two_stage.build_parser(), list(argv)))
+    def stage2(*argv):
+        plan = two_stage.configure(cli.parse_args(two_stage.build_parser(), list(argv)))
+        return plan.recipe.stage("stage2", "stage2_single")
 
-    args = parsed("--lr", "3e-3", "--decay", "0.01")
-    assert (args.stage2_lr, args.stage2_decay) == (3e-3, 0.01)
-    args = parsed("--lr", "3e-3", "--stage2-lr", "1e-4", "--stage2-decay", "0")
-    assert (args.lr, args.stage2_lr, args.decay, args.stage2_decay) == (3e-3, 1e-4, 1e-4, 0.0)
+    recipe = stage2("--lr", "3e-3", "--decay", "0.01")
+    assert (recipe.optimizer.lr, recipe.optimizer.weight_decay) == (3e-3, 0.01)
+    recipe = stage2("--lr", "3e-3", "--stage2-lr", "1e-4", "--stage2-decay", "0")
+    assert (recipe.optimizer.lr, recipe.optimizer.weight_decay) == (1e-4, 0.0)

@@ -41,20 +41,31 @@ def test_forward_shapes_and_every_parameter_gets_a_gradient(task):
 
 def test_create_model_builds_the_registered_va_model():
     assert "va" in list_models()
-    model = create_model("va", backbone=TINY, task="multi", num_classes=3)
+    model = create_model("va", backbone=TINY, task="multi", num_classes=3, weights="none")
     assert isinstance(model, VARegressor) and model(_images())["logits"].shape == (2, 3)
-    with pytest.raises(ValueError, match="pretrained"):
-        create_model("va", backbone=TINY, pretrained=True)
+    with pytest.raises(ValueError, match="unknown model 'vaa'"):
+        create_model("vaa")
 
 
-def test_bounded_output_stays_on_the_canonical_scale():
+def test_heads_tanh_stays_on_the_canonical_scale_and_the_published_one_is_relu_then_linear():
     torch.manual_seed(0)
-    bounded, free = build_va(TINY, bounded=True), build_va(TINY, bounded=False)
-    for model in (bounded, free):
+    tanh, linear, published = (build_va(TINY, head=h) for h in ("tanh", "linear", "relu_linear"))
+    for model in (tanh, linear, published):
         torch.nn.init.constant_(model.va_head.bias, 5.0)  # push raw outputs far above 1
     x = _images(4) * 10
-    assert bounded(x)["va"].abs().max() <= 1.0
-    assert free(x)["va"].max() > 1.0
+    assert tanh(x)["va"].abs().max() <= 1.0
+    assert linear(x)["va"].max() > 1.0
+    # The published head, FC_va(relu(flatten(features))), written out.
+    published.load_state_dict(linear.state_dict())
+    published.eval(), linear.eval()
+    with torch.no_grad():
+        features = published.backbone(x)
+        by_hand = torch.relu(features) @ published.va_head.weight.T + published.va_head.bias
+        torch.testing.assert_close(published(x)["va"], by_hand)
+        # After a ResNet's pooling the features are already >= 0: the ReLU changes nothing there.
+        torch.testing.assert_close(published(x)["va"], linear(x)["va"])
+    with pytest.raises(ValueError, match="head"):
+        build_va(TINY, head="sigmoid")
 
 
 def test_unknown_task_and_backbone_are_rejected():
@@ -96,42 +107,40 @@ def test_freeze_stage_two_trains_only_the_last_stage_and_heads():
 
 
 @pytest.mark.parametrize("freeze_bn", [False, True])
-def test_published_freeze_trains_layer3_layer4_and_batchnorm_statistics_follow_the_flag(freeze_bn):
-    """The published fine-tune: conv1, bn1, layer1, layer2 frozen; layer3, layer4 and the heads train;
-    frozen BatchNorm statistics keep updating (the model is in train mode) unless ``freeze_bn``."""
+def test_published_freeze_trains_layer4_and_batchnorm_statistics_follow_the_flag(freeze_bn):
+    """The published fine-tune: conv1, bn1, layer1, layer2, layer3 frozen; layer4 and the heads train;
+    frozen BatchNorm statistics keep updating (the model is in train mode) unless ``freeze_bn``.
+    (tests/test_protocols.py checks the frozen set against the published prefix rule itself.)"""
     torch.manual_seed(0)
     model = build_va(TINY, task="multi", num_classes=4).freeze("published", freeze_bn=freeze_bn).train()
     trainable = _trainable_names(model)
     assert trainable == {n for n, _ in model.named_parameters()
-                         if n.startswith(("backbone.layer3.", "backbone.layer4.", "va_head.", "cls_head."))}
-    frozen = {n for n, _ in model.named_parameters()} - trainable
-    assert any(n.startswith("backbone.conv1.") for n in frozen) and any(n.startswith("backbone.bn1.") for n in frozen)
-    assert any(n.startswith("backbone.layer1.") for n in frozen) and any(n.startswith("backbone.layer2.") for n in frozen)
-    assert model.backbone.layer2.training is not freeze_bn and model.backbone.bn1.training is not freeze_bn
-    before = {m: _bn_stats(getattr(model.backbone, m)) for m in ("bn1", "layer1", "layer2", "layer3")}
-    stem_weight = model.backbone.layer1[0].conv1.weight.clone()
+                         if n.startswith(("backbone.layer4.", "va_head.", "cls_head."))}
+    assert model.backbone.layer3.training is not freeze_bn and model.backbone.bn1.training is not freeze_bn
+    before = {m: _bn_stats(getattr(model.backbone, m)) for m in ("bn1", "layer1", "layer2", "layer3", "layer4")}
+    frozen_weight = model.backbone.layer3[0].conv1.weight.clone()
     optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
     out = model(_images(4))
     (out["va"].pow(2).sum() + out["logits"].sum()).backward()
     optimizer.step()
-    assert torch.equal(model.backbone.layer1[0].conv1.weight, stem_weight)   # frozen weights do not move
-    for name in ("bn1", "layer1", "layer2"):
+    assert torch.equal(model.backbone.layer3[0].conv1.weight, frozen_weight)   # frozen weights do not move
+    for name in ("bn1", "layer1", "layer2", "layer3"):
         moved = any(not torch.equal(v, before[name][k]) for k, v in _bn_stats(getattr(model.backbone, name)).items())
         assert moved is not freeze_bn, (name, freeze_bn)
-    assert any(not torch.equal(v, before["layer3"][k]) for k, v in _bn_stats(model.backbone.layer3).items())
+    assert any(not torch.equal(v, before["layer4"][k]) for k, v in _bn_stats(model.backbone.layer4).items())
 
 
 def test_published_cut_maps_by_stride_on_other_backbones():
     from emotion_models.va import data_config, published_cut
 
     eff = build_va("tf_efficientnet_lite0")
-    assert published_cut(eff.backbone) == "blocks.2"          # the stride-8 stage, like resnet's layer2
+    assert published_cut(eff.backbone) == "blocks.4"          # the stride-16 stage, like resnet's layer3
     eff.freeze("published")
     trainable = _trainable_names(eff)
-    assert not any(n.startswith(("backbone.conv_stem", "backbone.blocks.0.", "backbone.blocks.2."))
-                   for n in trainable)
-    assert any(n.startswith("backbone.blocks.3.") for n in trainable) and "va_head.weight" in trainable
-    assert published_cut(build_va(TINY).backbone) == "layer2"
+    assert not any(n.startswith(("backbone.conv_stem", "backbone.blocks.0.", "backbone.blocks.2.",
+                                 "backbone.blocks.4.")) for n in trainable)
+    assert any(n.startswith("backbone.blocks.5.") for n in trainable) and "va_head.weight" in trainable
+    assert published_cut(build_va(TINY).backbone) == "layer3"
     # Image preparation follows the backbone's pretrained_cfg, not fixed ImageNet values.
     cfg = data_config("tf_efficientnet_lite0")
     assert cfg["mean"] == [0.5, 0.5, 0.5] and cfg["std"] == [0.5, 0.5, 0.5] and cfg["interpolation"] == "bicubic"
@@ -255,7 +264,7 @@ def test_weights_from_safetensors(tmp_path):
 
 
 def test_default_backbone_is_resnet101():
-    model = build_va()
+    model = build_va(weights="none")
     assert type(model.backbone).__name__ == "ResNet" and model.backbone.num_features == 2048
     assert len(model.backbone.layer3) == 23  # resnet101's 3-4-23-3 blocks
     model.eval()
