@@ -76,11 +76,6 @@ def nrc_to_canonical(x: FloatOrArray) -> FloatOrArray:
     return 2.0 * x - 1.0
 
 
-def canonical_to_nrc(x: FloatOrArray) -> FloatOrArray:
-    """Canonical [-1, 1] -> NRC-VAD 0..1."""
-    return (x + 1.0) / 2.0
-
-
 def sam_to_canonical(x: FloatOrArray) -> FloatOrArray:
     """SAM 1..9 (Emotion6 ratings) -> canonical [-1, 1]."""
     return (x - 5.0) / 4.0
@@ -193,14 +188,6 @@ class Lexicon:
         """(C, 2) array of the categories' (valence, arousal), canonical scale."""
         self.check(names)
         return np.array([self._va[self._key(name)] for name in names], dtype=np.float64).reshape(-1, 2)
-
-    def mean_va(self, dist: Sequence[float], names: Sequence[str]) -> tuple[float, float]:
-        """Distribution-weighted mean of the categories' anchors (``dist`` is normalised first)."""
-        weights = normalize_dist(dist)
-        if len(weights) != len(names):
-            raise ValueError(f"distribution has {len(weights)} values for {len(names)} categories")
-        v, a = weights @ self.va_many(names)
-        return float(v), float(a)
 
 
 def is_number(text: str) -> bool:

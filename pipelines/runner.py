@@ -16,7 +16,8 @@ from typing import Optional, Sequence
 from pipelines import console
 from pipelines.checkpoints import RESULT_FILE, RUN_STATE_FILE
 from pipelines.recipe import Recipe, StageRecipe, jsonable
-from pipelines.tracking import Tracker, log_stage_artifacts, system_metrics_interval
+from pipelines import system_metrics
+from pipelines.tracking import Tracker, log_stage_artifacts
 from pipelines.train_loop import RunOptions, StageData, StageOutcome, run_stage
 
 
@@ -151,7 +152,7 @@ class PipelineRun:
         try:
             outcome: StageOutcome = run_stage(recipe, data, self.run, fault=self._fault(name),
                                               mlflow={"tracking_uri": self.tracker.uri, "run_id": child,
-                                                      "system_metrics": system_metrics_interval()})
+                                                      "system_metrics": system_metrics.interval()})
         finally:
             console.flush()  # the stage's last worker lines before the driver's own
         if not outcome.best_checkpoint:

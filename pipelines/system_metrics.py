@@ -199,3 +199,28 @@ class SystemMetricsSampler(MetricBuffer):
         self.flush_patiently(wait_s)
         if self._gpus is not None:
             self._gpus.close()
+
+
+def interval() -> Optional[float]:
+    """Seconds between system-metrics samples for the stage runs, or None when they are off
+    (``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false``). ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` sets it;
+    the default is 5 s, so short stages still get a curve."""
+    if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").strip().lower() in ("false", "0", "no"):
+        return None
+    return float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or 5.0)
+
+
+def for_stage(cfg: Optional[dict], *, local_rank: int, node_rank: int, multi_node: bool):
+    """On each node's local rank 0: a :class:`SystemMetricsSampler` for the stage's run (``cfg``: the
+    worker's ``{"tracking_uri", "run_id", "system_metrics": interval}``), sampled until its ``stop()`` (or
+    until Ray ends this worker); one series per node (``system/node_<rank>/...``) when the stage spans
+    several nodes. None elsewhere, or when they are off."""
+    seconds = (cfg or {}).get("system_metrics")
+    if not cfg or not cfg.get("run_id") or not seconds or local_rank != 0:
+        return None
+    try:
+        return SystemMetricsSampler(cfg["tracking_uri"], cfg["run_id"], node_id=f"node_{node_rank}" if multi_node
+                                    else None, interval=float(seconds))
+    except Exception as e:  # noqa: BLE001 - e.g. psutil missing on this node: train without them
+        log.warning("system metrics off on this node: %s", e)
+        return None

@@ -290,19 +290,6 @@ class MetricBuffer:
         return True
 
 
-def system_metrics_interval() -> Optional[float]:
-    """Seconds between system-metrics samples for the stage runs, or None when they are off
-    (``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false``). ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``
-    sets it; the default is 5 s, so short stages still get a curve."""
-    if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").strip().lower() in ("false", "0", "no"):
-        return None
-    try:
-        import psutil  # noqa: F401 - MLflow's CPU and memory monitor needs it
-    except ImportError:
-        return None
-    return float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or 5.0)
-
-
 def log_pyfunc_model(checkpoint_dir: str, *, name: str = "model", registered_model_name: str | None = None):
     """Log the checkpoint's model as the code-based pyfunc of the active run; returns the ModelInfo."""
     import json
@@ -504,7 +491,7 @@ class EpochLogger:
     When the tracking server does not answer, an epoch's metrics stay in memory and go with the next
     epoch's, or at :meth:`close` (the stage's end); training neither waits for the server nor fails
     because of it (and the driver logs what is still missing from the stage's history afterwards).
-    :meth:`system_metrics` starts MLflow's system metrics for the run on this node (local rank 0).
+    :func:`pipelines.system_metrics.for_stage` samples the node's system metrics for the same run.
     """
 
     def __init__(self, cfg: Optional[dict], log=None):
@@ -541,23 +528,6 @@ class EpochLogger:
         if self.buffer is not None and self.buffer.pending and not self.buffer.flush_patiently(wait_s):
             self.log(f"MLflow server still unreachable: {len(self.buffer.pending)} metric values not logged "
                      f"by the worker (the driver logs the stage's history once the server answers)")
-
-    @staticmethod
-    def system_metrics(cfg: Optional[dict], *, local_rank: int, node_rank: int, multi_node: bool):
-        """On each node's local rank 0: MLflow's system metrics for the stage's run, sampled until
-        :meth:`finish` (or until Ray ends this worker); one series per node (``system/node_<rank>/...``)
-        when the stage spans several nodes. None elsewhere, or when they are off."""
-        interval = (cfg or {}).get("system_metrics")
-        if not cfg or not cfg.get("run_id") or not interval or local_rank != 0:
-            return None
-        try:
-            from pipelines.system_metrics import SystemMetricsSampler
-
-            return SystemMetricsSampler(cfg["tracking_uri"], cfg["run_id"], node_id=f"node_{node_rank}" if multi_node
-                                        else None, interval=float(interval))
-        except Exception as e:  # noqa: BLE001 - e.g. psutil missing on this node: train without them
-            logging.getLogger("emotion_ray.train").warning("system metrics off on this node: %s", e)
-            return None
 
     @staticmethod
     def finish(epoch_logger: Optional["EpochLogger"], system_metrics) -> None:

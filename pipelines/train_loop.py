@@ -37,7 +37,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipelines import console, core
+from pipelines import console, core, system_metrics
 from pipelines.batches import EvalCache, MixedBatches, PoolBatches, iter_batches, weights_digest
 from pipelines.checkpoints import STATE_FILE, build_stage_model, load_state, save_state, state_path, write_meta
 from pipelines.objectives import build_objective
@@ -215,7 +215,7 @@ def fit_worker(config: dict) -> dict:
     state = core.TrainState(model, optimizer, schedule, core.EarlyStopping.from_spec(recipe.select),
                             precision=precision)
     mlflow_log = EpochLogger(context.mlflow, log) if rank == 0 else None
-    system_metrics = EpochLogger.system_metrics(  # each node's local rank 0
+    sampler = system_metrics.for_stage(  # each node's local rank 0
         context.mlflow, local_rank=ctx.get_local_rank(), node_rank=ctx.get_node_rank(),
         multi_node=ctx.get_local_world_size() < world)
     resumed_from = None
@@ -279,7 +279,7 @@ def fit_worker(config: dict) -> dict:
         log(f"[{recipe.name}] early stop after epoch {state.epoch}: no improvement of {recipe.select.metric} "
             f"for {es.bad_epochs} epochs; {kept}")
     tests = _test_selected(recipe, context, eval_model, selected, batch_size, precision, log)
-    EpochLogger.finish(mlflow_log, system_metrics)  # on a failure Ray ends this worker, and its sampler
+    EpochLogger.finish(mlflow_log, sampler)  # on a failure Ray ends this worker, and its sampler
     return {"history": state.history, "best_epoch": es.best_epoch, "selected_epoch": selected, "best": es.best,
             "resumed_from": resumed_from, "epochs_run": epochs_run, "stopped_early": stopped_early,
             "tests": tests if rank == 0 else {}}

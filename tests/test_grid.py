@@ -17,7 +17,8 @@ from pipelines import grid as comparison
 
 pytestmark = pytest.mark.slow
 
-TINY = ["--demo-images-per-class", "6", "--image-size", "32", "--backbone", "resnet10t", "--batch-size", "8",
+# --batch-size is the global batch: 2 workers x 8.
+TINY = ["--demo-images-per-class", "6", "--image-size", "32", "--backbone", "resnet10t", "--batch-size", "16",
         "--num-workers", "2", "--cpus-per-worker", "0.5", "--seed", "3", "--num-epochs", "1", "--stage2-epochs", "1",
         "--early-stop", "0"]
 
@@ -29,7 +30,7 @@ GRID = ["one_stage-multi", "two_stage-multi", "dimensional"]
 
 
 def _parsed(*argv):
-    return two_stage.apply_defaults(cli.parse_args(two_stage.build_parser(), list(argv)))
+    return two_stage.configure(cli.parse_args(two_stage.build_parser(), list(argv)))
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,8 @@ def test_grid_gives_a_row_per_framework_with_every_metric(grid):
     for row in result["rows"]:
         for key in comparison.COMPARE:
             assert isinstance(row[key], float) and math.isfinite(row[key]), (row["framework"], key, row[key])
+        # Every test metric of the stage's scoring is a row column (none whitelisted away).
+        assert {"test_spearman_v", "test_r2_a", "test_macro_f1", "test_categorical_macro_f1"} <= set(row)
     assert set(result["summary"]) == set(GRID)
     for framework in GRID:
         assert f"| {framework} |" in result["table"]
@@ -67,17 +70,18 @@ def test_grid_trains_each_stage_one_once_and_two_stage_reuses_it(grid):
         assert rows[f"one_stage-{task}"]["best_checkpoint"] == s1_best      # the one_stage row is stage one
         s2_meta = json.loads((Path(best[f"{task}-stage2"]) / "meta.json").read_text())
         assert s2_meta["recipe"]["init_from"] == s1_best                   # ... and two_stage starts from it
-        assert s2_meta["recipe"]["freeze_until"] == "published" and s2_meta["recipe"]["freeze_bn"] is False
-        assert s2_meta["recipe"]["objective"]["alpha"] == 0.9 and s2_meta["recipe"]["objective"]["va_scale"] == 16
+        assert s2_meta["recipe"]["freeze"] == "published" and s2_meta["recipe"]["freeze_bn"] is False
+        assert s2_meta["recipe"]["loss"]["va_weight"] == 0.9 and s2_meta["recipe"]["loss"]["va_scale"] == 16
+        assert s2_meta["recipe"]["batching"] == "joined" and s2_meta["recipe"]["source"] == "demo"
     dim_meta = json.loads((Path(best["dimensional"]) / "meta.json").read_text())
     spec = dim_meta["recipe"]
-    assert spec["init_from"] is None and spec["freeze_until"] is None and spec["model"]["task"] == "single"
-    assert spec["monitor"] == "pearson_mean" and not spec["mix_categorical"]
+    assert spec["init_from"] is None and spec["freeze"] is None and spec["model"]["options"]["task"] == "single"
+    assert spec["select"]["metric"] == "pearson_mean" and spec["batching"] == "plain"
     # Images are prepared as the backbone's pretrained_cfg says, and the ingest size is recorded for predict.
     from emotion_models.va import data_config
 
     cfg = data_config("resnet10t")
-    assert {k: spec["image"][k] for k in cfg} == cfg and spec["image"]["max_side"] >= 32
+    assert {k: spec["prep"][k] for k in cfg} == cfg and spec["prep"]["max_side"] >= 32
 
 
 def test_grid_logs_children_table_and_chart_to_one_parent(grid):
@@ -91,7 +95,7 @@ def test_grid_logs_children_table_and_chart_to_one_parent(grid):
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.info.run_name for c in children) == sorted(grid["result"]["best_checkpoints"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"comparison.md", "comparison_table.json", "comparison.png", "result.json"} <= artifacts
+    assert {"comparison.md", "comparison_table.json", "comparison.png", "result.json", "recipe.yaml"} <= artifacts
     assert parent.data.metrics["dimensional.test_pearson_v_mean"] == pytest.approx(
         result["summary"]["dimensional"]["test_pearson_v"]["mean"])
 
@@ -104,9 +108,9 @@ def test_predict_on_a_trained_checkpoint(grid, tmp_path, capsys):
     from PIL import Image
 
     from datasets_io.images import prepare_image
-    from datasets_io.shards import ImageTransform
+    from datasets_io.prep import ImageTransform
     from pipelines import predict
-    from pipelines.recipe import load_model_from_checkpoint
+    from pipelines.checkpoints import load_model
 
     best = Path(grid["result"]["best_checkpoints"]["multi-stage2"])
     images = tmp_path / "imgs"
@@ -123,20 +127,18 @@ def test_predict_on_a_trained_checkpoint(grid, tmp_path, capsys):
 
     rows = list(csv.DictReader(out.open()))
     assert [Path(r["image"]).name for r in rows] == ["cold.png", "warm.jpg"]
-    model, meta = load_model_from_checkpoint(best)
-    recipe = meta["recipe"]
+    model, meta = load_model(best)
+    prep = meta["recipe"].prep
     # Training's path: ingest stores each image as prepare_image's JPEG, the eval transform reads that.
-    image_cfg = {k: v for k, v in recipe.image.items() if k != "max_side"}
-    stored = [prepare_image(Path(r["image"]).read_bytes(), max_side=recipe.image["max_side"] or 10 ** 6)
-              for r in rows]
-    transform = ImageTransform(recipe.image_size, train=False, num_classes=1, normalize=True, **image_cfg)
-    batch = transform({"image": np.array(stored, dtype=object)})["image"]
+    stored = [prepare_image(Path(r["image"]).read_bytes(), max_side=prep.max_side) for r in rows]
+    pixels = ImageTransform(prep, train=False, num_classes=1)({"image": np.array(stored, dtype=object)})["image"]
+    batch = prep.norm()(torch.from_numpy(pixels)).numpy()
     model.eval()
     with torch.no_grad():
         va = model(torch.from_numpy(batch))["va"].numpy()
     got = np.array([[float(r["valence"]), float(r["arousal"])] for r in rows])
     np.testing.assert_allclose(got, va, rtol=0, atol=1e-5)
-    classes = recipe.classes
+    classes = meta["recipe"].classes
     for r in rows:
         assert float(r["valence_sam"]) == pytest.approx(float(r["valence"]) * 4 + 5, abs=1e-4)
         assert r["nearest_category"] in classes
@@ -154,24 +156,27 @@ def test_summary_over_seeds_is_mean_and_sample_std():
 
 
 def test_frameworks_and_seeds_flags():
-    args = _parsed("--frameworks", "two_stage/multi", "dimensional", "--seeds", "42", "43", "42")
-    assert args.run_frameworks == ["two_stage-multi", "dimensional"] and args.run_seeds == [42, 43] and args.grid
-    assert _parsed("--frameworks", "all").run_frameworks == list(two_stage.FRAMEWORKS)
-    args = _parsed("--mode", "dimensional")
-    assert args.run_frameworks == ["dimensional"] and not args.needs_categorical and args.dimensional_freeze is None
-    assert args.stage2_freeze == "published" and args.frameworks is None and args.seeds is None  # flags untouched
-    assert _parsed("--mode", "dimensional", "--freeze-until", "layer1").dimensional_freeze == "layer1"
-    assert _parsed("--freeze-until", "none").stage2_freeze is None and _parsed("--freeze-until", "3").stage2_freeze == 3
-    assert two_stage.PUBLISHED_VA_SCALE == pytest.approx(__import__("emotion_models.losses").losses.PUBLISHED_VA_SCALE)
-    real = _parsed("--mode", "dimensional", "--dimensional", "/tmp")
-    assert (real.lr, real.optimizer, real.backbone) == (1e-4, "adam", "resnet101")   # the published defaults
+    plan = _parsed("--frameworks", "two_stage/multi", "dimensional", "--seeds", "42", "43", "42")
+    assert plan.frameworks == ["two_stage-multi", "dimensional"] and plan.seeds == [42, 43] and plan.grid
+    assert _parsed("--frameworks", "all").frameworks == list(two_stage.FRAMEWORKS)
+    plan = _parsed("--mode", "dimensional")
+    assert plan.frameworks == ["dimensional"] and plan.recipe.stage("dimensional").freeze is None
+    assert plan.recipe.stage("stage2").freeze == "published"
+    assert _parsed("--mode", "dimensional", "--freeze-until", "layer1").recipe.stage("dimensional").freeze == "layer1"
+    assert _parsed("--freeze-until", "none").recipe.stage("stage2").freeze == "none"
+    real = _parsed("--mode", "dimensional", "--dimensional", "/tmp").recipe.stage("dimensional")
+    assert (real.optimizer.lr, real.optimizer.name, real.model.backbone) == (1e-4, "adam", "resnet101")  # default recipe
+    published = _parsed("--mode", "dimensional", "--dimensional", "/tmp", "--recipe", "published")
+    assert published.recipe.stage().model.backbone == "resnet101.tv_in1k"
     for argv, message in ((["--frameworks", "three_stage"], "--frameworks"),
                           (["--mode", "dimensional", "--task", "multi"], "--task multi"),
                           (["--dimensional", "/tmp", "--frameworks", "all"], "needs --dataname")):
         with pytest.raises(cli.UsageError, match=message):
             _parsed(*argv)
     with pytest.raises(FileNotFoundError, match="absent.pth.*--weights"):
-        _parsed("--mode", "dimensional", "--weights", "/nonexistent/absent.pth")
+        from pipelines.runner import require_weights
+
+        require_weights(_parsed("--mode", "dimensional", "--weights", "/nonexistent/absent.pth").recipe.stage())
 
 
 def test_dimensional_mode_on_real_emotion6_needs_no_categorical_set(ray_session, emotion6_sample, tmp_path,
@@ -181,29 +186,29 @@ def test_dimensional_mode_on_real_emotion6_needs_no_categorical_set(ray_session,
     import pyarrow.parquet as pq
     import torch
 
-    from datasets_io.shards import ImageTransform
+    from datasets_io.prep import ImageTransform
     from pipelines import predict
 
     monkeypatch.setenv("EMOTION_RAY_DATA", str(tmp_path / "data"))
     argv = [*TINY, "--mode", "dimensional", "--dimensional", str(emotion6_sample), "--storage-path",
             str(tmp_path / "runs"), "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}", "--run-name", "dim",
-            "--max-side", "96"]
+            "--max-side", "96", "--weights", "none"]
     assert two_stage.main(argv) == 0
     result = json.loads((tmp_path / "runs" / "dim" / "result.json").read_text())
     assert set(result["best_checkpoints"]) == {"dimensional"} and result["mode"] == "dimensional"
-    assert math.isfinite(result["test_pearson_v"]) and result["test_categorical_accuracy"] is None
+    assert math.isfinite(result["test_pearson_v"]) and "test_categorical_accuracy" not in result
     ckpt = Path(result["best_checkpoints"]["dimensional"])
-    spec = json.loads((ckpt / "meta.json").read_text())["recipe"]
-    assert spec["image"]["max_side"] == 96
+    from pipelines.checkpoints import read_meta
+
+    prep = read_meta(ckpt)["recipe"].prep
+    assert prep.max_side == 96
 
     # Train/serve parity: the raw image through predict == the ingested bytes through training's eval transform.
     shard = tmp_path / "data" / emotion6_sample.name / "test"
     table = pq.read_table(sorted(shard.glob("*.parquet"))[0]).slice(0, 1).to_pylist()[0]
     raw = next(p for p in (emotion6_sample / table["image_id"], emotion6_sample / "images" / table["image_id"])
                if p.exists())
-    _, served, bad = predict.load_images([raw], spec["image_size"], spec["image"])
-    image_cfg = {k: v for k, v in spec["image"].items() if k != "max_side"}
-    trained = ImageTransform(spec["image_size"], train=False, num_classes=1, normalize=True, **image_cfg)(
-        {"image": np.array([table["image"]], dtype=object)})["image"]
+    _, served, bad = predict.load_images([raw], prep)
+    trained = ImageTransform(prep, train=False, num_classes=1)({"image": np.array([table["image"]], dtype=object)})
     assert not bad
-    torch.testing.assert_close(served, torch.from_numpy(trained), rtol=0, atol=1e-6)
+    torch.testing.assert_close(served, prep.norm()(torch.from_numpy(trained["image"])), rtol=0, atol=1e-6)

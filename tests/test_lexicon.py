@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from datasets_io.lexicon import (ANCHORS_NRC, CATEGORY_SETS, Lexicon, canonical_to_nrc, canonical_to_sam,
+from datasets_io.lexicon import (ANCHORS_NRC, CATEGORY_SETS, Lexicon, canonical_to_sam,
                                  nrc_to_canonical, normalize_dist, read_table, resolve_categories,
                                  sam_to_canonical)
 
@@ -13,7 +13,7 @@ def test_converters_map_scale_ends_and_round_trip():
     assert (nrc_to_canonical(0.0), nrc_to_canonical(0.5), nrc_to_canonical(1.0)) == (-1.0, 0.0, 1.0)
     assert (sam_to_canonical(1.0), sam_to_canonical(5.0), sam_to_canonical(9.0)) == (-1.0, 0.0, 1.0)
     x = np.linspace(-1, 1, 9)
-    np.testing.assert_allclose(nrc_to_canonical(canonical_to_nrc(x)), x)
+    np.testing.assert_allclose(nrc_to_canonical((x + 1) / 2), x)
     np.testing.assert_allclose(sam_to_canonical(canonical_to_sam(x)), x)
     np.testing.assert_allclose(canonical_to_sam(x), np.linspace(1, 9, 9))
 
@@ -44,16 +44,10 @@ def test_unknown_category_message_stays_short_for_a_full_lexicon():
     assert len(str(err.value)) < 1000
 
 
-def test_mean_va_is_the_normalised_weighted_mean():
-    lexicon = Lexicon.builtin()
-    v, a = lexicon.mean_va([3, 1], ["anger", "joy"])  # weights 0.75 / 0.25
-    assert v == pytest.approx(0.75 * (2 * 0.167 - 1) + 0.25 * (2 * 0.980 - 1))
-    assert a == pytest.approx(0.75 * (2 * 0.865 - 1) + 0.25 * (2 * 0.824 - 1))
-    assert lexicon.mean_va([0.75, 0.25], ["anger", "joy"]) == pytest.approx((v, a))
+def test_normalize_dist_rejects_what_is_no_distribution():
+    np.testing.assert_allclose(normalize_dist([3, 1]), [0.75, 0.25])
     with pytest.raises(ValueError, match="all weights are zero"):
-        lexicon.mean_va([0, 0], ["anger", "joy"])
-    with pytest.raises(ValueError, match="2 values for 3 categories"):
-        lexicon.mean_va([1, 1], ["anger", "joy", "fear"])
+        normalize_dist([0, 0])
     with pytest.raises(ValueError, match="non-negative"):
         normalize_dist([1, -1])
 
