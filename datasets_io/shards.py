@@ -6,6 +6,7 @@ What a trainer needs from the output of :mod:`datasets_io.ingest`, besides the i
 * :func:`targets` turns a batch's nullable targets into dense arrays with presence masks;
 * :func:`iter_local_batches` reads a split's batches with pyarrow (tests, benchmarks, a plain loop),
   over :func:`read_split_table` (a split's rows as one table, also what a small split is held as);
+  :func:`epoch_rows` + :func:`table_batches`: the deterministic training order (``deterministic: true``);
 * :func:`repeat_rows` / :func:`ra_epoch_rows`: repeated augmentation's rows (the Ray Data plan
   is :func:`datasets_io.ray_data.repeated_augmentation`).
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["split_folder", "split_files", "read_split_table", "targets", "to_tensors", "iter_local_batches",
-           "numpy_batch", "repeat_rows", "ra_epoch_rows"]
+           "table_batches", "epoch_rows", "numpy_batch", "repeat_rows", "ra_epoch_rows"]
 
 
 # ----------------------------------------------------------------------------- the output folder
@@ -153,15 +154,42 @@ def iter_local_batches(out: str | os.PathLike, split: str, transform,
     last batch may be smaller. ``part=(rank, world)``: every ``world``-th row of that order from
     ``rank`` on (one process's share under DDP).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     table = read_split_table(out, split)
     order = np.random.default_rng(seed).permutation(table.num_rows) if shuffle else np.arange(table.num_rows)
     rank, world = part
-    order = order[rank::world]
-    for start in range(0, len(order), batch_size):
-        rows = table.take(pa.array(order[start:start + batch_size]))
-        yield to_tensors(transform(numpy_batch(rows)))
+    yield from table_batches(table, order[rank::world], transform, batch_size)
+
+
+def table_batches(table: pa.Table, rows: np.ndarray, transform, batch_size: int, *, repeats: Optional[np.ndarray] = None,
+                  drop_last: bool = False, tensors: bool = True) -> Iterator[dict[str, Any]]:
+    """Batches of ``table``'s ``rows`` (indices, in that order) through ``transform``, as tensors (or the
+    transform's numpy arrays); ``repeats``: each row's repeated-augmentation index (a ``repeat`` column the
+    transform keys its draws on)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    stop = len(rows) - len(rows) % batch_size if drop_last else len(rows)
+    for start in range(0, stop, batch_size):
+        chunk = table.take(pa.array(rows[start:start + batch_size]))
+        if repeats is not None:
+            chunk = chunk.append_column("repeat", pa.array(repeats[start:start + batch_size], pa.int64()))
+        out = transform(numpy_batch(chunk))
+        yield to_tensors(out) if tensors else out
+
+
+def epoch_rows(num_rows: int, seed: int, epoch: int, *, rank: int = 0, world: int = 1,
+               repeats: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The rows (and their repeat indices) one rank trains on in one epoch, a function of ``(seed, epoch,
+    rank, world)`` only: a permutation seeded by ``(seed, epoch)``; with repeated augmentation its first
+    :func:`ra_epoch_rows` images, each ``repeats`` times in a row; then every ``world``-th entry from
+    ``rank`` on, cut to the same length on every rank (DDP needs equal step counts)."""
+    order = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch)]).permutation(num_rows)
+    repeat = np.zeros(num_rows, np.int64)
+    if repeats > 1:
+        _, distinct = ra_epoch_rows(num_rows, repeats)
+        order = np.repeat(order[:distinct], repeats)
+        repeat = np.tile(np.arange(repeats, dtype=np.int64), distinct)
+    share = len(order) // world
+    return order[rank::world][:share], repeat[rank::world][:share]
 
 
 def numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:

@@ -131,6 +131,64 @@ def mixed_batches(dim_shard, cat_shard, batch_size: int, seed: int, epoch: int, 
         yield mix_batches(dim, next(cat_iter))
 
 
+class LocalSplit:
+    """A training split the worker reads itself (``deterministic: true``): the same rows, in the same order,
+    with the same augmentation, whenever an epoch runs (a resumed epoch repeats the interrupted one).
+
+    ``for_epoch(epoch, rank, world)`` gives a stand-in for the Ray Data shard (the same ``iter_torch_batches``
+    / ``iter_batches`` calls) over :func:`datasets_io.shards.epoch_rows`: a permutation seeded by
+    ``(seed, epoch)``, every ``world``-th row for ``rank``; each image's crop, flip and RandAugment seeded by
+    ``(seed, epoch, image, repeat)``. The split's bytes are read once per stage (pyarrow, from the shards'
+    folder or object store); decoding runs in the worker, not in Ray Data's tasks: the price of the order.
+    ``post``: a batch step applied after the image step (the sticker text's tokenizer).
+    """
+
+    def __init__(self, shards: str, split: str, prep, num_classes: int, seed: int, *, keep_text: bool = False,
+                 post=None):
+        self.shards, self.split, self.prep, self.num_classes = shards, split, prep, num_classes
+        self.seed, self.keep_text, self.post = seed, keep_text, post
+        self._table = None
+
+    def for_epoch(self, epoch: int, rank: int = 0, world: int = 1) -> "_EpochShard":
+        from datasets_io.shards import epoch_rows, read_split_table
+
+        if self._table is None:
+            self._table = read_split_table(self.shards, self.split)
+        rows, repeats = epoch_rows(self._table.num_rows, self.seed, epoch, rank=rank, world=world,
+                                   repeats=self.prep.repeated_aug)
+        return _EpochShard(self, epoch, rows, repeats)
+
+
+class _EpochShard:
+    """One epoch of a :class:`LocalSplit` for one rank, with the calls of a Ray Data shard iterator."""
+
+    def __init__(self, split: LocalSplit, epoch: int, rows, repeats):
+        self.split, self.epoch, self.rows, self.repeats = split, epoch, rows, repeats
+
+    def _batches(self, transform, batch_size: int, drop_last: bool, tensors: bool = True):
+        from datasets_io.shards import table_batches
+
+        step = transform if self.split.post is None else (lambda batch: self.split.post(transform(batch)))
+        return table_batches(self.split._table, self.rows, step, batch_size, repeats=self.repeats,
+                             drop_last=drop_last, tensors=tensors)
+
+    def iter_torch_batches(self, *, batch_size: int, drop_last: bool = False, **_ignored):
+        """Decoded on the CPU, in this process; ``local_shuffle_*`` are ignored: the order is the epoch's."""
+        from datasets_io.prep import ImageTransform
+
+        seed = int(np.random.SeedSequence([int(self.split.seed) & 0xFFFFFFFF, self.epoch]).generate_state(1)[0])
+        transform = ImageTransform(self.split.prep, train=True, num_classes=self.split.num_classes, seed=seed,
+                                   keep_text=self.split.keep_text)
+        return self._batches(transform, batch_size, drop_last)
+
+    def iter_batches(self, *, batch_format: str = "numpy", batch_size: int, drop_last: bool = False, **_ignored):
+        """The stored bytes (``decode="device"``: the worker's pipeline decodes them, seeded per image)."""
+        from datasets_io.prep import ImageBytes
+
+        transform = ImageBytes(self.split.num_classes, keep_text=self.split.keep_text)
+        return self._batches(transform, batch_size, drop_last, tensors=False)
+
+
 class PoolBatches:
     """Stage two's published batching (``batching="pool"``): one shuffled pool of this rank's dimensional
     and categorical training rows, cut into batches of ``batch_size``, one pass over both per epoch.

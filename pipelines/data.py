@@ -213,6 +213,13 @@ class Shards:
                                                  splits=splits, keep_text=keep_text)
         return self._cache[key]
 
+    def local_split(self, prep, seed: int, *, keep_text: bool = False, post=None):
+        """The training split as the workers read it themselves in a ``deterministic`` stage."""
+        from pipelines.batches import LocalSplit
+
+        return LocalSplit(self.manifest["shards"], "train", prep, len(self.classes), seed, keep_text=keep_text,
+                          post=post)
+
     def training_images(self, prep, seed: int):
         """The training and validation images, with the evaluation transform, as one dataset: what the
         published LDL code scores as its test split (``DimensionalDataset`` reads ``train/`` in test mode)."""

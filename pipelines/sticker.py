@@ -224,10 +224,14 @@ def sticker_recipe(plan: Plan) -> StageRecipe:
     return recipe.replace(prep=prep)
 
 
+def tokenizer(recipe: StageRecipe) -> TokenizeText:
+    options = recipe.model.options
+    return TokenizeText(options.get("text_encoder"), options.get("max_text_len", 30))
+
+
 def sticker_datasets(plan: Plan, recipe: StageRecipe, splits=("train", "val", "test")) -> dict:
     """Ray Datasets of tensors + tokenised text per split, prepared as the recipe says."""
-    options = recipe.model.options
-    tokenize = TokenizeText(options.get("text_encoder"), options.get("max_text_len", 30))
+    tokenize = tokenizer(recipe)
     sets = plan.shards.datasets(recipe.prep, recipe.seed, splits=splits, keep_text=True)
     return {k: sets[k].map_batches(tokenize, batch_format="numpy") for k in splits}
 
@@ -235,7 +239,9 @@ def sticker_datasets(plan: Plan, recipe: StageRecipe, splits=("train", "val", "t
 def sticker_stage(plan: Plan) -> tuple[StageRecipe, StageData]:
     recipe = sticker_recipe(plan)
     sets = sticker_datasets(plan, recipe)
-    return recipe, StageData({TRAIN_KEY: sets["train"], "val": sets["val"]}, {"test": EvalSet(sets["test"])})
+    local = {TRAIN_KEY: plan.shards.local_split(recipe.prep, recipe.seed, keep_text=True, post=tokenizer(recipe))}
+    return recipe, StageData({TRAIN_KEY: sets["train"], "val": sets["val"]}, {"test": EvalSet(sets["test"])},
+                             local=local)
 
 
 def classification_result(metrics: dict, split: str = "test") -> dict:

@@ -85,6 +85,7 @@ class StageContext:
     rows: dict = field(default_factory=dict)   # training dataset name -> rows (pool batching's counts)
     val_augmented: bool = False                # validation takes the training transform: never cached
     val_scoring: Optional[tuple] = None        # (classes, anchors) the validation split is scored with
+    local: dict = field(default_factory=dict)  # training splits the workers read themselves (deterministic)
 
 
 @dataclass
@@ -99,6 +100,7 @@ class StageData:
     rows: dict = field(default_factory=dict)
     val_augmented: bool = False
     val_scoring: Optional[tuple] = None             # (classes, anchors) of a validation set of other classes
+    local: dict = field(default_factory=dict)       # training dataset name -> LocalSplit (deterministic: true)
 
 
 @dataclass
@@ -175,19 +177,32 @@ def build_for_device(recipe: StageRecipe, device: torch.device):
 
 def _train_batches(recipe: StageRecipe, context: StageContext, batch_size: int, device_images, rank: int,
                    world: int):
-    """``epoch -> batches`` of the stage's training data, by its ``batching``."""
-    train_shard, seed = ray.train.get_dataset_shard(TRAIN_KEY), recipe.seed
+    """``epoch -> batches`` of the stage's training data, by its ``batching``. With ``deterministic`` the
+    training splits are :class:`pipelines.batches.LocalSplit`s the worker reads itself, each epoch's rows
+    and augmentations fixed by the seed and the epoch; else Ray Data's shards."""
+    seed = recipe.seed
+
+    def shard(key: str, epoch: int, whole: bool = False):
+        if key in context.local:
+            return context.local[key].for_epoch(epoch, 0 if whole else rank, 1 if whole else world)
+        return ray.train.get_dataset_shard(key)
+
     if recipe.batching == "joined":
-        cat_shard = ray.train.get_dataset_shard(JOIN_KEY)
-        return lambda epoch: MixedBatches(train_shard, cat_shard, batch_size, seed, epoch, rank=rank, world=world,
-                                          device_images=device_images)
+        return lambda epoch: MixedBatches(shard(TRAIN_KEY, epoch), shard(JOIN_KEY, epoch, whole=True), batch_size,
+                                          seed, epoch, rank=rank, world=world, device_images=device_images)
     if recipe.batching == "pool":
-        cat_shard = ray.train.get_dataset_shard(POOL_KEY)
         n_dim, n_cat = context.rows[TRAIN_KEY] // world, context.rows[POOL_KEY] // world  # equal splits
-        return lambda epoch: PoolBatches(train_shard, cat_shard, batch_size, seed, epoch, n_dim=n_dim, n_cat=n_cat,
-                                         rank=rank, device_images=device_images)
-    return lambda epoch: iter_batches(train_shard, batch_size, train=True, seed=seed, epoch=epoch,
+        return lambda epoch: PoolBatches(shard(TRAIN_KEY, epoch), shard(POOL_KEY, epoch), batch_size, seed, epoch,
+                                         n_dim=n_dim, n_cat=n_cat, rank=rank, device_images=device_images)
+    return lambda epoch: iter_batches(shard(TRAIN_KEY, epoch), batch_size, train=True, seed=seed, epoch=epoch,
                                       device_images=device_images)
+
+
+def deterministic_kernels() -> None:
+    """torch's deterministic algorithms where it has them (cuDNN autotuning off; cuBLAS's workspace fixed)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 
 def fit_worker(config: dict) -> dict:
@@ -198,6 +213,8 @@ def fit_worker(config: dict) -> dict:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # Rank 0's lines reach the driver's console (pipelines.console: through the relay when quiet).
     log = console.emitter(logger) if rank == 0 else (lambda *_: None)
+    if recipe.deterministic:
+        deterministic_kernels()
     device = ray.train.torch.get_device()
     model, objective, precision = build_for_device(recipe, device)
     if world > 1:
@@ -332,9 +349,11 @@ def run_stage(recipe: StageRecipe, data: StageData, run: RunOptions, *, mlflow: 
         raise ValueError(f"stage {name}: datasets {missing} are missing")
     tests = data.tests if test else {}
     recipe.per_worker_batch(run.num_workers)   # a global batch that does not divide stops here, in one line
+    local = dict(data.local) if recipe.deterministic else {}
+    datasets = {k: v for k, v in datasets.items() if k not in local}
     context = StageContext(checkpoint_root=str(Path(run.storage_path) / name), mlflow=mlflow, fault=fault,
                            tests={k: (t.classes, t.anchors) for k, t in tests.items()}, rows=dict(data.rows),
-                           val_augmented=data.val_augmented, val_scoring=data.val_scoring)
+                           val_augmented=data.val_augmented, val_scoring=data.val_scoring, local=local)
     resources = {"CPU": run.cpus_per_worker, **({"GPU": 1} if run.use_gpu else {})}
     # Retention follows early stopping exactly: checkpoints are ranked by "improved" (1 when the epoch
     # set a new best), and Ray breaks ties in favour of later reports, so the latest improvement — the

@@ -295,7 +295,7 @@ def stage1(plan: Plan, *, task: Optional[str] = None, seed: Optional[int] = None
     if score_dimensional and dim is not None:
         tests["test"] = EvalSet(dim.datasets(recipe.prep, seed)["test"], dim.classes, dim.anchors)
     return recipe, StageData(datasets, tests, val_augmented=recipe.prep.validates_like_training(val_layout),
-                             val_scoring=val_scoring)
+                             val_scoring=val_scoring, local={TRAIN_KEY: cat.local_split(recipe.prep, seed)})
 
 
 def stage2(plan: Plan, init_from: str, *, task: Optional[str] = None, seed: Optional[int] = None,
@@ -308,13 +308,15 @@ def stage2(plan: Plan, init_from: str, *, task: Optional[str] = None, seed: Opti
                            scored=dim, init_from=init_from)
     sets = dim.datasets(recipe.prep, seed)
     datasets, rows = {TRAIN_KEY: sets["train"], "val": sets["val"]}, {}
-    if recipe.batching == "joined":
-        datasets[JOIN_KEY] = cat.datasets(recipe.prep, seed)["train"]
-    elif recipe.batching == "pool":
-        datasets[POOL_KEY] = cat.datasets(recipe.prep, seed)["train"]
+    local = {TRAIN_KEY: dim.local_split(recipe.prep, seed)}
+    if recipe.batching in ("joined", "pool"):
+        key = JOIN_KEY if recipe.batching == "joined" else POOL_KEY
+        datasets[key], local[key] = cat.datasets(recipe.prep, seed)["train"], cat.local_split(recipe.prep, seed)
+    if recipe.batching == "pool":
         rows = {TRAIN_KEY: dim.counts["train"], POOL_KEY: cat.counts["train"]}
     tests = {"test": EvalSet(sets["test"]), **_categorical_test(plan, recipe)}
-    return recipe, StageData(datasets, tests, rows=rows, val_augmented=recipe.prep.validates_like_training(dim.layout))
+    return recipe, StageData(datasets, tests, rows=rows, val_augmented=recipe.prep.validates_like_training(dim.layout),
+                             local=local)
 
 
 def dimensional_stage(plan: Plan, *, seed: Optional[int] = None, name: str = "dimensional") -> tuple[StageRecipe, StageData]:
@@ -327,7 +329,8 @@ def dimensional_stage(plan: Plan, *, seed: Optional[int] = None, name: str = "di
     sets = dim.datasets(recipe.prep, seed)
     tests = {"test": EvalSet(sets["test"]), **_categorical_test(plan, recipe)}
     return recipe, StageData({TRAIN_KEY: sets["train"], "val": sets["val"]}, tests,
-                             val_augmented=recipe.prep.validates_like_training(dim.layout))
+                             val_augmented=recipe.prep.validates_like_training(dim.layout),
+                             local={TRAIN_KEY: dim.local_split(recipe.prep, seed)})
 
 
 def _row(framework: str, seed: int, final: dict) -> dict:
