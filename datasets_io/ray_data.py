@@ -43,9 +43,9 @@ def load_split(out: str | os.PathLike, split: str, *, columns: Optional[Sequence
     share across the split, whatever order the files are in.
     """
     budget = IN_MEMORY_MB if in_memory_mb is None else in_memory_mb
-    size_mb = sum(f.stat().st_size for f in split_files(out, split)) / 2**20
+    size_mb = sum(size for _, size in split_files(out, split)) / 2**20
     if size_mb > budget:
-        ds = ray.data.read_parquet(str(split_folder(out, split)), file_extensions=["parquet"],
+        ds = ray.data.read_parquet(split_folder(out, split), file_extensions=["parquet"],
                                    shuffle=None if shuffle_seed is None else "files")
         return ds.select_columns(list(columns)) if columns else ds
     table = read_split_table(out, split, columns)

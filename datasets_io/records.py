@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import pyarrow as pa
 
+from datasets_io import storage
 from datasets_io.errors import DataError
 
 SCHEMA_VERSION = 1
@@ -79,13 +79,14 @@ class ReaderResult:
 # ----------------------------------------------------------------------------- the manifest
 
 def is_ingested(out: str | os.PathLike) -> bool:
-    """Whether ``out`` is a complete ingest output (its manifest is written last)."""
-    return (Path(out) / MANIFEST_NAME).is_file()
+    """Whether ``out`` (a folder or an object-store URI) is a complete ingest output (its manifest is
+    written last)."""
+    return storage.is_file(storage.join(out, MANIFEST_NAME))
 
 
 def read_manifest(out: str | os.PathLike) -> dict:
     """Load ``<out>/manifest.json``; a one-line error if absent, unreadable or another schema."""
-    path = Path(out) / MANIFEST_NAME
+    path = storage.join(out, MANIFEST_NAME)
     manifest = read_json_object(path, f"not found; {out} is not a complete ingest output "
                                       "(run: python -m datasets_io ingest ...)")
     version = manifest.get("schema_version")
@@ -95,12 +96,13 @@ def read_manifest(out: str | os.PathLike) -> dict:
     return manifest
 
 
-def read_json_object(path: Path, missing: str, expected: str = "a JSON object") -> dict:
-    """A JSON file holding an object, or a one-line error naming the file (``missing`` when absent)."""
-    if not path.is_file():
+def read_json_object(path, missing: str, expected: str = "a JSON object") -> dict:
+    """A JSON file (local or a URI) holding an object, or a one-line error naming the file (``missing``
+    when absent)."""
+    if not storage.is_file(path):
         raise FileNotFoundError(f"{path}: {missing}")
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(storage.read_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(document, dict):

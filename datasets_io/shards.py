@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from datasets_io import storage
 from datasets_io.records import SHARD_SCHEMA, SPLITS, read_manifest
 
 if TYPE_CHECKING:
@@ -35,13 +35,13 @@ __all__ = ["split_folder", "split_files", "read_split_table", "targets", "to_ten
 
 # ----------------------------------------------------------------------------- the output folder
 
-def split_folder(out: str | os.PathLike, split: str) -> Path:
-    """``<out>/<split>`` of a complete ingest; clear errors for a bad split or folder."""
+def split_folder(out: str | os.PathLike, split: str) -> str:
+    """``<out>/<split>`` of a complete ingest (a folder or a URI); clear errors for a bad split or folder."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     read_manifest(out)
-    folder = Path(out) / split
-    if not folder.is_dir():
+    folder = storage.join(out, split)
+    if not storage.is_dir(folder):
         raise FileNotFoundError(f"{folder}: split folder is missing from the ingest output")
     return folder
 
@@ -128,19 +128,20 @@ def _writable(array: np.ndarray) -> np.ndarray:
     return array if array.flags.writeable else array.copy()
 
 
-def split_files(out: str | os.PathLike, split: str) -> list[Path]:
-    """The Parquet files of one split, sorted by name."""
-    return sorted(split_folder(out, split).glob("*.parquet"))
+def split_files(out: str | os.PathLike, split: str) -> list[tuple[str, int]]:
+    """``(path, bytes)`` of the Parquet files of one split, sorted by name (URIs for object storage)."""
+    return storage.list_files(split_folder(out, split), ".parquet")
 
 
 def read_split_table(out: str | os.PathLike, split: str, columns: Optional[Sequence[str]] = None) -> pa.Table:
-    """One split's rows (JPEG bytes, as stored) as one pyarrow table, in file order."""
-    files = split_files(out, split)
+    """One split's rows (image bytes, as stored) as one pyarrow table, in file order."""
+    files = [path for path, _ in split_files(out, split)]
     schema = SHARD_SCHEMA if columns is None else pa.schema([SHARD_SCHEMA.field(c) for c in columns])
     if not files:
         return schema.empty_table()
-    return pa.concat_tables([pq.read_table(f, schema=SHARD_SCHEMA, columns=list(columns) if columns else None)
-                             for f in files])
+    fs, _ = storage.filesystem(files[0])
+    return pa.concat_tables([pq.read_table(storage.filesystem(f)[1], filesystem=fs, schema=SHARD_SCHEMA,
+                                           columns=list(columns) if columns else None) for f in files])
 
 
 def iter_local_batches(out: str | os.PathLike, split: str, transform,

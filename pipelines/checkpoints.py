@@ -1,5 +1,8 @@
 """Checkpoint folders: their files, written atomically and read with ``torch.load(weights_only=True)``.
 
+A folder may be local (or mounted) or on object storage (``s3://...``): files are read through
+:mod:`datasets_io.storage`.
+
 A checkpoint folder holds ``state.pt`` (the weights; while training also the optimiser, schedule,
 early-stopping, RNG and scaler states) and ``meta.json`` (``{"recipe": StageRecipe, "epoch", "val"}``):
 the recipe rebuilds the model and says how to prepare images, so predict, ``--eval`` and the MLflow
@@ -11,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+from datasets_io import storage
 from emotion_models.errors import ModelConfigError
 from pipelines.recipe import RecipeError, StageRecipe, jsonable
 
@@ -30,26 +34,30 @@ def save_state(path, payload: dict) -> None:
 
 
 def load_state(path) -> dict:
-    """A ``state.pt`` read with ``weights_only=True``: tensors and plain values, never arbitrary objects."""
+    """A ``state.pt`` (local or a URI) read with ``weights_only=True``: tensors and plain values, never
+    arbitrary objects."""
+    import io
+
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    source = io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else path
+    return torch.load(source, map_location="cpu", weights_only=True)
 
 
-def state_path(checkpoint_dir: str | Path) -> Path:
-    path = Path(checkpoint_dir) / STATE_FILE
-    if not path.exists():
+def state_path(checkpoint_dir: str | Path) -> str:
+    path = storage.join(checkpoint_dir, STATE_FILE)
+    if not storage.is_file(path):
         raise FileNotFoundError(f"{path}: checkpoint has no {STATE_FILE}")
     return path
 
 
 def read_meta(checkpoint_dir: str | Path) -> dict:
     """``meta.json`` of a checkpoint folder, its recipe as a :class:`StageRecipe` under ``"recipe"``."""
-    path = Path(checkpoint_dir) / META_FILE
-    if not path.exists():
+    path = storage.join(checkpoint_dir, META_FILE)
+    if not storage.is_file(path):
         raise FileNotFoundError(f"{path}: not an emotion-ray checkpoint (no {META_FILE})")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(storage.read_text(path))
     except ValueError as exc:
         raise ModelConfigError(f"{path}: not valid JSON ({exc})") from None
     stored = meta.pop("recipe", None)

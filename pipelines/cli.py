@@ -149,13 +149,14 @@ def default_run_name(prefix: str) -> str:
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def storage_root(arg: Optional[str]) -> Path:
-    path = Path(arg).expanduser() if arg else home_dir() / "runs"
-    if "://" in str(arg or ""):
-        raise UsageError(f"{arg}: only local or mounted shared paths are supported as --storage-path")
-    path = path.resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def storage_root(arg: Optional[str]) -> str:
+    """Where runs go: ``--storage-path`` (a local or mounted folder, made; or an object-store URI such as
+    ``s3://bucket/runs``), default ``<EMOTION_RAY_HOME>/runs``."""
+    from datasets_io import storage
+
+    root = storage.local(arg) if arg else str(home_dir() / "runs")
+    storage.makedirs(root)
+    return root
 
 
 _ADDRESS: Optional[str] = None  # --address of the parsed command line: also used when the ingest starts Ray

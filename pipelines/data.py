@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from datasets_io import storage
 from datasets_io.errors import DataError
 from datasets_io.layouts import (DATASETS, DEMO_SETS, MEASURED_VA, dataset_options, detect_layout, ingest_options,
                                  require)
@@ -26,8 +27,9 @@ def _known() -> str:
 
 
 def check_dataname(name: str, flag: str = "") -> None:
-    """A known dataset name or an existing path; anything else stops with one line (before any work)."""
-    if name in DATASETS or Path(name).expanduser().exists():
+    """A known dataset name or an existing path (local, or shards on object storage); anything else stops
+    with one line (before any work)."""
+    if name in DATASETS or (storage.is_uri(name) and storage.exists(name)) or Path(name).expanduser().exists():
         return
     where = f" ({flag})" if flag else ""
     if os.sep in name or name.startswith("."):
@@ -38,12 +40,18 @@ def check_dataname(name: str, flag: str = "") -> None:
 def resolve_shards(name_or_path: str, *, data_root: Optional[str] = None, max_side: int = 512,
                    lexicon: Optional[str] = None, seed: int = 42, reader_options: Optional[dict] = None,
                    show_progress: bool = True) -> Path:
-    """The ingested shard folder for a dataset name or path, ingesting it first when needed.
+    """The ingested shard folder (or object-store URI) for a dataset name or path, ingesting it first when
+    needed.
 
-    - an ingested folder (has ``manifest.json``): used as it is;
+    - ingested shards (a folder or a URI with ``manifest.json``): used as they are;
     - a raw folder: ingested into ``<data_dir>/<folder name>`` (once);
     - a known name (FI, Flickr, ...): ``<data_dir>/<name>`` if ingested, else ``data_root`` is ingested there.
     """
+    if storage.is_uri(name_or_path):
+        if is_ingested(name_or_path):
+            return name_or_path
+        raise DataError(f"{name_or_path}: not ingested shards (no manifest.json); raw datasets are read from a "
+                        "local or mounted folder: ingest them first (python -m datasets_io ingest --out URI)")
     path = Path(name_or_path).expanduser()
     if path.exists():
         path = path.resolve()
@@ -117,7 +125,7 @@ def demo_shards(cache_dir: Optional[str] = None, *, images_per_class: int = 60, 
     return shards
 
 
-def check_shards(path: Path, *, role: str, need_va: bool = False, need_labels: bool = False,
+def check_shards(path, *, role: str, need_va: bool = False, need_labels: bool = False,
                  splits=("train", "val", "test")) -> dict:
     """Read a manifest and make sure it can serve ``role``; returns the manifest."""
     manifest = {**read_manifest(path), "shards": str(path)}
@@ -133,7 +141,7 @@ def check_shards(path: Path, *, role: str, need_va: bool = False, need_labels: b
     return manifest
 
 
-def split_dataset(path: Path, split: str, prep, *, num_classes: int, seed: int, augment: bool = False,
+def split_dataset(path, split: str, prep, *, num_classes: int, seed: int, augment: bool = False,
                   keep_text: bool = False, train_rows: Optional[int] = None):
     """One split's Ray Dataset of uint8 pixels and dense targets (never float32: the workers normalise
     on their device), prepared as ``prep`` says.
@@ -176,7 +184,7 @@ def training_datasets(manifest: dict, prep, *, num_classes: int, seed: int, spli
     # Ray Data's first call would start Ray itself, with Ray's console (every worker's log, INFO lines);
     # started here, it gets the project's console settings. (With a cached demo nothing else starts it first.)
     cli.init_ray()
-    path = Path(manifest["shards"])
+    path = manifest["shards"]
     augment_val = prep.validates_like_training(manifest.get("layout"))
     return {split: split_dataset(path, split, prep, num_classes=num_classes, seed=seed, keep_text=keep_text,
                                  augment=split == "val" and augment_val, train_rows=manifest["counts"]["train"])
@@ -225,7 +233,7 @@ class Shards:
         published LDL code scores as its test split (``DimensionalDataset`` reads ``train/`` in test mode)."""
         key = ("training_images", prep, seed)
         if key not in self._cache:
-            path = Path(self.manifest["shards"])
+            path = self.manifest["shards"]
             parts = [split_dataset(path, split, prep, num_classes=len(self.classes), seed=seed, augment=False)
                      for split in ("train", "val")]
             self._cache[key] = parts[0].union(parts[1])

@@ -28,23 +28,25 @@ from datasets_io.readers import IMAGE_EXTENSIONS
 from pipelines import cli
 
 
-def resolve_checkpoint(path: str) -> Path:
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint folder, or a run folder's last stage's selected checkpoint (local or on object storage)."""
+    from datasets_io import storage
     from pipelines.checkpoints import META_FILE, RESULT_FILE
 
-    p = Path(path).expanduser().resolve()
-    if (p / META_FILE).exists():
+    p = storage.local(path)
+    if storage.is_file(storage.join(p, META_FILE)):
         return p
-    if (p / RESULT_FILE).exists():
-        best = json.loads((p / RESULT_FILE).read_text()).get("best_checkpoints") or {}
+    if storage.is_file(storage.join(p, RESULT_FILE)):
+        best = json.loads(storage.read_text(storage.join(p, RESULT_FILE))).get("best_checkpoints") or {}
         if best:
-            return Path(list(best.values())[-1])
+            return list(best.values())[-1]
     raise FileNotFoundError(f"{p}: neither a checkpoint folder (meta.json) nor a run folder (result.json)")
 
 
 def load_any(checkpoint: str, *, backbone: str = "resnet101", dataname: str | None = None):
-    """``(model, meta)`` from a project checkpoint or run folder, or a published ``.pt`` file."""
+    """``(model, meta)`` from a project checkpoint or run folder (local or a URI), or a published ``.pt`` file."""
     p = Path(checkpoint).expanduser()
-    if p.is_file():
+    if "://" not in checkpoint and p.is_file():
         from pipelines.import_published import import_checkpoint
 
         return import_checkpoint(p, backbone=backbone, dataname=dataname)

@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
+from datasets_io import storage
 from pipelines import console
 from pipelines.checkpoints import RESULT_FILE, RUN_STATE_FILE
 from pipelines.recipe import Recipe, StageRecipe, jsonable
@@ -64,12 +65,14 @@ class PipelineRun:
 
         self.register = run.register
         self.fault = run.fault  # tests: "stage:epoch:step:rank:marker" kills one worker of that stage once
-        self.run_dir = Path(run.storage_path) / run_name
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.run = RunOptions(**{**run.__dict__, "storage_path": str(self.run_dir)})
+        self.run_name = run_name
+        self.run_dir = storage.join(run.storage_path, run_name)     # a folder, or a URI on object storage
+        storage.makedirs(self.run_dir)
+        self.run = RunOptions(**{**run.__dict__, "storage_path": self.run_dir})
         self.tracker = Tracker(resolve_tracking_uri(run.mlflow_uri), run.experiment)
-        self.state_path = self.run_dir / RUN_STATE_FILE
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"stages": {}}
+        self.state_path = storage.join(self.run_dir, RUN_STATE_FILE)
+        self.state = json.loads(storage.read_text(self.state_path)) if storage.is_file(self.state_path) \
+            else {"stages": {}}
         self.started = time.time()
         parent = self.state.get("parent_run_id")
         if parent and self.tracker.retrying("find the parent run", lambda: self.tracker.run_exists(parent),
@@ -98,7 +101,7 @@ class PipelineRun:
         return cls(run=run, run_name=run.run_name or cli.default_run_name(run_name_prefix),
                    tags={"pipeline": pipeline, **tags}, recipe=recipe)
 
-    def print_summary(self, result: dict, path: Path, title: str, keys: Sequence[str] = ()) -> None:
+    def print_summary(self, result: dict, path: str, title: str, keys: Sequence[str] = ()) -> None:
         """The run's headline test metrics (``keys``; every ``test_*`` metric is in result.json and MLflow),
         where its results are, how to open them, and how long it took."""
         from pipelines import cli
@@ -110,9 +113,7 @@ class PipelineRun:
         cli.print_table(rows, title)
 
     def _save(self) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(jsonable(self.state), indent=1))
-        tmp.replace(self.state_path)
+        storage.write_text(self.state_path, json.dumps(jsonable(self.state), indent=1))   # atomic: whole or old
 
     def _fault(self, stage: str) -> Optional[dict]:
         if not self.fault:
@@ -134,7 +135,7 @@ class PipelineRun:
         # A stage starts only with its MLflow run (the server may have gone down since the last stage,
         # whose results are saved: the error says how to continue).
         resume_hint = f"start {name}'s MLflow run; the finished stages are saved, rerun the same command " \
-                      f"with --run-name {self.run_dir.name} to continue"
+                      f"with --run-name {self.run_name} to continue"
         per_worker = recipe.per_worker_batch(self.run.num_workers)
         if not child or not self.tracker.retrying(resume_hint, lambda: self.tracker.run_exists(child), required=True):
             child = self.tracker.retrying(resume_hint, lambda: self.tracker.start_run(
@@ -194,21 +195,21 @@ class PipelineRun:
         print(f"registered {stage}'s model as {name} version {version.version} ({uri})")
         return {"name": name, "version": int(version.version), "alias": alias, "uri": uri, "stage": stage}
 
-    def finish(self, result: dict) -> Path:
+    def finish(self, result: dict) -> str:
         result = {**result, "mlflow_run_id": self.parent_id, "tracking_uri": self.tracker.uri,
-                  "run_dir": str(self.run_dir), "seconds": round(time.time() - self.started, 1)}
+                  "run_dir": self.run_dir, "seconds": round(time.time() - self.started, 1)}
         unlogged_before = len(self.tracker.unlogged)
         if self.register and self.state["stages"]:
             registered = self.tracker.retrying(f"register the model as {self.register}",
                                                lambda: self.register_final_model(self.register))
             if registered:
                 result["registered_model"] = registered
-        path = self.run_dir / RESULT_FILE
-        path.write_text(json.dumps(jsonable(result), indent=2))
+        path = storage.join(self.run_dir, RESULT_FILE)
+        storage.write_text(path, json.dumps(jsonable(result), indent=2))
         track = self.tracker.retrying
         track("the parent run's test metrics", lambda: self.tracker.log_metrics(
             self.parent_id, {k: v for k, v in result.items() if k.startswith("test_")}))
-        track("result.json", lambda: self.tracker.client.log_artifact(self.parent_id, str(path)))
+        track("result.json", lambda: self.tracker.client.log_text(self.parent_id, storage.read_text(path), RESULT_FILE))
         track("the end of the parent run", lambda: self.tracker.end_run(self.parent_id))
         unlogged = self.tracker.unlogged[unlogged_before:]
         if unlogged:
@@ -216,7 +217,7 @@ class PipelineRun:
                   f"(result.json is written: {path})")
         if self.tracker.unlogged:
             result["mlflow_unlogged"] = list(self.tracker.unlogged)
-            path.write_text(json.dumps(jsonable(result), indent=2))
+            storage.write_text(path, json.dumps(jsonable(result), indent=2))
         return path
 
 

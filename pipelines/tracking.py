@@ -8,7 +8,6 @@ rank 0 of the Ray Train workers logs the per-epoch curves into the child run by 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import tempfile
 import threading
@@ -20,7 +19,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from datasets_io import storage
 from datasets_io.paths import home_dir
+from datasets_io.records import SHARD_SCHEMA
 from pipelines.recipe import jsonable
 
 EXPERIMENT = "emotion-ray"
@@ -318,7 +319,7 @@ def log_pyfunc_model(checkpoint_dir: str, *, name: str = "model", registered_mod
         # Only the weights (not the optimizer's state) and the recipe.
         state = load_state(state_path(checkpoint_dir))
         torch.save({"model": state["model"]}, ckpt / STATE_FILE)
-        meta = json.loads((Path(checkpoint_dir) / META_FILE).read_text())
+        meta = json.loads(storage.read_text(storage.join(checkpoint_dir, META_FILE)))
         (ckpt / META_FILE).write_text(json.dumps(meta, indent=1))
         return mlflow.pyfunc.log_model(
             name=name, python_model=str(code), artifacts={MODEL_CHECKPOINT: str(ckpt)},
@@ -344,23 +345,18 @@ def manifest_dataset(role: str, manifest: dict):
     counts = {k: int(v) for k, v in (manifest.get("counts") or {}).items()}
     profile = {"counts": counts, "num_rows": sum(counts.values()), "layout": manifest.get("layout"),
                "classes": manifest.get("classes"), "num_skipped": manifest.get("num_skipped", 0)}
-    schema = _shard_schema(manifest.get("shards"))
-    return Dataset(name=f"{role}:{Path(source_path).name or manifest.get('layout', role)}",
-                   digest=manifest_digest(manifest), source_type="local",
+    schema = _shard_schema()
+    return Dataset(name=f"{role}:{storage.name(source_path) or manifest.get('layout', role)}",
+                   digest=manifest_digest(manifest),
+                   source_type=source_path.split("://", 1)[0] if storage.is_uri(source_path) else "local",
                    source=json.dumps({"uri": source_path}),
                    schema=json.dumps({"mlflow_colspec": schema.to_dict()}) if schema is not None else None,
                    profile=json.dumps(jsonable(profile)))
 
 
-def _shard_schema(shards: Optional[str]):
-    """The MLflow column schema of the shards' Parquet files (None when none can be read)."""
-    if not shards:
-        return None
-    files = sorted(Path(shards).rglob("*.parquet"))
-    if not files:
-        return None
+def _shard_schema():
+    """The MLflow column schema of the shards (:data:`datasets_io.records.SHARD_SCHEMA`, every ingest's)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
     from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import Array
 
@@ -384,10 +380,7 @@ def _shard_schema(shards: Optional[str]):
             return Array(inner) if inner is not None else None
         return None
 
-    try:
-        arrow = pq.read_schema(files[0])
-    except Exception:  # noqa: BLE001 - the schema is a nicety; an unreadable file is not an error here
-        return None
+    arrow = SHARD_SCHEMA
     cols = [ColSpec(to_mlflow(f.type), f.name) for f in arrow if to_mlflow(f.type) is not None]
     return Schema(cols) if cols else None
 
@@ -462,7 +455,8 @@ def log_stage_artifacts(tracker: Tracker, run_id: str, *, checkpoint_dir: Option
     and raw predictions. Returns the logged model's URI (``models:/<model id>``), or None."""
     model_uri = None
     if checkpoint_dir:
-        tracker.log_artifacts(run_id, checkpoint_dir, "best_checkpoint")
+        with storage.LocalCopy(checkpoint_dir) as local_dir:   # the checkpoint may be on object storage
+            tracker.log_artifacts(run_id, local_dir, "best_checkpoint")
     if log_model and checkpoint_dir:
         model_uri = tracker.log_model(run_id, checkpoint_dir, registered_model_name=register).model_uri
     for name, manifest in (manifests or {}).items():

@@ -37,6 +37,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from datasets_io import storage
 from pipelines import console, core, system_metrics
 from pipelines.batches import EvalCache, MixedBatches, PoolBatches, iter_batches, weights_digest
 from pipelines.checkpoints import STATE_FILE, build_stage_model, load_state, save_state, state_path, write_meta
@@ -314,7 +315,7 @@ def _test_selected(recipe: StageRecipe, context: StageContext, model, epoch: int
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Rank 0 reaches this only after its last report() returned, i.e. its checkpoint is persisted.
         torch.distributed.barrier()
-    selected_dir = Path(context.checkpoint_root) / checkpoint_name(epoch)
+    selected_dir = storage.join(context.checkpoint_root, checkpoint_name(epoch))
     core.unwrap(model).load_state_dict(load_state(state_path(selected_dir))["model"])
     results = {}
     for name, scored in context.tests.items():
@@ -351,7 +352,7 @@ def run_stage(recipe: StageRecipe, data: StageData, run: RunOptions, *, mlflow: 
     recipe.per_worker_batch(run.num_workers)   # a global batch that does not divide stops here, in one line
     local = dict(data.local) if recipe.deterministic else {}
     datasets = {k: v for k, v in datasets.items() if k not in local}
-    context = StageContext(checkpoint_root=str(Path(run.storage_path) / name), mlflow=mlflow, fault=fault,
+    context = StageContext(checkpoint_root=storage.join(run.storage_path, name), mlflow=mlflow, fault=fault,
                            tests={k: (t.classes, t.anchors) for k, t in tests.items()}, rows=dict(data.rows),
                            val_augmented=data.val_augmented, val_scoring=data.val_scoring, local=local)
     resources = {"CPU": run.cpus_per_worker, **({"GPU": 1} if run.use_gpu else {})}
@@ -376,10 +377,11 @@ def run_stage(recipe: StageRecipe, data: StageData, run: RunOptions, *, mlflow: 
         raise RuntimeError(f"stage {name} failed: {result.error}")
     info = result.return_value or {}
     selected_epoch = info.get("selected_epoch", -1)
-    selected = Path(context.checkpoint_root) / checkpoint_name(selected_epoch) if selected_epoch >= 0 else None
-    metrics = next((m for c, m in (result.best_checkpoints or []) if selected and Path(c.path) == selected), {})
-    return StageOutcome(name=name, path=str(result.path), best_checkpoint=str(selected) if selected else None,
-                        best_metrics=metrics, history=info.get("history", []), info=info)
+    selected = storage.join(context.checkpoint_root, checkpoint_name(selected_epoch)) if selected_epoch >= 0 else None
+    metrics = next((m for c, m in (result.best_checkpoints or [])
+                    if selected and checkpoint_name(selected_epoch) == storage.name(c.path)), {})
+    return StageOutcome(name=name, path=str(result.path), best_checkpoint=selected, best_metrics=metrics,
+                        history=info.get("history", []), info=info)
 
 
 def evaluate_splits(recipe: StageRecipe, datasets: dict, run: RunOptions, *, checkpoint_dir: Optional[str] = None,
