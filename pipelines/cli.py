@@ -55,6 +55,8 @@ def add_ray_args(parser: argparse.ArgumentParser) -> None:
                    help="name of this run; re-running with the same name resumes it")
     g.add_argument("--max-failures", type=int, default=0,
                    help="worker failures to recover from (restart from the last checkpoint)")
+    g.add_argument("--placement-strategy", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"], default="PACK",
+                   help="where Ray places the workers: PACK fills a node first, SPREAD spreads them over nodes")
     g.add_argument("--verbose", action="store_true", default=None,
                    help="print Ray's and MLflow's own output too (default: the project's lines only; "
                         "also EMOTION_RAY_VERBOSE=1). Ray's logs always go to its session log files")
@@ -141,6 +143,7 @@ def run_options(args: argparse.Namespace):
 
     return RunOptions(storage_path=str(storage_root(args.storage_path)), num_workers=args.num_workers,
                       use_gpu=args.use_gpu, cpus_per_worker=cpus_per_worker(args), max_failures=args.max_failures,
+                      placement_strategy=args.placement_strategy,
                       address=args.address, run_name=args.run_name, mlflow_uri=args.mlflow_uri,
                       experiment=args.experiment, register=args.register, fault=getattr(args, "fault", None))
 
@@ -213,9 +216,10 @@ def one_line_errors() -> tuple[type[BaseException], ...]:
     from pipelines.tracking import TrackingServerUnreachable
 
     from pipelines.recipe import RecipeError
+    from pipelines.train_loop import StageFailed
 
-    return (UsageError, RecipeError, DataError, ModelConfigError, TrackingServerUnreachable, FileNotFoundError,
-            NotADirectoryError, IsADirectoryError)
+    return (UsageError, RecipeError, DataError, ModelConfigError, TrackingServerUnreachable, StageFailed,
+            FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
 def run_main(fn: Callable[[], int | None]) -> int:

@@ -19,7 +19,7 @@ from pipelines.checkpoints import RESULT_FILE, RUN_STATE_FILE
 from pipelines.recipe import Recipe, StageRecipe, jsonable
 from pipelines import system_metrics
 from pipelines.tracking import Tracker, log_stage_artifacts
-from pipelines.train_loop import RunOptions, StageData, StageOutcome, run_stage
+from pipelines.train_loop import RunOptions, StageData, StageFailed, StageOutcome, run_stage
 
 
 def require_tracking(run: RunOptions) -> None:
@@ -154,6 +154,10 @@ class PipelineRun:
             outcome: StageOutcome = run_stage(recipe, data, self.run, fault=self._fault(name),
                                               mlflow={"tracking_uri": self.tracker.uri, "run_id": child,
                                                       "system_metrics": system_metrics.interval()})
+        except StageFailed as exc:
+            self.tracker.retrying(f"{name}: its failed status", lambda: self.tracker.end_run(child, "FAILED"))
+            raise StageFailed(f"{exc}: rerun the same command with --run-name {self.run_name} to resume it "
+                              f"(--max-failures {self.run.max_failures} retries were allowed)") from None
         finally:
             console.flush()  # the stage's last worker lines before the driver's own
         if not outcome.best_checkpoint:

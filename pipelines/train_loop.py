@@ -66,6 +66,7 @@ class RunOptions:
     cpus_per_worker: float = 1.0
     max_failures: int = 0
     keep_checkpoints: int = 2
+    placement_strategy: str = "PACK"               # Ray Train's placement of the workers: PACK, SPREAD, ...
     callbacks: list = field(default_factory=list)   # Ray Train UserCallbacks, e.g. Tune's TuneReportCallback
     address: Optional[str] = None
     run_name: Optional[str] = None
@@ -87,6 +88,23 @@ class StageContext:
     val_augmented: bool = False                # validation takes the training transform: never cached
     val_scoring: Optional[tuple] = None        # (classes, anchors) the validation split is scored with
     local: dict = field(default_factory=dict)  # training splits the workers read themselves (deterministic)
+
+
+def _workers_lost(error: BaseException) -> bool:
+    """Whether Ray Train failed because workers died (a killed process, a lost node, a preemption), not
+    because the training code raised."""
+    from ray.exceptions import NodeDiedError, RayActorError
+    from ray.train import PreemptionError, WorkerGroupError
+
+    if isinstance(error, PreemptionError):
+        return True
+    failures = getattr(error, "worker_failures", {}) if isinstance(error, WorkerGroupError) else {}
+    return bool(failures) and all(isinstance(e, (RayActorError, NodeDiedError)) for e in failures.values())
+
+
+class StageFailed(RuntimeError):
+    """A stage that Ray Train could not finish (its workers failed more often than ``--max-failures``
+    allows); its checkpoints are kept, so the same command continues it. One line for the user."""
 
 
 @dataclass
@@ -199,6 +217,16 @@ def _train_batches(recipe: StageRecipe, context: StageContext, batch_size: int, 
                                       device_images=device_images)
 
 
+def _node_ids(world: int) -> list[str]:
+    """Every rank's Ray node id, in rank order (one all-gather of a string under DDP)."""
+    node = ray.get_runtime_context().get_node_id()
+    if world < 2 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [node]
+    nodes: list = [None] * world
+    torch.distributed.all_gather_object(nodes, node)
+    return nodes
+
+
 def deterministic_kernels() -> None:
     """torch's deterministic algorithms where it has them (cuDNN autotuning off; cuBLAS's workspace fixed)."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -242,13 +270,19 @@ def fit_worker(config: dict) -> dict:
         with checkpoint.as_directory() as ckpt_dir:
             state.load_state_dict(load_state(Path(ckpt_dir) / STATE_FILE))
         resumed_from = state.epoch
-        log(f"[{recipe.name}] resumed from checkpoint: continuing at epoch {state.epoch + 1}")
+        log(f"[{recipe.name}] worker group (re)started: resumed from the checkpoint of epoch {state.epoch}, "
+            f"continuing at epoch {state.epoch + 1}")
         if mlflow_log is not None:
             # Recorded on the stage's MLflow run: which epoch a resume continued from, and a digest of
             # the weights it loaded (equal to the checkpoint's weights_digest when the restore is exact).
             mlflow_log.tags({f"resume.{state.epoch}.weights_sha256": weights_digest(eval_model.state_dict()),
                              "resumed_from_epoch": str(state.epoch)})
 
+    nodes = _node_ids(world)
+    if mlflow_log is not None:
+        mlflow_log.tags({"worker_nodes": ",".join(nodes)})
+    if len(set(nodes)) > 1:
+        log(f"[{recipe.name}] {world} workers on {len(set(nodes))} nodes")
     train_batches = _train_batches(recipe, context, batch_size, device_images, rank, world)
     val_shard = ray.train.get_dataset_shard("val")
     val_batches = EvalCache(lambda epoch: iter_batches(val_shard, batch_size, train=False, seed=seed, epoch=epoch),
@@ -363,7 +397,8 @@ def run_stage(recipe: StageRecipe, data: StageData, run: RunOptions, *, mlflow: 
     trainer = TorchTrainer(
         fit_worker,
         train_loop_config={"recipe": recipe.to_dict(), "context": dataclasses.asdict(context)},
-        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=run.placement_strategy),
         datasets={**datasets, **{k: t.dataset for k, t in tests.items()}},
         dataset_config=EvalSplitDataConfig(),
         run_config=RunConfig(name=name, storage_path=run.storage_path,
@@ -374,7 +409,11 @@ def run_stage(recipe: StageRecipe, data: StageData, run: RunOptions, *, mlflow: 
                              callbacks=list(run.callbacks) or None))
     result = trainer.fit()
     if result.error:
-        raise RuntimeError(f"stage {name} failed: {result.error}")
+        if not _workers_lost(result.error):
+            raise result.error      # an exception in the training code: a bug, reported with its traceback
+        raise StageFailed(f"stage {name} failed: its workers' processes or nodes were lost more often than "
+                          f"--max-failures {run.max_failures} allows; its checkpoints are kept in "
+                          f"{context.checkpoint_root}")
     info = result.return_value or {}
     selected_epoch = info.get("selected_epoch", -1)
     selected = storage.join(context.checkpoint_root, checkpoint_name(selected_epoch)) if selected_epoch >= 0 else None
