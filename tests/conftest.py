@@ -1,7 +1,14 @@
-"""Shared fixtures: one small local Ray instance per test session, paths to shared samples."""
+"""Shared fixtures: one small local Ray instance per test session, paths to shared samples.
+
+No test writes into the user's home: everything that would land there (the runs and MLflow store, the
+demo cache, Ray's auth token, Hugging Face's, torch's and matplotlib's caches) is pointed at a
+temporary folder here, before anything is imported, and the session fails if the home changed anyway.
+"""
 from __future__ import annotations
 
 import os
+import secrets
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,10 +16,42 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+_SCRATCH = Path(tempfile.mkdtemp(prefix="emotion-ray-tests-"))
+for _var, _sub in (("EMOTION_RAY_HOME", "home"), ("EMOTION_RAY_CACHE", "cache"), ("HF_HOME", "hf"),
+                   ("TORCH_HOME", "torch"), ("MPLCONFIGDIR", "matplotlib"), ("XDG_CACHE_HOME", "xdg-cache")):
+    os.environ.setdefault(_var, str(_SCRATCH / _sub))
+# Ray 2.60 turns token auth on for a local ray.init() and writes a new token to ~/.ray/auth_token unless
+# one is given: the session's own token, in the environment (inherited by Ray's processes).
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # RAY_TRAIN_V2_ENABLED is not set here: the product sets it (pipelines/__init__.py), and
 # tests/test_packaging.py checks that path without this file's help.
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+# What the suite must leave as it found it in the home folder.
+WATCHED = [Path.home() / p for p in (".ray", "emotion-ray", ".cache/emotion-ray", ".cache/huggingface",
+                                     ".cache/torch", ".config/matplotlib", ".cache/matplotlib", "mlruns")]
+
+
+def _snapshot() -> dict:
+    state = {}
+    for root in WATCHED:
+        if root.exists():
+            files = [root] + sorted(root.rglob("*")) if root.is_dir() else [root]
+            state.update({str(p): p.stat().st_mtime_ns for p in files[:10000]})
+    return state
+
+
+_HOME_BEFORE = _snapshot()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    changed = sorted(set(_snapshot().items()) ^ set(_HOME_BEFORE.items()))
+    if changed:
+        paths = sorted({p for p, _ in changed})
+        print(f"\nthe test session wrote into the home folder: {', '.join(paths[:10])}")
+        session.exitstatus = 1
 
 
 @pytest.fixture(scope="session")
