@@ -35,13 +35,30 @@ def save_state(path, payload: dict) -> None:
 
 def load_state(path) -> dict:
     """A ``state.pt`` (local or a URI) read with ``weights_only=True``: tensors and plain values, never
-    arbitrary objects."""
+    arbitrary objects.
+
+    A file that is not one (a pickle of other objects, truncated or garbage bytes) raises one
+    :class:`ModelConfigError` line naming it and what torch refused."""
     import io
+    import pickle
 
     import torch
 
-    source = io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else path
-    return torch.load(source, map_location="cpu", weights_only=True)
+    try:
+        source = io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else path
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise ModelConfigError(f"{path}: not a readable checkpoint state ({load_error_reason(exc)})") from None
+
+
+def load_error_reason(exc: BaseException) -> str:
+    """``torch.load``'s refusal in one line: the weights-only unpickler's reason (``Unsupported global:
+    GLOBAL builtins.eval ...``) rather than its multi-line advice, else the error's first line."""
+    lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "Unsupported global" in line or "WeightsUnpickler error" in line:
+            return line.split("error: ", 1)[-1].split(". Please", 1)[0]
+    return lines[0] if lines else type(exc).__name__
 
 
 def state_path(checkpoint_dir: str | Path) -> str:

@@ -90,7 +90,10 @@ def import_checkpoint(path: str | Path, backbone: str = "resnet101", dataname: O
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is reported with its name
-        raise ModelConfigError(f"{path}: not a readable torch state dict ({type(exc).__name__}: {exc})") from None
+        from pipelines.checkpoints import load_error_reason
+
+        raise ModelConfigError(f"{path}: not a readable torch state dict ({type(exc).__name__}: "
+                               f"{load_error_reason(exc)})") from None
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
         raw = raw["state_dict"]
     if not isinstance(raw, dict):

@@ -175,8 +175,12 @@ def test_already_ingested_data_still_starts_ray_with_the_quiet_console(ray_sessi
     shards = data.demo_shards(images_per_class=6, image_size=64, seed=0, show_progress=False)
     path = next(iter(shards.values()))
     classes = len(read_manifest(path)["classes"])
-    code = ("import ray\nfrom pipelines import console, data\n"
-            f"data.training_datasets({str(path)!r}, image_size=32, num_classes={classes}, seed=0)\n"
+    # training_datasets takes the checked manifest (check_shards: reads it, no Ray) and an ImagePrep now.
+    code = ("import ray\nfrom pathlib import Path\nfrom datasets_io.prep import ImagePrep\n"
+            "from pipelines import console, data\n"
+            f"manifest = data.check_shards(Path({str(path)!r}), role='test')\n"
+            "assert not ray.is_initialized()\n"
+            f"data.training_datasets(manifest, ImagePrep(size=32), num_classes={classes}, seed=0)\n"
             "assert ray.is_initialized()\n"
             "ray.get_actor(console.RELAY)\n"   # the project's relay: started by the project's init
             "print('ok')\n")

@@ -81,7 +81,8 @@ def test_ray_job_submit_runs_the_pipeline(tmp_path):
         submit = [ray_bin, "job", "submit", "--address", address, "--runtime-env", str(REPO / "runtime_env.yaml"),
                   "--working-dir", str(REPO), "--",
                   "python", "pipelines/two_stage.py", "--demo-images-per-class", "6", "--image-size", "32",
-                  "--backbone", "resnet10t", "--batch-size", "8", "--num-epochs", "1", "--mode", "one_stage",
+                  # --batch-size is the GLOBAL batch now: 16 over 2 workers is the 8 per worker used before.
+                  "--backbone", "resnet10t", "--batch-size", "16", "--num-epochs", "1", "--mode", "one_stage",
                   "--num-workers", "2", "--cpus-per-worker", "0.5", "--run-name", "submitted",
                   "--storage-path", str(storage), "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
         for _ in range(30):  # the node's dashboard agent comes up a little after the Jobs API

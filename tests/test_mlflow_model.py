@@ -32,26 +32,31 @@ def registered(tmp_path_factory):
     """A tiny VA checkpoint, logged into a stage run and registered the way a pipeline run does it."""
     import torch
 
+    from datasets_io.prep import ImagePrep
+    from emotion_models.losses import LossSpec
+    from emotion_models.registry import ModelSpec
+    from pipelines.checkpoints import build_stage_model, write_meta
+    from pipelines.recipe import Recipe, StageRecipe
     from pipelines.runner import PipelineRun
-    from pipelines.recipe import StageRecipe, build_model, write_meta
     from pipelines.tracking import log_stage_artifacts
     from pipelines.train_loop import RunOptions
 
     tmp = tmp_path_factory.mktemp("mlflow_model")
-    recipe = StageRecipe(name="stage2", model={"name": "va", "backbone": "resnet10t", "task": "single",
-                                               "num_classes": 2, "bounded": True},
-                         objective={"kind": "va", "num_classes": 2, "anchors": [[0.8, 0.5], [-0.8, -0.5]]},
-                         optimizer={}, image={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
-                                              "interpolation": "bilinear", "crop_pct": 1.0, "max_side": 64},
-                         image_size=32, classes=CLASSES)
+    # "bounded": True is the tanh VA head now; the image section is the recipe's ImagePrep.
+    recipe = StageRecipe(name="stage2", model=ModelSpec(name="va", backbone="resnet10t", weights="none", head="tanh",
+                                                        options={"task": "single", "num_classes": 2}),
+                         loss=LossSpec(kind="va"),
+                         prep=ImagePrep(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                                        interpolation="bilinear", crop_pct=1.0, max_side=64),
+                         classes=tuple(CLASSES), anchors=((0.8, 0.5), (-0.8, -0.5)))
     ckpt = tmp / "ckpt"
     ckpt.mkdir()
     torch.manual_seed(0)
-    torch.save({"model": build_model(recipe).state_dict(), "optimizer": {}}, ckpt / "state.pt")
+    torch.save({"model": build_stage_model(recipe).state_dict(), "optimizer": {}}, ckpt / "state.pt")
     write_meta(ckpt, recipe, epoch=0)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    pipeline = PipelineRun(run_dir=tmp / "run", run=RunOptions(storage_path=str(tmp / "run")), tracking_uri=uri,
-                           experiment="t", run_name="r", tags={}, params={}, register="emo-test")
+    pipeline = PipelineRun(run=RunOptions(storage_path=str(tmp), mlflow_uri=uri, experiment="t", register="emo-test"),
+                           run_name="run", tags={}, recipe=Recipe("test", "test", "", {}, ("stage",)))
     child = pipeline.tracker.start_run("stage2", parent_id=pipeline.parent_id)
     model_uri = log_stage_artifacts(pipeline.tracker, child, checkpoint_dir=str(ckpt))
     pipeline.state["stages"]["stage2"] = {"mlflow_run_id": child, "model_uri": model_uri}
@@ -160,6 +165,38 @@ def test_served_model_answers_http_with_images_and_flags_a_corrupt_one(registere
         with urllib.request.urlopen(request, timeout=60) as r:
             assert r.status == 200 and json.loads(r.read())["predictions"][0]["error"] == ""
         assert server.poll() is None
+
+        # Malformed requests: each answered with a 4xx whose message names the problem; none takes the
+        # server down, and a good request after them is still answered with 200.
+        malformed = {
+            "bad JSON": (b'{"dataframe_split": {"columns": ["image"], "data": [["abc"', ("json",)),
+            "no image column": (json.dumps({"dataframe_split": {"columns": ["text"], "data": [["hello"]]}}).encode(),
+                                ("image",)),
+            # MLflow decodes the signature's binary column before the model sees it: a value that is not
+            # base64 stops there, naming the column and the decoding error ("Incorrect padding").
+            "not base64": (json.dumps({"dataframe_split": {"columns": ["image"],
+                                                          "data": [["this is *not* base64!"]]}}).encode(),
+                           ("column image", "padding")),
+            # Characters outside base64's alphabet are dropped by that decoder: no bytes reach the model,
+            # which answers that the row's image is unreadable.
+            "no base64 characters": (json.dumps({"dataframe_split": {"columns": ["image"],
+                                                                    "data": [["@@@@ @@@@"]]}}).encode(),
+                                     ("row 0: unreadable image",)),
+        }
+        for what, (body, named) in malformed.items():
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                             headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as answer:
+                urllib.request.urlopen(request, timeout=60)
+            text = answer.value.read().decode("utf-8", "replace")
+            assert 400 <= answer.value.code < 500, (what, answer.value.code, text[:500])
+            message = json.loads(text)["message"].lower()
+            assert all(word in message for word in named), (what, message[:500])
+            assert server.poll() is None, what
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=good,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            assert r.status == 200 and json.loads(r.read())["predictions"][0]["error"] == ""
     finally:
         server.terminate()
         try:

@@ -3,10 +3,15 @@ unreachable at the start (one line, seconds, before any training) or goes down m
 goes on, the epochs' metrics are logged once it is back, checkpoints and result.json are kept).
 
 The server is a real ``mlflow server`` on 127.0.0.1 (sqlite store), stopped and restarted on the same
-port and store while a two_stage run trains in a thread of this process.
+port and store while a two_stage run trains in a thread of this process. When it stops and restarts is
+decided by the run's own progress, not by the clock: the run talks to the server through a relay in this
+process (:class:`_Gate`), which kills the server while it holds back the server's answer to the request
+that logs epoch 1's metrics, so the worker cannot train epoch 2 while the server is still up.
 """
 from __future__ import annotations
 
+import http.client
+import http.server
 import json
 import os
 import signal
@@ -22,8 +27,9 @@ import pytest
 
 from pipelines import two_stage
 
+# --batch-size is the GLOBAL batch now: 16 over --num-workers 2 is the 8 per worker this test always used.
 TINY = ["--demo-images-per-class", "12", "--image-size", "32", "--backbone", "resnet10t",
-        "--batch-size", "8", "--num-workers", "2", "--cpus-per-worker", "0.5", "--seed", "3", "--mode", "one_stage",
+        "--batch-size", "16", "--num-workers", "2", "--cpus-per-worker", "0.5", "--seed", "3", "--mode", "one_stage",
         "--task", "single", "--stage2-epochs", "1"]
 
 
@@ -120,6 +126,85 @@ class _Server:
         self.proc.wait(timeout=30)
 
 
+class _Gate:
+    """An HTTP relay on 127.0.0.1 in front of :class:`_Server`: every request is passed on and answered
+    with the server's answer, or, while the server is down, left without an answer (the connection
+    closed, as a dead server leaves it). When the server has answered the request that logs epoch 1's
+    metrics (``runs/log-batch`` with ``train_loss`` at step 0), the gate kills the server *before* it hands
+    that answer back: the worker that sent it is waiting for it (it logs an epoch's metrics before it
+    checkpoints that epoch and goes on), so no later epoch can be trained, logged or checkpointed while the
+    server is up. ``killed`` is set once that has happened."""
+
+    def __init__(self, server: _Server):
+        self.server, self.killed = server, threading.Event()
+        gate = self
+
+        class Relay(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            return b"".join(chunks)
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def relay(self):
+                body = self._body()
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "connection", "content-length", "transfer-encoding")}
+                upstream = http.client.HTTPConnection("127.0.0.1", gate.server.port, timeout=120)
+                try:
+                    upstream.request(self.command, self.path, body=body or None, headers=headers)
+                    answer = upstream.getresponse()
+                    data = answer.read()
+                except OSError:           # the server is down: no answer at all
+                    self.close_connection = True
+                    return
+                finally:
+                    upstream.close()
+                if answer.status == 200 and gate.logs_epoch_one(self.path, body) and not gate.killed.is_set():
+                    gate.server.stop()
+                    gate.killed.set()
+                self.send_response(answer.status)
+                for key, value in answer.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = relay
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Relay)
+        self.httpd.daemon_threads = True
+        self.uri = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def logs_epoch_one(path: str, body: bytes) -> bool:
+        if not path.endswith("/runs/log-batch"):
+            return False
+        try:
+            metrics = json.loads(body).get("metrics") or []
+        except ValueError:
+            return False
+        return any(m.get("key") == "train_loss" and int(m.get("step", -1)) == 0 for m in metrics)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 @pytest.fixture
 def server(tmp_path):
     s = _Server(tmp_path)
@@ -131,9 +216,9 @@ def server(tmp_path):
 
 @pytest.mark.slow
 def test_server_down_mid_run_training_goes_on_and_metrics_arrive(ray_session, tmp_path, server, monkeypatch):
-    """Stop the server once epoch 1 is logged; restart it once epoch 2 is checkpointed (its metrics could
-    not be sent); the run finishes, keeps its checkpoints and result.json, and the stage run has all
-    three epochs once the server is back."""
+    """Stop the server once epoch 1 is logged (on that event, through the gate: epoch 2 cannot finish
+    before); restart it once epoch 2 is checkpointed (its metrics could not be sent); the run finishes,
+    keeps its checkpoints and result.json, and the stage run has all three epochs once the server is back."""
     from mlflow import MlflowClient
 
     # Keep MLflow's HTTP retries short in this process (the Tracker would set these defaults itself;
@@ -143,11 +228,12 @@ def test_server_down_mid_run_training_goes_on_and_metrics_arrive(ray_session, tm
     monkeypatch.setenv("EMOTION_RAY_MLFLOW_OUTAGE_WAIT_S", "120")
     runs = tmp_path / "runs"
     outcome = {}
+    gate = _Gate(server)
 
     def pipeline():
         try:
             outcome["rc"] = two_stage.main([*TINY, "--num-epochs", "3", "--early-stop", "5", "--storage-path",
-                                            str(runs), "--mlflow-uri", server.uri, "--run-name", "outage"])
+                                            str(runs), "--mlflow-uri", gate.uri, "--run-name", "outage"])
         except BaseException as e:  # noqa: BLE001 - reported by the assertion below
             outcome["error"] = repr(e)
 
@@ -164,25 +250,21 @@ def test_server_down_mid_run_training_goes_on_and_metrics_arrive(ray_session, tm
         return steps
 
     deadline = time.monotonic() + 900
-    while True:
-        try:
-            if 0 in val_steps():
-                break
-        except Exception:  # noqa: BLE001 - the store may not have its tables yet
-            pass
-        assert thread.is_alive(), outcome
-        assert time.monotonic() < deadline, "epoch 1 was never logged"
-        time.sleep(0.2)
-    ckpts = list(runs.glob("outage/*/epoch_0001"))
-    server.stop()
-    assert not ckpts, "epoch 2 finished before the server could be stopped; the outage covered no epoch"
-    while not list(runs.glob("outage/*/epoch_0001")):   # epoch 2 done, while the server is down
-        assert thread.is_alive(), outcome
-        assert time.monotonic() < deadline, "epoch 2 never finished"
-        time.sleep(0.2)
-    logged_while_down = val_steps()
-    restart_s = server.start()
-    thread.join(timeout=600)
+    try:
+        while not gate.killed.wait(0.5):   # the gate kills the server once epoch 1's metrics are logged
+            assert thread.is_alive(), outcome
+            assert time.monotonic() < deadline, "epoch 1 was never logged"
+        assert server.proc.poll() is not None and 0 in val_steps()
+        assert not list(runs.glob("outage/*/epoch_0001")), "epoch 2 was checkpointed while the server was up"
+        while not list(runs.glob("outage/*/epoch_0001")):   # epoch 2 done, while the server is down
+            assert thread.is_alive(), outcome
+            assert time.monotonic() < deadline, "epoch 2 never finished"
+            time.sleep(0.2)
+        logged_while_down = val_steps()
+        restart_s = server.start()
+        thread.join(timeout=600)
+    finally:
+        gate.close()
     assert not thread.is_alive(), "the run did not finish"
     assert outcome.get("rc") == 0, outcome
 
