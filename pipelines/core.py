@@ -53,8 +53,10 @@ class OptimizerSpec:
     def __post_init__(self):
         if (self.lr is None) == (self.base_lr is None):
             raise ValueError("give exactly one of lr and base_lr (lr = base_lr x global batch / lr_batch)")
-        if (self.lr if self.lr is not None else self.base_lr) <= 0:
-            raise ValueError("the learning rate must be positive")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"lr must be positive, not {self.lr}")
+        if self.base_lr is not None and self.base_lr <= 0:
+            raise ValueError(f"base_lr must be positive, not {self.base_lr}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, not {self.weight_decay}")
 

@@ -422,6 +422,20 @@ def flag_overrides(args: argparse.Namespace, flags: Sequence[Flag]) -> dict[str,
     return out
 
 
+def apply_overrides(recipe: Recipe, overrides: Mapping[str, Any], args: argparse.Namespace,
+                    flags: Sequence[Flag]) -> Recipe:
+    """``recipe.with_overrides(overrides)``; a value the recipe's types refuse names the flag(s) it came from
+    (``--repeated-aug: ... repeated_aug must be >= 1``), not only the recipe file."""
+    try:
+        return recipe.with_overrides(overrides)
+    except RecipeError as exc:
+        named = [f.option for f in flags if hasattr(args, f.dest)
+                 and any(path.rsplit(".", 1)[-1] in str(exc) for path in f.overrides(getattr(args, f.dest)))]
+        if not named:
+            raise
+        raise RecipeError(f"{', '.join(named)}: {exc}") from None
+
+
 SELECT_FLAG_HELP = ("the selection rule, as a preset: " + "; ".join(f"{k}" for k in SELECT_PRESETS)
                     + " (val_pearson_v_last_on_stop: the published two-stage rule)")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipelines import cli
-from pipelines.recipe import EvalSet, Flag, Recipe, RecipeError, StageRecipe, add_flags, flag_overrides
+from pipelines.recipe import EvalSet, Flag, Recipe, StageRecipe, add_flags, apply_overrides, flag_overrides
 from pipelines.registry import Pipeline, SweepField
 from pipelines.train_loop import TRAIN_KEY, RunOptions, StageData
 
@@ -169,15 +169,8 @@ def configure(args: argparse.Namespace) -> Plan:
             raise cli.UsageError("--eval needs --checkpoint")
         if Path(args.checkpoint).expanduser().is_file():
             overrides.update(published_args_overrides(args.checkpoint, overrides))
-    recipe = STICKER.load_recipe(args.recipe or ("demo" if demo else "default"))
-    try:
-        recipe = recipe.with_overrides(overrides)
-    except RecipeError as exc:  # a flag's value the recipe's types refuse: name the flag, not only the file
-        named = [f.option for f in FLAGS if hasattr(args, f.dest)
-                 and any(path.rsplit(".", 1)[-1] in str(exc) for path in f.overrides(getattr(args, f.dest)))]
-        if not named:
-            raise
-        raise cli.UsageError(f"{', '.join(named)}: {exc}") from None
+    recipe = apply_overrides(STICKER.load_recipe(args.recipe or ("demo" if demo else "default")), overrides, args,
+                             FLAGS)
     stage = recipe.stage()
     if stage.model.name == "lora_v":
         recipe = recipe.with_overrides({f"{OPTIONS}.text_encoder": None})

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Optional
 
 from pipelines import cli
-from pipelines.recipe import EvalSet, Flag, Recipe, StageRecipe, add_flags, flag_overrides, select_flag
+from pipelines.recipe import (EvalSet, Flag, Recipe, StageRecipe, add_flags, apply_overrides, flag_overrides,
+                              select_flag)
 from pipelines.registry import Pipeline, SweepField
 from pipelines.train_loop import JOIN_KEY, POOL_KEY, TRAIN_KEY, RunOptions, StageData
 
@@ -171,7 +172,7 @@ def configure(args: argparse.Namespace) -> Plan:
         print("demo data: training from scratch (the recipe's hub weights are not used on the synthetic demo "
               "images; --weights PATH starts from a local file)")
         overrides["stage.model.weights"] = "none"
-    recipe = recipe.with_overrides(overrides)
+    recipe = apply_overrides(recipe, overrides, args, FLAGS)
     if args.frameworks:
         frameworks, task = parse_frameworks(args.frameworks), args.task or "single"
     elif args.mode == "dimensional":

@@ -478,7 +478,9 @@ def test_real_data_lora_without_bert_stops_with_one_line_naming_the_flag(tmp_pat
         _plan("--data-root", str(tmp_path), "--text-encoder", f"bert:{tmp_path / 'nope'}")
     with pytest.raises(FileNotFoundError, match="vocab.txt"):
         _plan("--data-root", str(tmp_path), "--text-encoder", f"bert:{tmp_path}")
-    with pytest.raises(cli.UsageError, match="--repeated-aug") as error:
+    from pipelines.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="^--repeated-aug: ") as error:
         _plan("--repeated-aug", "0")
     assert "\n" not in str(error.value) and "repeated_aug must be >= 1" in str(error.value)
     with pytest.raises(ValueError, match="--batch-size 7 .*does not divide among 2 workers"):
