@@ -1,12 +1,16 @@
 """Tests of the ``tuning`` sweep CLI, through what it leaves behind: its exit code and stdout,
 ``trials.csv``, ``best_recipe.yaml`` / ``best_config.yaml``, the checkpoints' ``meta.json`` and the MLflow runs.
 
-One tiny sweep runs once (module-scoped) and the slow tests read what it left behind: two_stage,
-stage one trained once (one epoch), then one stage-two trial (two epochs) per ``stage2.optimizer.lr``
-of the grid [3e-3, 10], one at a time, under ASHA on ``val_mse``. lr = 10 wrecks the stage-one
-weights within its first epoch (saturated, constant VA: a validation MSE far above the others'), so
-ASHA, which has the first trial's epoch-one MSE on its rung, stops it there. (lr = 1e-9 is not
-reliably worse here: stage one is already good and batch-norm statistics still adapt.)
+Two tiny sweeps run once each (module-scoped) and the slow tests read what they left behind:
+
+- ``swept``: two_stage, stage one trained once (one epoch), then one stage-two trial (two epochs) per
+  ``stage2.optimizer.lr`` of the grid [3e-3, 10], one at a time, under ASHA on ``val_mse``. lr = 10
+  wrecks the stage-one weights within its first epoch (saturated, constant VA: a validation MSE far
+  above the others'), so ASHA, which has the first trial's epoch-one MSE on its rung, stops it there.
+  (lr = 1e-9 is not reliably worse here: stage one is already good and batch-norm statistics still adapt.)
+- ``resumed``: two_stage ``--mode one_stage --task multi`` (a trial is stage one: its lr, decay and VA
+  weight are ``stage1``'s fields), two Optuna trials of one epoch under FIFO, started in a child
+  process that gets SIGINT once the second trial is training; the same command run again resumes it.
 
 The flag and search-space tests need no Ray.
 """
@@ -16,7 +20,9 @@ import contextlib
 import csv
 import io
 import json
+import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -218,6 +224,119 @@ def test_same_command_reports_the_finished_sweep_again(swept):
     assert _rows(swept.dir / "trials.csv") == swept.rows
 
 
+# ----------------------------------------------------------------------------- an interrupted Optuna sweep
+
+RESUMED_LR = (1e-3, 1e-2)
+ALPHA = "stage1.loss.va_weight"
+
+
+def _wait_for(condition, proc, log: Path, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the sweep ended (exit {proc.returncode}) before {what}:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no {what} after {timeout_s} s")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def resumed(ray_session, tmp_path_factory):
+    """An Optuna sweep started in a child process (on this session's Ray), interrupted with SIGINT while
+    its second trial trains, then resumed by the same command."""
+    tmp = tmp_path_factory.mktemp("resumed")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    argv = [*TINY, "--mode", "one_stage", "--task", "multi", "--num-epochs", "1", "--num-samples", "2",
+            "--max-concurrent", "1", "--search", "optuna", "--scheduler", "fifo",
+            "--lr-range", *map(str, RESUMED_LR), "--storage-path", str(tmp / "runs"), "--mlflow-uri", uri,
+            "--sweep-name", "resumed", "--address", ray_session.get_runtime_context().gcs_address]
+    sweep_dir = tmp / "runs" / "resumed"
+    trials = sweep_dir / "trials"
+    log = tmp / "interrupted.log"     # a file, not a pipe: Tune's tables would fill a pipe nobody reads yet
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tuning", *argv], cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            # The second trial's Ray Train run folder: the first trial has finished (one at a time).
+            _wait_for(lambda: trials.is_dir() and len(list(trials.iterdir())) == 2, proc, log, 400, "second trial")
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=180)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    first_out = log.read_text()
+    parent, runs = _sweep_runs(uri, "resumed")
+    interrupted = SimpleNamespace(code=proc.returncode, stdout=first_out, csv_written=(sweep_dir / "trials.csv").exists(),
+                                  parent=parent, runs=runs)
+    code, out = _run(argv)
+    parent, children = _sweep_runs(uri, "resumed")
+    return SimpleNamespace(dir=sweep_dir, uri=uri, argv=argv, interrupted=interrupted, code=code, stdout=out,
+                           rows=_rows(sweep_dir / "trials.csv") if code == 0 else [], parent=parent,
+                           children=children)
+
+
+@pytest.mark.slow
+def test_an_optuna_sweep_runs_its_trials_inside_the_ranges(resumed):
+    assert resumed.code == 0
+    parent = resumed.parent
+    assert parent.info.status == "FINISHED" and parent.data.params["search"] == "optuna"
+    assert parent.data.params[f"space.{ALPHA}"] == "uniform(0.1, 0.9)"
+    assert len(resumed.rows) == 2 and {r["status"] for r in resumed.rows} == {"completed"}
+    assert sorted(resumed.children) == sorted(r["trial_id"] for r in resumed.rows)
+    configs = []
+    for run in resumed.children.values():
+        params = {k: float(v) for k, v in run.data.params.items()}
+        assert set(params) == {"stage1.optimizer.lr", "stage1.optimizer.weight_decay", ALPHA}
+        assert RESUMED_LR[0] <= params["stage1.optimizer.lr"] <= RESUMED_LR[1]
+        assert 1e-5 <= params["stage1.optimizer.weight_decay"] <= 1e-3
+        assert 0.1 <= params[ALPHA] <= 0.9
+        assert run.info.status == "FINISHED" and run.data.metrics["epochs_run"] == 1
+        configs.append(params)
+    assert configs[0] != configs[1]
+    # Optuna sampled them: the sweep's TPE sampler (seeded with the recipe's seed, --seed 3), asked again,
+    # suggests exactly these two configs.
+    from tuning.driver import search_algorithm
+
+    cfg = sweep.parse(resumed.argv)
+    searcher = search_algorithm(cfg, max_concurrent=1)
+    assert searcher.set_search_properties(cfg.metric, cfg.mode, cfg.param_space())
+    first = searcher.suggest("first")
+    searcher.on_trial_complete("first", result={cfg.metric: 0.5})
+    second = searcher.suggest("second")
+    assert sorted(sorted(c.items()) for c in (first, second)) == sorted(sorted(c.items()) for c in configs)
+    for row in resumed.rows:       # the trial trained its sampled VA weight, on stage one's sections
+        meta = json.loads((Path(row["checkpoint"]) / "meta.json").read_text())
+        assert meta["recipe"]["loss"]["va_weight"] == pytest.approx(float(row[ALPHA]))
+        assert meta["recipe"]["name"] == "stage1" and meta["recipe"]["model"]["options"]["task"] == "multi"
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_where_it_stopped(resumed):
+    first = resumed.interrupted
+    assert first.code == 130 and "interrupted: run the same command again" in first.stdout, first.stdout[-3000:]
+    assert not first.csv_written and first.parent.info.status == "KILLED"
+    # When it stopped: the first trial finished, the second's run was left open (KILLED, until the resume).
+    done = [t for t, r in first.runs.items() if r.info.status == "FINISHED"]
+    assert len(done) == 1 and len(first.runs) == 2, {t: r.info.status for t, r in first.runs.items()}
+    (cut,) = set(first.runs) - set(done)
+    assert first.runs[cut].info.status == "KILLED" and first.runs[cut].data.tags["sweep_interrupted"] == "true"
+    # The same command resumed it: the same parent run, the same two trial runs (no duplicate, none open).
+    assert resumed.code == 0 and "resuming sweep 'resumed'" in resumed.stdout
+    assert resumed.parent.info.run_id == first.parent.info.run_id and resumed.parent.info.status == "FINISHED"
+    assert sorted(resumed.children) == sorted(first.runs) == sorted(r["trial_id"] for r in resumed.rows)
+    assert all(r.info.run_id == first.runs[t].info.run_id for t, r in resumed.children.items())
+    assert {r.info.status for r in resumed.children.values()} == {"FINISHED"}
+    assert "sweep_interrupted" not in resumed.children[cut].data.tags
+    # The finished trial was not trained again: its run was not reopened and has its one epoch only.
+    (finished,) = done
+    client = _client(resumed.uri)
+    assert resumed.children[finished].info.end_time == first.runs[finished].info.end_time
+    assert len(client.get_metric_history(resumed.children[finished].info.run_id, "val_pearson_mean")) == 1
+    assert [p.name for p in (resumed.dir / "trials" / finished / "stage1").glob("epoch_*")] == ["epoch_0000"]
+    assert resumed.children[cut].data.metrics["epochs_run"] == 1
+
+
 # ----------------------------------------------------------------------------- placement groups, trial runs
 
 def test_release_removes_only_placement_groups_whose_train_workers_died(ray_session):
@@ -330,10 +449,14 @@ def test_trial_runs_survive_a_restored_sweep(tmp_path):
     assert killed.info.status == "KILLED" and killed.data.tags["stopped_by_scheduler"] == "true"
     assert killed.data.tags["sweep_outcome"] == "stopped_by_scheduler" and killed.data.metrics["last_val_mse"] == 2.0
 
-    # A trial the restored state does not know (killed between two experiment checkpoints) finds its run.
+    # A trial the restored state does not know (killed between two experiment checkpoints) finds its run,
+    # which is open again until the trial ends anew.
     third = callback()
     third.on_trial_start(0, [], _Trial("a_00001", config))
-    assert len(_sweep_runs(uri, "sweep")[1]) == 2
+    _, children = _sweep_runs(uri, "sweep")
+    assert len(children) == 2 and children["a_00001"].info.run_id == killed.info.run_id
+    assert children["a_00001"].info.status == "RUNNING"
+    assert not {"sweep_outcome", "stopped_by_scheduler"} & set(children["a_00001"].data.tags)
 
 
 # ----------------------------------------------------------------------------- flags and search space

@@ -8,10 +8,12 @@ from typing import Optional, Sequence
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run a sweep; 0 when it finished (or had finished), 130 when it was interrupted (re-run to resume)."""
-    from tuning.driver import run_sweep
     from tuning.sweep import parse
 
-    return 0 if run_sweep(parse(argv)) is not None else 130
+    cfg = parse(argv)   # the command line, the plan and the space: a mistake stops here, before Ray is imported
+    from tuning.driver import run_sweep
+
+    return 0 if run_sweep(cfg) is not None else 130
 
 
 if __name__ == "__main__":

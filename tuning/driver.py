@@ -24,7 +24,7 @@ from pipelines.train_loop import RunOptions
 from tuning import report
 from tuning.cleanup import ReleaseStoppedTrials, settle
 from tuning.report import recipe_file_text
-from tuning.runs import TrialRuns, child_runs
+from tuning.runs import OUTCOME_TAG, TrialRuns, child_runs
 from tuning.sweep import STATE_FILE, SweepConfig, default_concurrency
 from tuning.trial import TrialContext, fit_stage_one, run_trial
 
@@ -63,6 +63,8 @@ def _parent_run(cfg: SweepConfig, tracker: Tracker, state: SweepState) -> str:
     parent = state.get("parent_run_id")
     if parent and tracker.run_exists(parent):
         print(f"resuming sweep {cfg.name!r} (MLflow parent run {parent})")
+        if not state.get("finished"):
+            tracker.client.update_run(parent, status="RUNNING")   # KILLED when the sweep was interrupted
         return parent
     flags = report.retrain_flags(cfg.pipeline, cfg.args)
     params = {**{f"space.{path}": d.describe() for path, d in cfg.dims.items()},
@@ -168,7 +170,12 @@ def run_sweep(cfg: SweepConfig) -> Optional[SweepOutcome]:
           f"{run.cpus_per_worker} CPU)")
     stage_run = RunOptions(storage_path=str(sweep_dir), num_workers=run.num_workers, use_gpu=run.use_gpu,
                            cpus_per_worker=run.cpus_per_worker, max_failures=run.max_failures)
-    init_from = _stage_one(cfg, stage, tracker, parent, state, stage_run) if stage is not None else None
+    try:
+        init_from = _stage_one(cfg, stage, tracker, parent, state, stage_run) if stage is not None else None
+    except KeyboardInterrupt:  # Ctrl+C while the driver trains stage one (Tune's own handler is not set yet)
+        print(f"\nsweep {cfg.name!r} interrupted in stage one: run the same command again to resume it")
+        tracker.end_run(parent, status="KILLED")
+        return None
     ctx = TrialContext(pipeline=cfg.pipeline.name, plan=cfg.plan, sweep_dir=str(sweep_dir), metric=cfg.metric,
                        mode=cfg.mode, init_from=init_from)
     trial_runs = TrialRuns(tracker.uri, tracker.experiment_id, parent, cfg.metric, cfg.mode, cfg.max_t,
@@ -179,17 +186,28 @@ def run_sweep(cfg: SweepConfig) -> Optional[SweepOutcome]:
         results = tuner.get_results()
     else:
         results = tuner.fit()
-        if _interrupted(cfg, results):  # Ctrl+C: Tune saved its state and returned early
+        if _interrupted(cfg, results, child_runs(tracker.client, tracker.experiment_id, parent)):
+            # Ctrl+C: Tune saved its state and returned early
             print(f"sweep {cfg.name!r} interrupted: run the same command again to resume it")
+            tracker.end_run(parent, status="KILLED")
             return None
         settle()
     return _report(cfg, tracker, parent, state, sweep_dir, results)
 
 
-def _interrupted(cfg: SweepConfig, results) -> bool:
-    """Fewer trials than the search makes (``num_samples`` x grid points), or some not ended."""
+def _trial_id(result) -> str:
+    return (result.metrics or {}).get("trial_id") or Path(result.path).name   # the trial's folder is its id
+
+
+def _interrupted(cfg: SweepConfig, results, runs: dict) -> bool:
+    """Fewer trials than the search makes (``num_samples`` x grid points), or a trial that did not end.
+
+    A trial ended when :class:`tuning.runs.TrialRuns` closed its run with a ``sweep_outcome``. Tune's
+    own record does not tell: it ends the trials it is still running when it is interrupted and reports
+    them TERMINATED, and the ``done`` mark of a trial's last result is not always in its saved state."""
     expected = cfg.num_samples * math.prod(len(d.values) for d in cfg.dims.values() if d.kind == "grid")
-    return len(results) < expected or results.num_terminated + results.num_errors < len(results)
+    ended = [r for r in results if _trial_id(r) in runs and OUTCOME_TAG in runs[_trial_id(r)].data.tags]
+    return len(results) < expected or len(ended) < len(results)
 
 
 def _report(cfg: SweepConfig, tracker: Tracker, parent: str, state: SweepState, sweep_dir: Path,

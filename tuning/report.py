@@ -45,7 +45,7 @@ def trial_row(result, runs: dict, metric: str, mode: str, max_t: int) -> TrialRo
     ``sweep_outcome`` tag gives the status (else it is read from the result)."""
     frame = result.metrics_dataframe
     history = frame.to_dict("records") if frame is not None else []
-    trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+    trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name   # the trial's folder is its id
     summary = summarize(history, metric, mode)
     run = runs.get(trial_id)
     status = run.data.tags.get(OUTCOME_TAG) if run is not None else None

@@ -33,6 +33,7 @@ from pipelines.recipe import jsonable
 TRIAL_TAG = "sweep_trial"       # the Tune trial id ("stage1" for the sweep's stage one)
 OUTCOME_TAG = "sweep_outcome"   # completed | early_stopped | stopped_by_scheduler | error
 INTERRUPTED_TAG = "sweep_interrupted"
+STOPPED_TAG = "stopped_by_scheduler"
 STATUS = {"completed": "FINISHED", "early_stopped": "FINISHED", "error": "FAILED",
           "stopped_by_scheduler": "KILLED"}
 CURVES = ("val_", "train_")     # the per-epoch metrics a trial run keeps
@@ -123,8 +124,9 @@ class TrialRuns(Callback):
         run = self.client.get_run(record["run_id"])
         if run.info.status != "RUNNING":
             self.client.update_run(record["run_id"], status="RUNNING")
-        if INTERRUPTED_TAG in run.data.tags:
-            self.client.delete_tag(record["run_id"], INTERRUPTED_TAG)
+        for tag in (INTERRUPTED_TAG, OUTCOME_TAG, STOPPED_TAG):   # a restarted trial has not ended yet
+            if tag in run.data.tags:
+                self.client.delete_tag(record["run_id"], tag)
         record["open"] = True
         return record
 
@@ -197,6 +199,6 @@ class TrialRuns(Callback):
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.items()])
         self.client.set_tag(run_id, OUTCOME_TAG, outcome)
         if outcome == "stopped_by_scheduler":
-            self.client.set_tag(run_id, "stopped_by_scheduler", "true")
+            self.client.set_tag(run_id, STOPPED_TAG, "true")
         self.client.set_terminated(run_id, status=STATUS[outcome])
         record["open"] = False

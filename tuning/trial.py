@@ -69,7 +69,11 @@ def fit_stage_one(tracker: Tracker, parent_id: str, recipe: StageRecipe, data: S
             on_run(run_id)
     else:
         tracker.client.update_run(run_id, status="RUNNING")
-    outcome = run_stage(recipe, data, run, mlflow={"tracking_uri": tracker.uri, "run_id": run_id}, test=False)
+    try:
+        outcome = run_stage(recipe, data, run, mlflow={"tracking_uri": tracker.uri, "run_id": run_id}, test=False)
+    except KeyboardInterrupt:   # reopened by the resumed sweep
+        tracker.end_run(run_id, status="KILLED")
+        raise
     select = recipe.select
     tracker.log_metrics(run_id, summarize(outcome.history, f"val_{select.metric}", select.mode))
     early = bool(outcome.info.get("stopped_early"))
