@@ -486,6 +486,15 @@ def test_bad_flags_are_one_error_line(argv, message, capsys):
     assert message in _error([*SMALL_DEMO, *argv], capsys)
 
 
+def test_a_stage_one_checkpoint_needs_a_trial_that_starts_from_one(ray_session, tmp_path, capsys):
+    """--mode one_stage: a trial is stage one, it starts from no checkpoint (told once the pipeline is asked)."""
+    line = _error([*SMALL_DEMO, "--mode", "one_stage", "--stage1-checkpoint", str(tmp_path),
+                   "--storage-path", str(tmp_path / "runs"), "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                  capsys)
+    assert "--stage1-checkpoint: a two_stage trial of this plan starts from no stage one" in line
+    assert not (tmp_path / "mlflow.db").exists()        # before any MLflow run
+
+
 @pytest.mark.parametrize("space, extra, message", [
     ({LR: {"grid": [1e-3, 1e-2]}}, ["--search", "optuna"], "need --search random"),
     ({LR: {"normal": [0, 1]}}, [], "expected one of loguniform"),
