@@ -46,11 +46,13 @@ class _Members:
     Every reader goes through :meth:`get`, so path safety is decided in one place: an
     absolute name, a ``..`` component, or a path that leaves the root once symlinks are
     resolved is skipped with :data:`ESCAPES`; a name that is not a file on disk with
-    :data:`MISSING`; a second mention of the same file with :data:`DUPLICATE`.
+    :data:`MISSING`; a second mention of the same file with :data:`DUPLICATE`, unless
+    ``keep_duplicates`` (then every mention is returned, e.g. SER30K's annotation entries).
     """
 
-    def __init__(self, root: PathLike) -> None:
+    def __init__(self, root: PathLike, keep_duplicates: bool = False) -> None:
         self.root = _existing_dir(root)
+        self.keep_duplicates = keep_duplicates
         self.skipped: list[dict] = []
         self._seen: set[str] = set()
 
@@ -69,7 +71,7 @@ class _Members:
             return self._skip(rel, ESCAPES)
         if not real.is_file():
             return self._skip(rel, MISSING)
-        if rel in self._seen:
+        if rel in self._seen and not self.keep_duplicates:
             return self._skip(rel, DUPLICATE)
         self._seen.add(rel)
         return rel
@@ -359,7 +361,8 @@ SER30K_ANNOTATIONS = ("Annotations", "image-level")
 SER30K_CLASSES = CATEGORY_SETS["SER30K"]
 
 
-def read_ser30k(root: PathLike, lexicon: Union[None, PathLike, Lexicon] = None) -> ReaderResult:
+def read_ser30k(root: PathLike, lexicon: Union[None, PathLike, Lexicon] = None,
+                keep_duplicates: bool = False) -> ReaderResult:
     """SER30K stickers: ``Annotations/image-level/{train,val,test}.json`` + ``Images/<topic>/<file>``.
 
     Each json is ``{"annotations": [{"topic", "file_name", "text", "anno1", "anno2",
@@ -367,8 +370,13 @@ def read_ser30k(root: PathLike, lexicon: Union[None, PathLike, Lexicon] = None) 
     Classes come from ``categories`` (names, or {"id", "name"} dicts ordered by id) when
     present, else the 7 SER30K emotions. VA is the lexicon anchor of the class
     (happiness -> joy); text is the sticker's embedded text; group its topic.
+
+    An entry naming a file already listed is skipped ("listed more than once") unless
+    ``keep_duplicates``: then every entry is a record, as the published ``SER_Full`` dataset
+    trains on every annotation entry (a file listed twice is trained on twice; its rows share
+    the image_id).
     """
-    members = _Members(root)
+    members = _Members(root, keep_duplicates=keep_duplicates)
     lexicon = _as_lexicon(lexicon)
     documents = {split: _load_json(members.root.joinpath(*SER30K_ANNOTATIONS, f"{split}.json")) for split in SPLITS}
     classes = _ser30k_classes(documents)
@@ -393,7 +401,8 @@ def read_ser30k(root: PathLike, lexicon: Union[None, PathLike, Lexicon] = None) 
                 records.append(Record(rel, split, label=label, valence=float(anchors[label, 0]),
                                       arousal=float(anchors[label, 1]), va_source="lexicon",
                                       text=str(entry.get("text") or ""), group=entry["topic"]))
-    return _result(records, classes, members, layout="ser30k", categories=classes, lexicon=lexicon.source)
+    return _result(records, classes, members, layout="ser30k", categories=classes, lexicon=lexicon.source,
+                   keep_duplicates=keep_duplicates)
 
 
 def _load_json(path: Path) -> tuple[Path, dict]:

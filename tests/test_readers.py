@@ -313,3 +313,19 @@ def test_read_dataset_dispatch_and_errors(tmp_path, write, emotion6_sample):
         read_dataset("folder", tmp_path / "nowhere")
     with pytest.raises(ValueError, match="'emotion6' does not take categories; it takes split_ratios, seed"):
         read_dataset("emotion6", emotion6_sample, categories="FI")
+
+
+# ----------------------------------------------------------------------------- SER30K, duplicates
+
+def test_ser30k_keep_duplicates_keeps_every_entry(tmp_path, write):
+    root = _ser30k(tmp_path, write, {"train": [_sticker("cat", "1.jpg", 4), _sticker("cat", "1.jpg", 4),
+                                               _sticker("cat", "2.jpg", 1)],
+                                     "val": [_sticker("cat", "2.jpg", 1)], "test": []})
+    once = read_ser30k(root)
+    assert [(r.path, r.split) for r in once.records] == [("Images/cat/1.jpg", "train"), ("Images/cat/2.jpg", "train")]
+    assert [s["reason"] for s in once.skipped] == ["listed more than once"] * 2
+    twice = read_ser30k(root, keep_duplicates=True)
+    assert sorted((r.path, r.split) for r in twice.records) == [
+        ("Images/cat/1.jpg", "train"), ("Images/cat/1.jpg", "train"), ("Images/cat/2.jpg", "train"),
+        ("Images/cat/2.jpg", "val")]
+    assert twice.skipped == [] and twice.params["keep_duplicates"] is True and once.params["keep_duplicates"] is False
