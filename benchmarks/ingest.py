@@ -14,9 +14,16 @@ convert, shrink, re-encode), write Parquet per chunk and split. Two comparisons,
     warm-up run of each peer) against the pool in this process.
 
 Each time and each ratio (pool time / Ray time = Ray's throughput as a fraction of the pool's;
-goals: (a) >= 0.5, (b) >= 0.8) is printed as its median and range. This file puts its own checkout
-first on ``sys.path`` and runs the subprocesses and Ray's workers from it, so that the code measured
-is this checkout's even where another copy of the project is installed.
+goals: (a) >= 0.5, (b) >= 0.8) is printed as its median and range.
+
+The pool's processes run at Ray's worker niceness (``--pool-niceness``, default 15, Ray's default
+``RAY_worker_niceness``; (b) prints what Ray's workers actually run at): on an idle machine this
+changes nothing, on a shared one it keeps the comparison about the work, not about who yields the
+CPU to the neighbours first. ``--pool-niceness 0`` gives the pool the driver's priority.
+
+This file puts its own checkout first on ``sys.path`` and runs the subprocesses and Ray's workers
+from it, so that the code measured is this checkout's even where another copy of the project is
+installed.
 """
 from __future__ import annotations
 
@@ -51,6 +58,7 @@ from datasets_io.records import COLUMNS, SHARD_SCHEMA, SPLITS  # noqa: E402
 
 CLASSES = ("negative", "neutral", "positive")
 PEER = "plain-peer"  # argv[1] that makes this script run the plain pool once (the subprocess of (a))
+RAY_WORKER_NICENESS = 15  # Ray's default niceness of its worker processes (RAY_worker_niceness)
 
 
 def make_images(folder: Path, count: int, size: int, seed: int = 0) -> list[Path]:
@@ -69,17 +77,18 @@ def make_images(folder: Path, count: int, size: int, seed: int = 0) -> list[Path
 
 # ----------------------------------------------------------------------------- the plain peer
 
-def plain_ingest(root: Path, out: Path, max_side: int, processes: int) -> int:
+def plain_ingest(root: Path, out: Path, max_side: int, processes: int, niceness: int) -> int:
     """The peer: the folder reader's records, read + prepare_image + Parquet in a plain process pool.
 
     The records are cut into ``4 * processes`` chunks (as the ingest makes about 4 tasks per CPU);
-    each chunk writes one file per split. Returns the rows written.
+    each chunk writes one file per split. The pool's processes run at ``niceness``. Returns the
+    rows written.
     """
     rows = [asdict(record) for record in read_dataset("folder", root).records]
     size = -(-len(rows) // (4 * processes))
     chunks = [(index, str(root), str(out), max_side, rows[start:start + size])
               for index, start in enumerate(range(0, len(rows), size))]
-    pool = multiprocessing.Pool(processes)
+    pool = multiprocessing.Pool(processes, initializer=os.setpriority, initargs=(os.PRIO_PROCESS, 0, niceness))
     try:
         return sum(pool.imap_unordered(_plain_chunk, chunks))
     finally:  # close + join, not the context manager's terminate(): no SIGTERM to children of a Ray driver
@@ -102,9 +111,9 @@ def _plain_chunk(chunk: tuple) -> int:
 
 
 def _peer_main(argv: list[str]) -> None:
-    """``benchmarks/ingest.py plain-peer ROOT OUT MAX_SIDE PROCESSES``: one plain run, as a process."""
-    root, out, max_side, processes = argv
-    plain_ingest(Path(root), Path(out), int(max_side), int(processes))
+    """``benchmarks/ingest.py plain-peer ROOT OUT MAX_SIDE PROCESSES NICENESS``: one plain run, as a process."""
+    root, out, max_side, processes, niceness = argv
+    plain_ingest(Path(root), Path(out), int(max_side), int(processes), int(niceness))
 
 
 # ----------------------------------------------------------------------------- timing
@@ -131,9 +140,8 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):6.2f} ({min(values):.2f} - {max(values):.2f})"
 
 
-def report(title: str, times: dict[str, list[float]], images: int) -> None:
+def report(times: dict[str, list[float]], images: int) -> None:
     """Each peer's seconds and images/s, and pool / Ray (per interleaved pair) as median and range."""
-    print(title)
     for name, values in times.items():
         rates = [images / t for t in values]
         print(f"  {name:<22} {spread(values)} s   {spread(rates)} images/s")
@@ -141,7 +149,7 @@ def report(title: str, times: dict[str, list[float]], images: int) -> None:
     print(f"  {'ratio pool / ray':<22} {spread(ratios)}")
 
 
-def whole_process(root: Path, scratch: Path, max_side: int, processes: int, repeats: int) -> dict:
+def whole_process(root: Path, scratch: Path, max_side: int, processes: int, niceness: int, repeats: int) -> dict:
     """(a): ``python -m datasets_io ingest`` and the plain pool, each as a fresh subprocess."""
     def run(command: list[str]) -> None:
         subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -150,25 +158,30 @@ def whole_process(root: Path, scratch: Path, max_side: int, processes: int, repe
     ray_cli = [sys.executable, "-m", "datasets_io", "ingest", "--layout", "folder", "--root", str(root),
                "--out", str(ray_out), "--max-side", str(max_side)]
     plain_cli = [sys.executable, str(Path(__file__).resolve()), PEER, str(root), str(plain_out), str(max_side),
-                 str(processes)]
+                 str(processes), str(niceness)]
     return interleaved({"plain pool": lambda: timed(lambda: run(plain_cli), plain_out),
                         "ray ingest": lambda: timed(lambda: run(ray_cli), ray_out)}, repeats)
 
 
-def execution_alone(root: Path, scratch: Path, max_side: int, processes: int, repeats: int) -> dict:
+def execution_alone(root: Path, scratch: Path, max_side: int, processes: int, niceness: int, repeats: int) -> dict:
     """(b): ``ingest()`` with Ray started (and warmed up) against the pool, both in this process."""
+    import ray
+
     from datasets_io.ingest import ingest
     from datasets_io.quiet_ray import init_ray
 
     os.chdir(REPO)  # Ray's workers import this checkout
     init_ray(dashboard=False)
+    worker_niceness = ray.get(ray.remote(lambda: os.getpriority(os.PRIO_PROCESS, 0)).remote())
+    print(f"  (Ray's workers run at niceness {worker_niceness}, the pool's processes at {niceness})")
     ray_out, plain_out = scratch / "shards", scratch / "plain"
 
     def ray_run() -> None:
         with contextlib.redirect_stdout(io.StringIO()):
             ingest("folder", root, ray_out, max_side=max_side, show_progress=False)
 
-    peers = {"plain pool": lambda: timed(lambda: plain_ingest(root, plain_out, max_side, processes), plain_out),
+    peers = {"plain pool": lambda: timed(lambda: plain_ingest(root, plain_out, max_side, processes, niceness),
+                                         plain_out),
              "ray ingest": lambda: timed(ray_run, ray_out)}
     interleaved(peers, 1)  # warm-up, untimed: Ray's workers started, page cache and codecs warm
     return interleaved(peers, repeats)
@@ -181,6 +194,8 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="dataset folder to create or reuse (default: a temp folder)")
     parser.add_argument("--max-side", type=int, default=512, help="as the ingest's --max-side (default 512)")
     parser.add_argument("--processes", type=int, default=2, help="processes of the plain pool")
+    parser.add_argument("--pool-niceness", type=int, default=RAY_WORKER_NICENESS,
+                        help="niceness of the pool's processes (default 15: that of Ray's workers)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each peer, interleaved")
     args = parser.parse_args()
 
@@ -190,12 +205,14 @@ def main() -> None:
         paths = make_images(root, args.images, args.size)
         megabytes = sum(p.stat().st_size for p in paths) / 1e6
         print(f"{len(paths)} JPEGs of {args.size} px ({megabytes:.1f} MB) in {root}; max_side {args.max_side}; "
-              f"plain pool of {args.processes} processes; {os.cpu_count()} cores; "
+              f"plain pool of {args.processes} processes at niceness {args.pool_niceness}; {os.cpu_count()} cores; "
               f"load average {os.getloadavg()[0]:.1f}; {args.repeats} interleaved repeats: median (range)")
-        report("(a) whole process: python -m datasets_io ingest vs the pool, each a subprocess",
-               whole_process(root, scratch, args.max_side, args.processes, args.repeats), len(paths))
-        report("(b) execution alone: ingest() with Ray started vs the pool, in this process",
-               execution_alone(root, scratch, args.max_side, args.processes, args.repeats), len(paths))
+        print("(a) whole process: python -m datasets_io ingest vs the pool, each a subprocess")
+        report(whole_process(root, scratch, args.max_side, args.processes, args.pool_niceness, args.repeats),
+               len(paths))
+        print("(b) execution alone: ingest() with Ray started vs the pool, in this process")
+        report(execution_alone(root, scratch, args.max_side, args.processes, args.pool_niceness, args.repeats),
+               len(paths))
         print(f"load average {os.getloadavg()[0]:.1f}; goals: (a) >= 0.5, (b) >= 0.8")
 
 
