@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -162,6 +163,46 @@ def test_crash_keeps_previous_output_and_never_looks_complete(ray_session, bad_t
     leftovers = [p for p in tmp_path.iterdir() if p.name != "shards"]
     assert not fresh.exists() and len(leftovers) == 1 and leftovers[0].name.startswith("fresh.tmp-")
     assert not ingest_module.is_ingested(leftovers[0]) and list(leftovers[0].glob("*/*.parquet"))
+
+
+def test_max_side_0_stores_each_original_file_and_still_skips_bad_ones(bad_tree, bad_out, tmp_path):
+    out = tmp_path / "originals"
+    manifest = ingest("emotion6", bad_tree, out, max_side=0, reader_options={"split_ratios": [1.0, 0.0, 0.0]},
+                      show_progress=False)
+    rows = _rows(out, "train")
+    assert len(rows) == 4 and manifest["params"]["max_side"] == 0
+    for row in rows:  # byte for byte the file on disk: not re-encoded, not shrunk, a PNG stays a PNG
+        assert row["image"] == (bad_tree / row["image_id"]).read_bytes(), row["image_id"]
+    formats = {row["image_id"]: Image.open(io.BytesIO(row["image"])).format for row in rows}
+    assert formats["images/joy/rgba.png"] == "PNG" and formats["images/fear/gray16.png"] == "PNG"
+    # Validated as when re-encoding: the same files are skipped, for the same reasons.
+    reasons = lambda m: sorted((item["path"], item["reason"].split(":")[0]) for item in m["skipped"])  # noqa: E731
+    assert reasons(manifest) == reasons(json.loads((bad_out / "manifest.json").read_text()))
+    assert len(manifest["skipped"]) == 8
+
+
+def _ser30k_tree(root: Path) -> Path:
+    """A tiny SER30K tree whose train.json lists Images/cat/1.jpg twice."""
+    for name in ("1.jpg", "2.jpg", "3.jpg"):
+        (root / "Images" / "cat").mkdir(parents=True, exist_ok=True)
+        (root / "Images" / "cat" / name).write_bytes(encode(noise(12, 10), "JPEG"))
+    entry = lambda name: {"topic": "cat", "file_name": name, "text": "", "anno": 1}  # noqa: E731
+    splits = {"train": [entry("1.jpg"), entry("1.jpg"), entry("2.jpg")], "val": [entry("3.jpg")], "test": []}
+    (root / "Annotations" / "image-level").mkdir(parents=True)
+    for split, annotations in splits.items():
+        (root / "Annotations" / "image-level" / f"{split}.json").write_text(json.dumps({"annotations": annotations}))
+    return root
+
+
+def test_ser30k_keep_duplicates_writes_an_entry_listed_twice_as_two_rows(ray_session, tmp_path):
+    root = _ser30k_tree(tmp_path / "ser30k")
+    twice = ingest("ser30k", root, tmp_path / "twice", reader_options={"keep_duplicates": True}, show_progress=False)
+    once = ingest("ser30k", root, tmp_path / "once", show_progress=False)
+    ids = lambda out: sorted(row["image_id"] for row in _rows(out, "train"))  # noqa: E731
+    assert ids(tmp_path / "twice") == ["Images/cat/1.jpg", "Images/cat/1.jpg", "Images/cat/2.jpg"]
+    assert ids(tmp_path / "once") == ["Images/cat/1.jpg", "Images/cat/2.jpg"]
+    assert twice["counts"]["train"] == 3 and twice["num_skipped"] == 0
+    assert once["counts"]["train"] == 2 and once["skipped"][0]["reason"] == "listed more than once"
 
 
 def test_map_step_rechecks_paths_at_read_time(tmp_path):
@@ -434,6 +475,60 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: dataset root not found "
                                                   "(or not a folder)"]
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+RAY_CHATTER = re.compile(r"Ray|ray\.|INFO|WARNING|Token|dashboard|logging_progress|Execution plan|Running Dataset")
+
+
+def test_cli_console_is_quiet_when_piped(bad_tree, tmp_path):
+    """Piped (no terminal): a line per split, the summary with the skipped files counted by reason, nothing of
+    Ray's (no token warning, no start line, no plan, no progress blocks), no bar."""
+    result = subprocess.run([sys.executable, "-m", "datasets_io", "ingest", "--layout", "emotion6", "--root",
+                             str(bad_tree), "--out", str(tmp_path / "out"), "--split-ratios", "1", "0", "0"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[:3] == ["train: 4 images written, 5 skipped", "val: 0 images written, 0 skipped",
+                         "test: 0 images written, 0 skipped"], result.stdout
+    assert len(lines) == 4 and lines[3].startswith("ingested 4 images (train 4 / val 0 / test 0), skipped 8 "
+                                                   "(reasons: ")
+    assert "path escapes dataset root 2" in lines[3] and "truncated 1" in lines[3]
+    assert not any(name in result.stdout for name in ("truncated.jpg", "bomb.png", "missing.jpg"))  # counted only
+    assert result.stderr == "" and not RAY_CHATTER.search(result.stdout), result.stdout + result.stderr
+
+
+def test_cli_passes_console_split_and_duplicate_options(tmp_path, monkeypatch):
+    from datasets_io.__main__ import main
+
+    calls = []
+    monkeypatch.setattr(ingest_module, "ingest", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.chdir(tmp_path)
+    assert main(["ingest", "--layout", "emotion6", "--root", "e6", "--out", "o", "--max-side", "0", "--verbose",
+                 "--train-list", "train.txt", "--test-list", "lists/test.txt", "--val-fraction", "0.25"]) == 0
+    assert main(["ingest", "--layout", "ser30k", "--root", "s", "--out", "o", "--keep-duplicates"]) == 0
+    (args, emotion6), (_, ser30k) = calls
+    assert args == ("emotion6", "e6", "o") and emotion6["max_side"] == 0 and emotion6["verbose"] is True
+    assert emotion6["split_lines"] is True and ser30k["verbose"] is None  # None: EMOTION_RAY_VERBOSE decides
+    assert emotion6["reader_options"] == {"train_list": str(tmp_path / "train.txt"),
+                                          "test_list": str(tmp_path / "lists" / "test.txt"), "val_fraction": 0.25}
+    assert ser30k["reader_options"] == {"keep_duplicates": True}
+
+
+def test_cli_bad_split_list_is_one_line(tmp_path, capsys, monkeypatch):
+    from datasets_io.__main__ import main
+
+    root = tmp_path / "e6"
+    (root / "images" / "joy").mkdir(parents=True)
+    (root / "images" / "joy" / "1.jpg").write_bytes(encode(noise(8, 8), "JPEG"))
+    (root / "ground_truth.txt").write_text(EMOTION6_HEADER + "\n" + _emotion6_row("joy/1.jpg", 5, 5, 3) + "\n")
+    (tmp_path / "train.txt").write_text("joy/1.jpg\n")
+    (tmp_path / "test.txt").write_text("joy/1.jpg\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["ingest", "--layout", "emotion6", "--root", str(root), "--out", str(tmp_path / "o"),
+                 "--train-list", "train.txt", "--test-list", "test.txt"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {tmp_path / 'test.txt'}:1: joy/1.jpg is given twice (also at {tmp_path / 'train.txt'}:1)"]
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_reader_error_and_demo(tmp_path, capsys):
