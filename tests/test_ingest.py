@@ -19,7 +19,8 @@ from datasets_io.demo import make_demo
 from datasets_io.layouts import read_dataset
 from datasets_io.records import COLUMNS, SPLITS, VA_SCALE
 from datasets_io.ray_data import load_split
-from datasets_io.shards import ImageTransform, iter_local_batches, numpy_batch, to_tensors
+from datasets_io.prep import ImagePrep, ImageTransform
+from datasets_io.shards import iter_local_batches, numpy_batch, to_tensors
 from test_images import bad_files, encode, noise
 
 ingest_module = importlib.import_module("datasets_io.ingest")
@@ -271,10 +272,10 @@ def test_round_trip_demo_to_tensors(demo_out):
     records = read_dataset("emotion6", root).records
     train = [r for r in records if r.split == "train"]
     batch = load_split(out, "train").map_batches(
-        ImageTransform(32, train=True, num_classes=7, seed=0), batch_format="numpy").take_batch(1000)
+        ImageTransform(ImagePrep(size=32), train=True, num_classes=7, seed=0), batch_format="numpy").take_batch(1000)
     # Compact batches: uint8 pixels (the worker normalises on its device).
     assert batch["image"].shape == (len(train), 3, 32, 32) and batch["image"].dtype == np.uint8
-    assert set(batch) == {"image", "label", "has_label", "label_dist", "has_dist", "valence", "arousal", "has_va"}
+    assert set(batch) == {"image", "label", "has_label", "label_dist", "has_dist", "valence", "arousal", "has_va", "va_lexicon"}
     assert batch["has_label"].all() and batch["has_dist"].all() and batch["has_va"].all()
     expected = _target_rows({"label": [r.label for r in train], "valence": [r.valence for r in train],
                              "arousal": [r.arousal for r in train], "label_dist": [r.label_dist for r in train]})
@@ -285,7 +286,7 @@ def test_round_trip_demo_to_tensors(demo_out):
 
 def test_local_batches_equal_ray_batches(demo_out):
     _, out = demo_out
-    transform = ImageTransform(32, train=False, num_classes=7)
+    transform = ImageTransform(ImagePrep(size=32), train=False, num_classes=7)
     ray_batch = load_split(out, "train").map_batches(transform, batch_format="numpy").take_batch(1000)
     local = list(iter_local_batches(out, "train", transform, batch_size=5))
     assert [len(b["label"]) for b in local[:-1]] == [5] * (len(local) - 1)
@@ -298,7 +299,7 @@ def test_local_batches_equal_ray_batches(demo_out):
 
 def test_local_shuffle_is_seeded(demo_out):
     _, out = demo_out
-    transform = ImageTransform(32, train=False, num_classes=7)
+    transform = ImageTransform(ImagePrep(size=32), train=False, num_classes=7)
 
     def labels(**kwargs):
         return np.concatenate([b["valence"].numpy() for b in iter_local_batches(out, "train", transform, 4, **kwargs)])
@@ -369,7 +370,11 @@ def test_training_datasets_reorder_the_train_split_only(demo_out, monkeypatch):
         return real(path, split, **kwargs)
 
     monkeypatch.setattr(ray_data, "load_split", recording)
-    sets = training_datasets(out, image_size=32, num_classes=7, seed=5, decode="device")  # train keeps image_id
+    from datasets_io.prep import ImagePrep
+    from pipelines.data import check_shards
+
+    manifest = check_shards(out, role="test", splits=("train",))
+    sets = training_datasets(manifest, ImagePrep(size=32, decode="device"), num_classes=7, seed=5)  # train keeps image_id
     assert seeds == {"train": 5, "val": None}  # evaluation splits keep their order
     stored = read_split_table(out, "train")["image_id"].to_pylist()
     epochs = [[str(i) for batch in sets["train"].iter_batches(batch_format="numpy") for i in batch["image_id"]]
@@ -400,11 +405,12 @@ def _batch_of(images: list[bytes], **columns) -> dict:
 
 def test_eval_transform_normalises_known_colour():
     grey = encode(Image.new("RGB", (48, 40), (128, 64, 200)), "PNG")
-    out = ImageTransform(16, train=False, num_classes=3, mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0),
-                         normalize=True)(_batch_of([grey]))
-    assert out["image"].shape == (1, 3, 16, 16)
-    np.testing.assert_allclose(out["image"][0, :, 8, 8], [(128 / 255 - 0.5) / 0.25, (64 / 255 - 0.5) / 0.5,
-                                                          (200 / 255 - 0.5) / 1.0], atol=1e-5)
+    prep = ImagePrep(size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))
+    out = ImageTransform(prep, train=False, num_classes=3)(_batch_of([grey]))
+    assert out["image"].shape == (1, 3, 16, 16) and out["image"].dtype == np.uint8
+    pixels = prep.norm()(torch.from_numpy(out["image"]))
+    np.testing.assert_allclose(pixels[0, :, 8, 8].numpy(), [(128 / 255 - 0.5) / 0.25, (64 / 255 - 0.5) / 0.5,
+                                                            (200 / 255 - 0.5) / 1.0], atol=1e-5)
     assert not out["has_va"].any() and (out["valence"] == 0).all() and not out["has_dist"].any()
     assert "text" not in out
 
@@ -414,7 +420,7 @@ def test_nullable_targets_and_text():
     batch = _batch_of(images, label=np.array([2, -1, 0]),
                       label_dist=np.array([None, np.array([0.5, 0.5, 0.0], np.float32), None], dtype=object),
                       valence=np.array([0.5, np.nan, -0.25], np.float32), arousal=np.array([0.1, 0.2, 0.3], np.float32))
-    out = ImageTransform(8, train=False, num_classes=3, keep_text=True)(batch)
+    out = ImageTransform(ImagePrep(size=8), train=False, num_classes=3, keep_text=True)(batch)
     np.testing.assert_array_equal(out["has_label"], [True, False, True])
     np.testing.assert_array_equal(out["label"], [2, -1, 0])
     np.testing.assert_array_equal(out["has_dist"], [False, True, False])
@@ -423,23 +429,23 @@ def test_nullable_targets_and_text():
     np.testing.assert_allclose(out["valence"], [0.5, 0.0, -0.25])
     assert out["text"].tolist() == ["hi"] * 3
     with pytest.raises(ValueError, match="num_classes=4"):
-        ImageTransform(8, train=False, num_classes=4)(batch)
+        ImageTransform(ImagePrep(size=8), train=False, num_classes=4)(batch)
 
 
 @pytest.mark.parametrize("augment", ["basic", "randaugment"])
 def test_train_augmentation_is_seeded_per_image(augment):
     images = [encode(noise(40, 30, seed=i), "JPEG") for i in range(4)]
     batch = _batch_of(images)
-    first = ImageTransform(24, train=True, num_classes=4, augment=augment, seed=3)(batch)["image"]
-    again = ImageTransform(24, train=True, num_classes=4, augment=augment, seed=3)(batch)["image"]
-    other = ImageTransform(24, train=True, num_classes=4, augment=augment, seed=4)(batch)["image"]
+    first = ImageTransform(ImagePrep(size=24, augment=augment), train=True, num_classes=4, seed=3)(batch)["image"]
+    again = ImageTransform(ImagePrep(size=24, augment=augment), train=True, num_classes=4, seed=3)(batch)["image"]
+    other = ImageTransform(ImagePrep(size=24, augment=augment), train=True, num_classes=4, seed=4)(batch)["image"]
     np.testing.assert_array_equal(first, again)
     assert not np.allclose(first, other)
     # per image, not per position: the same image alone gets the same augmentation
-    alone = ImageTransform(24, train=True, num_classes=4, augment=augment, seed=3)(
+    alone = ImageTransform(ImagePrep(size=24, augment=augment), train=True, num_classes=4, seed=3)(
         _batch_of(images[2:3], image_id=np.array(["2.jpg"], object), label=np.array([2])))["image"]
     np.testing.assert_array_equal(alone[0], first[2])
-    evaluated = ImageTransform(24, train=False, num_classes=4)(batch)["image"]
+    evaluated = ImageTransform(ImagePrep(size=24), train=False, num_classes=4)(batch)["image"]
     assert first.shape == evaluated.shape == (4, 3, 24, 24) and not np.allclose(first, evaluated)
 
 
@@ -447,7 +453,7 @@ def test_unseeded_transform_differs_between_pickled_copies():
     import pickle
 
     batch = _batch_of([encode(noise(40, 30, seed=i), "JPEG") for i in range(4)])
-    transform = ImageTransform(24, train=True, num_classes=4)
+    transform = ImageTransform(ImagePrep(size=24), train=True, num_classes=4)
     copies = [pickle.loads(pickle.dumps(transform))(batch)["image"] for _ in range(2)]
     assert not np.allclose(copies[0], copies[1])
 
