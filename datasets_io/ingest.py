@@ -257,7 +257,8 @@ def _summary(manifest: dict, out: Path, seconds: float) -> str:
     per_split = " / ".join(f"{split} {counts[split]}" for split in SPLITS)
     reasons = Counter(item["reason"].split(":")[0] for item in manifest["skipped"])
     why = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common())
-    skipped = f"skipped {manifest['num_skipped']}" + (f" (reasons: {why})" if why else "")
+    # The files themselves (path, reason, split) are in the manifest: the console stays one line.
+    skipped = f"skipped {manifest['num_skipped']}" + (f" (reasons: {why}; each file in manifest.json)" if why else "")
     return (f"ingested {sum(counts.values())} images ({per_split}), {skipped} "
             f"\u2192 {out} in {seconds:.1f}s")
 

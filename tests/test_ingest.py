@@ -133,7 +133,7 @@ def test_second_run_is_a_no_op_and_overwrite_replaces(bad_tree, bad_out, capsys)
     ingest("emotion6", bad_tree, copy, reader_options={"split_ratios": [1.0, 0.0, 0.0]}, show_progress=False)
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith("ingested 4 images (train 4 / val 0 / test 0), skipped 8 (reasons: ")
-    assert "truncated 1" in summary and "path escapes dataset root 2" in summary
+    assert "truncated 1" in summary and "path escapes dataset root 2" in summary and "each file in manifest.json" in summary
     replaced = ingest("emotion6", bad_tree, copy, max_side=16, overwrite=True, show_progress=False)
     assert replaced["params"]["max_side"] == 16
     assert sum(replaced["counts"].values()) == 4  # default split: some rows may move to val/test
