@@ -18,7 +18,7 @@ from pipelines import console
 from pipelines.checkpoints import RESULT_FILE, RUN_STATE_FILE
 from pipelines.recipe import Recipe, StageRecipe, jsonable
 from pipelines import system_metrics
-from pipelines.tracking import Tracker, log_stage_artifacts
+from pipelines.tracking import Tracker, is_server_uri, log_stage_artifacts
 from pipelines.train_loop import RunOptions, StageData, StageFailed, StageOutcome, run_stage
 from pipelines.versions import version_params
 
@@ -57,6 +57,14 @@ def require_weights(*recipes: StageRecipe) -> None:
             print(f"pretrained weights: {spec.backbone} from the hub cache ({path})")
         elif not Path(spec.weights).expanduser().is_file():
             raise FileNotFoundError(f"{spec.weights}: no such weights file (--weights)")
+
+
+def experiment_url(tracking_uri: str, experiment_id: str) -> str:
+    """The experiment's page in the MLflow UI, in its model-training view (``workflowType=machine_learning``;
+    MLflow 3's experiment tag ``mlflow.experimentKind`` alone did not switch the view). A tracking server
+    serves the UI itself; a local store is opened with ``mlflow ui``, which listens on 127.0.0.1:5000."""
+    base = tracking_uri.rstrip("/") if is_server_uri(tracking_uri) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 class PipelineRun:
@@ -105,8 +113,10 @@ class PipelineRun:
         from pipelines import cli
 
         rows = [(k, cli.fmt(result[k])) for k in keys if isinstance(result.get(k), (int, float))]
-        rows += [("mlflow run", self.parent_id),
-                 ("mlflow ui", f"mlflow ui --backend-store-uri {self.tracker.uri}"),
+        rows += [("mlflow run", self.parent_id)]
+        if not is_server_uri(self.tracker.uri):   # a tracking server serves its own UI
+            rows += [("mlflow ui", f"mlflow ui --backend-store-uri {self.tracker.uri}")]
+        rows += [("experiment", experiment_url(self.tracker.uri, self.tracker.experiment_id)),
                  ("result", str(path)), ("wall time", f"{time.time() - self.started:.0f} s")]
         cli.print_table(rows, title)
 
