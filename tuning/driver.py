@@ -20,7 +20,8 @@ from typing import Optional
 from datasets_io import storage
 from pipelines import cli
 from pipelines.checkpoints import read_meta
-from pipelines.tracking import Tracker, resolve_tracking_uri
+from pipelines.runner import experiment_url
+from pipelines.tracking import Tracker, is_server_uri, resolve_tracking_uri
 from pipelines.train_loop import RunOptions
 from tuning import report
 from tuning.cleanup import ReleaseStoppedTrials, settle
@@ -246,6 +247,9 @@ def _report(cfg: SweepConfig, tracker: Tracker, parent: str, state: SweepState, 
                      ("retrain", f"python {cfg.pipeline.script} --config {config_path}"),
                      ("trials", str(csv_path)),
                      ("mlflow parent run", parent),
-                     ("mlflow ui", f"mlflow ui --backend-store-uri {tracker.uri}")], f"sweep {cfg.name}")
+                     # as the pipelines' summary: a tracking server serves its own UI
+                     *([] if is_server_uri(tracker.uri) else
+                       [("mlflow ui", f"mlflow ui --backend-store-uri {tracker.uri}")]),
+                     ("experiment", experiment_url(tracker.uri, tracker.experiment_id))], f"sweep {cfg.name}")
     return SweepOutcome(sweep_dir=sweep_dir, parent_run_id=parent, rows=rows, best_recipe=recipe_path,
                         best_config=config_path, trials_csv=csv_path)
