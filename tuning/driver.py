@@ -221,7 +221,7 @@ def _interrupted(cfg: SweepConfig, results, runs: dict) -> bool:
 def _report(cfg: SweepConfig, tracker: Tracker, parent: str, state: SweepState, sweep_dir: str,
             results) -> SweepOutcome:
     runs = child_runs(tracker.client, tracker.experiment_id, parent)
-    rows = report.rank([report.trial_row(r, runs, cfg.metric, cfg.mode, cfg.max_t) for r in results], cfg.mode)
+    rows = report.rank([report.trial_row(r, runs, cfg.metric, cfg.mode, cfg.max_t, sweep_dir) for r in results], cfg.mode)
     if not rows or rows[0].best is None:
         errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error]
         raise RuntimeError(f"no trial reported {cfg.metric}" + (f": {errors[0]}" if errors else ""))

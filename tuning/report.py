@@ -44,9 +44,22 @@ class TrialRow:
     rank: int = 0
 
 
-def trial_row(result, runs: dict, metric: str, mode: str, max_t: int) -> TrialRow:
+def storage_path(fs_path: str, sweep_dir: str) -> str:
+    """A path inside the sweep storage's filesystem, as Ray reports it (``bucket/prefix/...``: no scheme),
+    named as the sweep folder is: itself for a local folder, a URI (``s3://bucket/prefix/...``) on object
+    storage."""
+    if not storage.is_uri(sweep_dir):
+        return fs_path
+    inside = storage.filesystem(sweep_dir)[1].rstrip("/")
+    if fs_path == inside or fs_path.startswith(inside + "/"):
+        return sweep_dir.rstrip("/") + fs_path[len(inside):]
+    return fs_path
+
+
+def trial_row(result, runs: dict, metric: str, mode: str, max_t: int, sweep_dir: Optional[str] = None) -> TrialRow:
     """One Tune result as a row; ``runs`` are the sweep's MLflow child runs by trial id, whose
-    ``sweep_outcome`` tag gives the status (else it is read from the result)."""
+    ``sweep_outcome`` tag gives the status (else it is read from the result). The checkpoint is named as
+    ``sweep_dir`` is (a URI when the sweep is on object storage)."""
     frame = result.metrics_dataframe
     history = frame.to_dict("records") if frame is not None else []
     trial_id = result_trial_id(result)
@@ -62,7 +75,8 @@ def trial_row(result, runs: dict, metric: str, mode: str, max_t: int) -> TrialRo
     return TrialRow(trial_id=trial_id, config=jsonable(dict(result.config or {})), best=summary.get(f"best_{metric}"),
                     best_epoch=None if best_epoch is None else int(best_epoch), epochs=int(summary["epochs_run"]),
                     status=status, run_id=run.info.run_id if run is not None else None,
-                    checkpoint=checkpoint if isinstance(checkpoint, str) else None)
+                    checkpoint=(storage_path(checkpoint, sweep_dir) if sweep_dir else checkpoint)
+                    if isinstance(checkpoint, str) else None)
 
 
 def result_trial_id(result) -> str:
