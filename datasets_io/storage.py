@@ -23,12 +23,23 @@ PathOrURI = Union[str, os.PathLike]
 
 __all__ = ["is_uri", "filesystem", "join", "name", "parent", "local", "exists", "is_file", "is_dir", "list_files",
            "read_bytes", "write_bytes", "read_text", "write_text", "makedirs", "delete_dir", "download", "upload",
-           "LocalCopy"]
+           "LocalCopy", "ENV_VARS", "environment"]
+
+# The environment that says where object storage is and how to reach it (endpoint, credentials,
+# region), and MLflow's own S3 artifact settings: what every process that reads or writes a URI needs.
+ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED",
+            "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_S3_IGNORE_TLS")
 
 
 def is_uri(path: PathOrURI) -> bool:
     """Whether ``path`` names object storage (``scheme://...``) rather than a local or mounted folder."""
     return "://" in str(path) and not str(path).startswith("file://")
+
+
+def environment() -> dict[str, str]:
+    """The storage settings of this process's environment (those of :data:`ENV_VARS` that are set)."""
+    return {key: os.environ[key] for key in ENV_VARS if key in os.environ}
 
 
 def local(path: PathOrURI) -> str:

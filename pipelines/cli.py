@@ -83,12 +83,15 @@ def add_config_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def load_config_file(path: str) -> dict:
-    p = Path(path).expanduser()
-    if not p.exists():
+    """A ``--config`` file: a local path, or a URI on object storage (a sweep's ``best_config.yaml``)."""
+    from datasets_io import storage
+
+    p = path if storage.is_uri(path) else Path(path).expanduser()
+    if not storage.is_file(p):
         raise FileNotFoundError(f"{p}: no such config file")
-    text = p.read_text()
+    text = storage.read_text(p)
     try:
-        if p.suffix in (".yaml", ".yml"):
+        if str(p).endswith((".yaml", ".yml")):
             import yaml
 
             data = yaml.safe_load(text)
@@ -173,6 +176,7 @@ _ADDRESS: Optional[str] = None  # --address of the parsed command line: also use
 def init_ray(address: Optional[str] = None) -> None:
     """Connect to ``address`` (or RAY_ADDRESS, as set inside ``ray job submit``), else start a local Ray.
 
+    The job's runtime env carries this environment's storage settings (:func:`storage_runtime_env`).
     The console follows :mod:`pipelines.console` (quiet unless ``--verbose`` / ``EMOTION_RAY_VERBOSE=1``).
     """
     import ray
@@ -183,8 +187,28 @@ def init_ray(address: Optional[str] = None) -> None:
         raise UsageError("these pipelines need Ray Train V2: unset RAY_TRAIN_V2_ENABLED (or set it to 1)")
     if not ray.is_initialized():
         address = address or _ADDRESS or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, **console.ray_init_kwargs())
+        ray.init(address=address, runtime_env=storage_runtime_env(), **console.ray_init_kwargs())
     console.start_relay()
+
+
+def storage_runtime_env() -> Optional[dict]:
+    """``{"env_vars": ...}``: the object-storage settings set here (endpoint, credentials, region:
+    :data:`datasets_io.storage.ENV_VARS`), for every process of the job. A Ray cluster's processes do not
+    see the driver's environment (Tune passes its trials the AWS keys, but no endpoint or region; Ray Train
+    and Ray Data pass nothing), so without them a trial, a Train worker or a Data task would reach another
+    store than the driver, or none. ``None`` when none is set (nothing changes). Under ``ray job submit``
+    the variables the job's own runtime env sets are left to it (Ray refuses a key given twice)."""
+    from datasets_io import storage
+
+    env = storage.environment()
+    submitted = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if submitted:
+        try:
+            taken = (json.loads(submitted).get("runtime_env") or {}).get("env_vars") or {}
+        except (ValueError, AttributeError):
+            taken = {}
+        env = {k: v for k, v in env.items() if k not in taken}
+    return {"env_vars": env} if env else None
 
 
 def cpus_per_worker(args) -> float:

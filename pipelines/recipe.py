@@ -29,6 +29,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from datasets_io import storage
 from datasets_io.prep import ImagePrep
 from emotion_models.losses import LossSpec
 from emotion_models.registry import ModelSpec
@@ -232,11 +233,12 @@ def _merge(base: dict, over: Mapping) -> dict:
     return out
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Union[Path, str]) -> dict:
+    """A recipe file's mapping: a local path, or a URI (read through :mod:`datasets_io.storage`)."""
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(storage.read_text(path) if storage.is_uri(path) else path.read_text())
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     if not isinstance(data, dict):
@@ -270,7 +272,14 @@ class Recipe:
 
     @classmethod
     def load(cls, pipeline: str, name_or_path: str, allowed: Sequence[str]) -> "Recipe":
-        """``recipes/<pipeline>/<name>.yaml`` by name, or any YAML file by path."""
+        """``recipes/<pipeline>/<name>.yaml`` by name, or any YAML file by path or by URI (object storage:
+        a sweep's ``best_recipe.yaml`` there)."""
+        if storage.is_uri(name_or_path):
+            path = str(name_or_path)
+            if not storage.is_file(path):
+                raise FileNotFoundError(f"{path}: no such recipe file")
+            data, files = cls._resolve(pipeline, path, ())
+            return cls._from_data(pipeline, path, path, data, files, allowed)
         path = Path(name_or_path).expanduser()
         if not (path.suffix in (".yaml", ".yml") or path.is_file()):
             path = RECIPES_DIR / pipeline / f"{name_or_path}.yaml"
@@ -281,24 +290,37 @@ class Recipe:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such recipe file")
         data, files = cls._resolve(pipeline, path.resolve(), ())
+        name = path.stem if path.parent == RECIPES_DIR / pipeline else str(path)
+        return cls._from_data(pipeline, name, path, data, files, allowed)
+
+    @classmethod
+    def _from_data(cls, pipeline: str, name: str, path, data: dict, files: tuple,
+                   allowed: Sequence[str]) -> "Recipe":
         description = str(data.pop("description", "") or "")
         sections = {k: v for k, v in data.items()}
         for key, value in sections.items():
             if not isinstance(value, Mapping):
                 raise RecipeError(f"{path}: section {key!r} must be a mapping of fields")
-        name = path.stem if path.parent == RECIPES_DIR / pipeline else str(path)
         return cls(pipeline, name, description, sections, allowed, files)
 
     @classmethod
-    def _resolve(cls, pipeline: str, path: Path, seen: tuple) -> tuple[dict, tuple[str, ...]]:
+    def _resolve(cls, pipeline: str, path: Union[Path, str], seen: tuple) -> tuple[dict, tuple[str, ...]]:
+        """A recipe file's data with its ``extends`` chain merged; ``path`` is a local ``Path`` or a URI
+        (whose relative ``extends`` file is beside it on the same storage)."""
         if path in seen:
             raise RecipeError(f"{path}: 'extends' loops back to itself")
         data = _read_yaml(path)
         parent = data.pop("extends", None)
         if parent is None:
             return data, (str(path),)
-        parent_path = Path(parent) if str(parent).endswith((".yaml", ".yml")) else \
-            RECIPES_DIR / pipeline / f"{parent}.yaml"
+        is_file_name = str(parent).endswith((".yaml", ".yml"))
+        if storage.is_uri(str(parent)) or (storage.is_uri(path) and is_file_name and not Path(parent).is_absolute()):
+            parent_uri = str(parent) if storage.is_uri(str(parent)) else storage.join(storage.parent(path), str(parent))
+            if not storage.is_file(parent_uri):
+                raise RecipeError(f"{path}: extends {parent!r}, which is not a recipe of {pipeline}")
+            base, files = cls._resolve(pipeline, parent_uri, seen + (path,))
+            return _merge(base, data), (str(path),) + files
+        parent_path = Path(parent) if is_file_name else RECIPES_DIR / pipeline / f"{parent}.yaml"
         if not parent_path.is_absolute():
             parent_path = (path.parent / parent_path) if not parent_path.exists() else parent_path
         if not parent_path.is_file():

@@ -176,6 +176,12 @@ def test_ranked_table_trials_csv_and_best_config(swept):
     best_config, best_recipe = swept.dir / "best_config.yaml", swept.dir / "best_recipe.yaml"
     assert str(best_config) in out and str(best_recipe) in out and swept.parent.info.run_id in out
     assert f"pipelines/two_stage.py --config {best_config}" in out
+    # The summary ends as the pipelines' does: the mlflow ui command for the local store, then the
+    # experiment's page in the MLflow UI.
+    *_, ui, experiment = out.rstrip().splitlines()
+    assert ui.split() == ["mlflow", "ui", "mlflow", "ui", "--backend-store-uri", swept.uri], ui
+    assert experiment.split() == ["experiment", f"http://127.0.0.1:5000/#/experiments/"
+                                  f"{swept.parent.info.experiment_id}?workflowType=machine_learning"], experiment
     # best_config.yaml: the recipe file and the sweep's data and run flags, no recipe flag twice.
     config = yaml.safe_load(best_config.read_text())
     assert config["recipe"] == str(best_recipe)

@@ -47,7 +47,9 @@ than the whole core each of its tasks needs); each trial's trainer takes ``--num
 2-core machine: one trial of 2 workers x 0.5 CPU at a time. Placement groups of stopped trials are
 released by :mod:`tuning.cleanup`.
 
-Outputs in ``<storage>/<sweep name>/``: ``trials.csv``, ``best_recipe.yaml`` (the sweep's recipe with
+Outputs in ``<storage>/<sweep name>/`` (``--storage-path``: a local folder, or object storage such as
+``s3://bucket/sweeps``, whose endpoint and credentials come from the environment and reach every Ray
+process of the sweep through the job's runtime env): ``trials.csv``, ``best_recipe.yaml`` (the sweep's recipe with
 the best trial's values: a ``--recipe`` file), ``best_config.yaml`` (``recipe: best_recipe.yaml`` and
 the sweep's data and run flags: ``python pipelines/two_stage.py --config best_config.yaml`` retrains),
 and the ranked table on stdout. Re-running the same command resumes an interrupted sweep (Ctrl+C:

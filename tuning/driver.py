@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from datasets_io import storage
 from pipelines import cli
 from pipelines.checkpoints import read_meta
-from pipelines.tracking import Tracker, resolve_tracking_uri
+from pipelines.runner import experiment_url
+from pipelines.tracking import Tracker, is_server_uri, resolve_tracking_uri
 from pipelines.train_loop import RunOptions
 from tuning import report
 from tuning.cleanup import ReleaseStoppedTrials, settle
@@ -34,29 +36,30 @@ RECIPE_ARTIFACT = "recipe.yaml"         # the sweep's resolved recipe, on the pa
 
 @dataclass
 class SweepOutcome:
-    sweep_dir: Path
+    """Where a finished sweep's files are: local paths, or URIs when ``--storage-path`` is object storage."""
+
+    sweep_dir: str
     parent_run_id: str
     rows: list                      # report.TrialRow, best first
-    best_recipe: Path
-    best_config: Path
-    trials_csv: Path
+    best_recipe: str
+    best_config: str
+    trials_csv: str
 
 
 class SweepState:
-    """``sweep_state.json``: what a resumed sweep must find again."""
+    """``sweep_state.json``: what a resumed sweep must find again (read and written through
+    :mod:`datasets_io.storage`: a local file, replaced atomically, or one object)."""
 
-    def __init__(self, sweep_dir: Path):
-        self.path = sweep_dir / STATE_FILE
-        self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
+    def __init__(self, sweep_dir: str):
+        self.path = storage.join(sweep_dir, STATE_FILE)
+        self.data = json.loads(storage.read_text(self.path)) if storage.is_file(self.path) else {}
 
     def get(self, key: str, default=None):
         return self.data.get(key, default)
 
     def set(self, **values) -> None:
         self.data.update(values)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        tmp.replace(self.path)
+        storage.write_text(self.path, json.dumps(self.data, indent=1))
 
 
 def _parent_run(cfg: SweepConfig, tracker: Tracker, state: SweepState) -> str:
@@ -82,11 +85,12 @@ def _stage_one(cfg: SweepConfig, stage, tracker: Tracker, parent: str, state: Sw
                run: RunOptions) -> str:
     """Stage one's selected checkpoint: the one given, the one trained earlier in this sweep, or a new one."""
     if cfg.stage1_checkpoint:
-        path = Path(cfg.stage1_checkpoint).expanduser().resolve()
+        given = cfg.stage1_checkpoint
+        path = storage.local(given) if storage.is_uri(given) else str(Path(given).expanduser().resolve())
         read_meta(path)  # one line if it is not a checkpoint folder
-        return str(path)
+        return path
     done = state.get("stage1_checkpoint")
-    if done and Path(done).is_dir():
+    if done and storage.is_dir(done):
         print(f"[stage1] reusing this sweep's stage one: {done}")
         return done
     recipe, data = stage
@@ -121,7 +125,7 @@ def search_algorithm(cfg: SweepConfig, max_concurrent: int):
     return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=cfg.seed)
 
 
-def _tuner(cfg: SweepConfig, ctx: TrialContext, sweep_dir: Path, max_concurrent: int, trial_runs: TrialRuns):
+def _tuner(cfg: SweepConfig, ctx: TrialContext, sweep_dir: str, max_concurrent: int, trial_runs: TrialRuns):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -129,11 +133,11 @@ def _tuner(cfg: SweepConfig, ctx: TrialContext, sweep_dir: Path, max_concurrent:
     # empty request and any CPU share would leave Ray Data less than the whole core its tasks need,
     # so the trial reserves only some memory.
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"memory": TRIAL_DRIVER_MEMORY})
-    tune_dir = sweep_dir / "tune"
-    if tune.Tuner.can_restore(str(tune_dir)):
+    tune_dir = storage.join(sweep_dir, "tune")    # Tune takes URIs itself
+    if tune.Tuner.can_restore(tune_dir):
         # The run config (with its TrialRuns) comes back from the experiment, and TrialRuns's state
         # (trial -> MLflow run) from Tune's callback checkpoint: restarted trials keep their runs.
-        return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
+        return tune.Tuner.restore(tune_dir, trainable=trainable, resume_errored=True)
     # stop_last_trials=False: a trial that reaches max_t ends by itself (its MLflow run FINISHED)
     # instead of being stopped at its last report (KILLED, stopped_by_scheduler).
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.max_t, grace_period=cfg.grace_period,
@@ -144,17 +148,21 @@ def _tuner(cfg: SweepConfig, ctx: TrialContext, sweep_dir: Path, max_concurrent:
         tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, scheduler=scheduler,
                                     search_alg=search_algorithm(cfg, max_concurrent), num_samples=cfg.num_samples,
                                     trial_dirname_creator=_trial_dirname),
-        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
+        run_config=tune.RunConfig(name="tune", storage_path=sweep_dir, verbose=1,
                                   callbacks=[trial_runs, ReleaseStoppedTrials()]))
 
 
 def run_sweep(cfg: SweepConfig) -> Optional[SweepOutcome]:
-    """The whole sweep; ``None`` when it was interrupted (its state is kept for a resume)."""
+    """The whole sweep; ``None`` when it was interrupted (its state is kept for a resume).
+
+    Its folder is ``<storage>/<name>``: a local folder, or a URI on object storage (every file of it
+    is read and written through :mod:`datasets_io.storage`; Ray's processes get the storage settings
+    from the job's runtime env, :func:`pipelines.cli.init_ray`)."""
     import ray
 
     run: RunOptions = cfg.plan.run
-    sweep_dir = Path(run.storage_path) / cfg.name
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    sweep_dir = storage.join(run.storage_path, cfg.name)
+    storage.makedirs(sweep_dir)
     state = SweepState(sweep_dir)
     cli.init_ray(run.address)
     max_concurrent = cfg.max_concurrent or default_concurrency(ray.cluster_resources(), run.num_workers,
@@ -168,7 +176,7 @@ def run_sweep(cfg: SweepConfig) -> Optional[SweepOutcome]:
     print(f"sweep {cfg.name}: {sweep_dir} ({cfg.num_samples} samples, {cfg.search} search, {cfg.scheduler}, "
           f"{cfg.max_t} epochs a trial, {max_concurrent} trial(s) at once x {run.num_workers} workers x "
           f"{run.cpus_per_worker} CPU)")
-    stage_run = RunOptions(storage_path=str(sweep_dir), num_workers=run.num_workers, use_gpu=run.use_gpu,
+    stage_run = RunOptions(storage_path=sweep_dir, num_workers=run.num_workers, use_gpu=run.use_gpu,
                            cpus_per_worker=run.cpus_per_worker, max_failures=run.max_failures)
     try:
         init_from = _stage_one(cfg, stage, tracker, parent, state, stage_run) if stage is not None else None
@@ -176,7 +184,7 @@ def run_sweep(cfg: SweepConfig) -> Optional[SweepOutcome]:
         print(f"\nsweep {cfg.name!r} interrupted in stage one: run the same command again to resume it")
         tracker.end_run(parent, status="KILLED")
         return None
-    ctx = TrialContext(pipeline=cfg.pipeline.name, plan=cfg.plan, sweep_dir=str(sweep_dir), metric=cfg.metric,
+    ctx = TrialContext(pipeline=cfg.pipeline.name, plan=cfg.plan, sweep_dir=sweep_dir, metric=cfg.metric,
                        mode=cfg.mode, init_from=init_from)
     trial_runs = TrialRuns(tracker.uri, tracker.experiment_id, parent, cfg.metric, cfg.mode, cfg.max_t,
                            tags={"pipeline": cfg.pipeline.name})
@@ -196,7 +204,7 @@ def run_sweep(cfg: SweepConfig) -> Optional[SweepOutcome]:
 
 
 def _trial_id(result) -> str:
-    return (result.metrics or {}).get("trial_id") or Path(result.path).name   # the trial's folder is its id
+    return report.result_trial_id(result)
 
 
 def _interrupted(cfg: SweepConfig, results, runs: dict) -> bool:
@@ -210,25 +218,25 @@ def _interrupted(cfg: SweepConfig, results, runs: dict) -> bool:
     return len(results) < expected or len(ended) < len(results)
 
 
-def _report(cfg: SweepConfig, tracker: Tracker, parent: str, state: SweepState, sweep_dir: Path,
+def _report(cfg: SweepConfig, tracker: Tracker, parent: str, state: SweepState, sweep_dir: str,
             results) -> SweepOutcome:
     runs = child_runs(tracker.client, tracker.experiment_id, parent)
-    rows = report.rank([report.trial_row(r, runs, cfg.metric, cfg.mode, cfg.max_t) for r in results], cfg.mode)
+    rows = report.rank([report.trial_row(r, runs, cfg.metric, cfg.mode, cfg.max_t, sweep_dir) for r in results], cfg.mode)
     if not rows or rows[0].best is None:
         errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error]
         raise RuntimeError(f"no trial reported {cfg.metric}" + (f": {errors[0]}" if errors else ""))
     best = rows[0]
     dims = list(cfg.dims)
-    csv_path = sweep_dir / "trials.csv"
-    recipe_path, config_path = sweep_dir / "best_recipe.yaml", sweep_dir / "best_config.yaml"
+    csv_path = storage.join(sweep_dir, "trials.csv")
+    recipe_path, config_path = storage.join(sweep_dir, "best_recipe.yaml"), storage.join(sweep_dir, "best_config.yaml")
     report.write_csv(rows, cfg.metric, csv_path, dims)
     report.write_best_recipe(cfg.plan.recipe, best, cfg.metric, recipe_path)
     given_storage = cfg.plan.run.storage_path if getattr(cfg.args, "storage_path", None) else None
     report.write_best_config(cfg.pipeline, cfg.args, recipe_path, best, cfg.metric, config_path, given_storage)
     tracker.log_metrics(parent, {f"best_{cfg.metric}": best.best})
     tracker.client.set_tag(parent, "best_trial", best.trial_id)
-    for path in (csv_path, recipe_path, config_path):
-        tracker.client.log_artifact(parent, str(path))
+    for path in (csv_path, recipe_path, config_path):   # read back through storage: they may be objects
+        tracker.client.log_text(parent, storage.read_text(path), storage.name(path))
     tracker.end_run(parent)
     state.set(finished=True)
     print(f"\ntrials ranked by {cfg.metric} ({cfg.mode}):")
@@ -239,6 +247,9 @@ def _report(cfg: SweepConfig, tracker: Tracker, parent: str, state: SweepState, 
                      ("retrain", f"python {cfg.pipeline.script} --config {config_path}"),
                      ("trials", str(csv_path)),
                      ("mlflow parent run", parent),
-                     ("mlflow ui", f"mlflow ui --backend-store-uri {tracker.uri}")], f"sweep {cfg.name}")
+                     # as the pipelines' summary: a tracking server serves its own UI
+                     *([] if is_server_uri(tracker.uri) else
+                       [("mlflow ui", f"mlflow ui --backend-store-uri {tracker.uri}")]),
+                     ("experiment", experiment_url(tracker.uri, tracker.experiment_id))], f"sweep {cfg.name}")
     return SweepOutcome(sweep_dir=sweep_dir, parent_run_id=parent, rows=rows, best_recipe=recipe_path,
                         best_config=config_path, trials_csv=csv_path)

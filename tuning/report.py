@@ -7,15 +7,19 @@ the best trial's field values: a recipe file ``--recipe`` reads (``Recipe.load``
 is a ``--config`` file of the pipeline: ``recipe: <best_recipe.yaml>`` and the data and run flags of
 the sweep's command that differ from the pipeline's defaults, so ``python pipelines/<name>.py --config
 best_config.yaml`` retrains the best trial's stage (and the stages before it) in one command.
+
+The files are written through :mod:`datasets_io.storage`: ``path`` may be a local path or a URI.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import io
+import posixpath
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
+from datasets_io import storage
 from pipelines.recipe import Recipe, jsonable
 from pipelines.registry import Pipeline
 from tuning.runs import OUTCOME_TAG, summarize
@@ -40,12 +44,25 @@ class TrialRow:
     rank: int = 0
 
 
-def trial_row(result, runs: dict, metric: str, mode: str, max_t: int) -> TrialRow:
+def storage_path(fs_path: str, sweep_dir: str) -> str:
+    """A path inside the sweep storage's filesystem, as Ray reports it (``bucket/prefix/...``: no scheme),
+    named as the sweep folder is: itself for a local folder, a URI (``s3://bucket/prefix/...``) on object
+    storage."""
+    if not storage.is_uri(sweep_dir):
+        return fs_path
+    inside = storage.filesystem(sweep_dir)[1].rstrip("/")
+    if fs_path == inside or fs_path.startswith(inside + "/"):
+        return sweep_dir.rstrip("/") + fs_path[len(inside):]
+    return fs_path
+
+
+def trial_row(result, runs: dict, metric: str, mode: str, max_t: int, sweep_dir: Optional[str] = None) -> TrialRow:
     """One Tune result as a row; ``runs`` are the sweep's MLflow child runs by trial id, whose
-    ``sweep_outcome`` tag gives the status (else it is read from the result)."""
+    ``sweep_outcome`` tag gives the status (else it is read from the result). The checkpoint is named as
+    ``sweep_dir`` is (a URI when the sweep is on object storage)."""
     frame = result.metrics_dataframe
     history = frame.to_dict("records") if frame is not None else []
-    trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name   # the trial's folder is its id
+    trial_id = result_trial_id(result)
     summary = summarize(history, metric, mode)
     run = runs.get(trial_id)
     status = run.data.tags.get(OUTCOME_TAG) if run is not None else None
@@ -58,7 +75,14 @@ def trial_row(result, runs: dict, metric: str, mode: str, max_t: int) -> TrialRo
     return TrialRow(trial_id=trial_id, config=jsonable(dict(result.config or {})), best=summary.get(f"best_{metric}"),
                     best_epoch=None if best_epoch is None else int(best_epoch), epochs=int(summary["epochs_run"]),
                     status=status, run_id=run.info.run_id if run is not None else None,
-                    checkpoint=checkpoint if isinstance(checkpoint, str) else None)
+                    checkpoint=(storage_path(checkpoint, sweep_dir) if sweep_dir else checkpoint)
+                    if isinstance(checkpoint, str) else None)
+
+
+def result_trial_id(result) -> str:
+    """A Tune result's trial id: its ``trial_id`` metric, else its folder's name (``result.path`` is a
+    path inside the storage's filesystem, ``/``-separated, without a scheme)."""
+    return (result.metrics or {}).get("trial_id") or posixpath.basename(str(result.path).rstrip("/"))
 
 
 def rank(rows: list[TrialRow], mode: str) -> list[TrialRow]:
@@ -92,15 +116,16 @@ def table(rows: list[TrialRow], metric: str, dims: Sequence[str] = ()) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines)
 
 
-def write_csv(rows: list[TrialRow], metric: str, path: Path, dims: Sequence[str] = ()) -> None:
+def write_csv(rows: list[TrialRow], metric: str, path: str, dims: Sequence[str] = ()) -> None:
     columns = _columns(rows, dims)
-    with path.open("w", newline="") as f:
+    with io.StringIO(newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["rank", "trial_id", *columns, metric, "best_epoch", "epochs_run", "status", "mlflow_run_id",
                          "checkpoint"])
         for r in rows:
             writer.writerow([r.rank, r.trial_id, *(r.config.get(d) for d in columns), r.best, r.best_epoch,
                              r.epochs, r.status, r.run_id, r.checkpoint])
+        storage.write_text(path, f.getvalue())
 
 
 def recipe_file_text(recipe: Recipe, header: str = "") -> str:
@@ -112,13 +137,13 @@ def recipe_file_text(recipe: Recipe, header: str = "") -> str:
     return header + yaml.safe_dump(data, sort_keys=False)
 
 
-def write_best_recipe(recipe: Recipe, best: TrialRow, metric: str, path: Path) -> Recipe:
+def write_best_recipe(recipe: Recipe, best: TrialRow, metric: str, path: str) -> Recipe:
     """The sweep's recipe with the best trial's values, as a recipe file; returns that recipe."""
     best_recipe = recipe.with_overrides(best.config)
     header = (f"# The recipe of the best trial {best.trial_id} of a sweep ({metric} {best.best}): the sweep's\n"
               f"# recipe {recipe.name} with its flags, and the trial's values:\n"
               + "".join(f"#   {k}: {v}\n" for k, v in best.config.items()))
-    path.write_text(recipe_file_text(best_recipe, header))
+    storage.write_text(path, recipe_file_text(best_recipe, header))
     return best_recipe
 
 
@@ -135,13 +160,13 @@ def retrain_flags(pipeline: Pipeline, args: argparse.Namespace, storage_path: Op
     return jsonable(flags)
 
 
-def write_best_config(pipeline: Pipeline, args: argparse.Namespace, recipe_path: Path, best: TrialRow, metric: str,
-                      path: Path, storage_path: Optional[str] = None) -> dict:
+def write_best_config(pipeline: Pipeline, args: argparse.Namespace, recipe_path: str, best: TrialRow, metric: str,
+                      path: str, storage_path: Optional[str] = None) -> dict:
     """``--config`` file of the pipeline for a retrain of the best trial; returns its values."""
     import yaml
 
     flags = {"recipe": str(recipe_path), **retrain_flags(pipeline, args, storage_path)}
     header = (f"# best trial {best.trial_id} of a sweep: {metric} {best.best}\n"
               f"# retrain: python {pipeline.script} --config {path}\n")
-    path.write_text(header + yaml.safe_dump(flags, sort_keys=False))
+    storage.write_text(path, header + yaml.safe_dump(flags, sort_keys=False))
     return flags

@@ -20,6 +20,8 @@ This module imports neither Ray nor :mod:`tuning.driver`: ``python -m tuning`` i
 Folder of a sweep: ``<storage>/<sweep name>/`` with ``sweep_state.json`` (the MLflow parent run id,
 stage one's checkpoint), ``stage1/`` (two_stage), ``tune/`` (the Tune experiment), ``trials/<id>/``
 (each trial's Ray Train run), and at the end ``trials.csv``, ``best_recipe.yaml`` and ``best_config.yaml``.
+It is a local folder, or a URI on object storage (``--storage-path s3://bucket/prefix``): the sweep's
+own files go through :mod:`datasets_io.storage`, the rest through Tune's and Ray Train's storage.
 """
 from __future__ import annotations
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Optional
 
+from datasets_io import storage
 from pipelines.recipe import StageRecipe
 from pipelines.tracking import Tracker
 from pipelines.train_loop import RunOptions, StageData, StageOutcome, run_stage
@@ -33,7 +33,7 @@ class TrialContext:
 
     pipeline: str                   # the registry name
     plan: Any                       # the sweep's plan: the base of every trial
-    sweep_dir: str
+    sweep_dir: str                  # a local folder or a URI
     metric: str
     mode: str
     init_from: Optional[str] = None
@@ -94,6 +94,6 @@ def run_trial(config: dict, ctx: TrialContext) -> None:
     recipe, data = get_pipeline(ctx.pipeline).trial(plan, ctx.init_from)
     # Its MLflow run is the driver's (tuning.runs.TrialRuns, from the results Tune gets): the workers log
     # nothing themselves.
-    run = replace(plan.run, storage_path=str(Path(ctx.sweep_dir) / "trials" / trial_id),
+    run = replace(plan.run, storage_path=storage.join(ctx.sweep_dir, "trials", trial_id),
                   callbacks=[TuneReportCallback()])
     run_stage(for_sweep(recipe, ctx.metric, ctx.mode), data, run, test=False)
