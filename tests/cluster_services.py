@@ -267,11 +267,11 @@ class RayNodes:
         return client.list(resource, options=ListApiOptions(detail=True, filters=filters),
                            raise_on_missing_output=False)
 
-    def actors(self, class_name: str) -> list:
-        """The live actors of ``class_name`` (``ray.util.state``'s ActorState: ``node_id``, ``pid``, ...)."""
+    def actors(self, name: str) -> list:
+        """The live actors named ``name`` (``ray.util.state``'s ActorState: ``node_id``, ``pid``, ...)."""
         from ray.util.state.common import StateResource
 
-        return self._state(StateResource.ACTORS, [("class_name", "=", class_name), ("state", "=", "ALIVE")])
+        return self._state(StateResource.ACTORS, [("name", "=", name), ("state", "=", "ALIVE")])
 
     def kill(self, node_id: str) -> str:
         """Lose the worker node ``node_id`` at once: its whole process group (raylet, agents, workers)
