@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = commands.add_parser("ingest", help="validate a dataset's images into Parquet shards (Ray Data)")
     ingest.add_argument("--layout", required=True, choices=LAYOUTS, help="on-disk layout of --root")
     ingest.add_argument("--root", required=True, help="dataset folder")
-    ingest.add_argument("--out", required=True, help="output folder (<out>/<split>/*.parquet + manifest.json)")
+    ingest.add_argument("--out", required=True,
+                        help="output folder or object-store URI such as s3://bucket/shards/NAME "
+                             "(<out>/<split>/*.parquet + manifest.json)")
     ingest.add_argument("--max-side", type=_at_least(0), default=512,
                         help="shrink the longer side to this (default 512); 0 keeps each original file's bytes "
                              "(still fully decoded to validate it, never re-encoded)")

@@ -18,7 +18,10 @@ prints no plan and at most one total bar, on a terminal only. ``verbose`` gives 
 output back.
 
 Workers read ``root`` and write ``out`` by path: on a cluster both must be on storage
-every node sees (the embedded default, one machine, needs nothing).
+every node sees (the embedded default, one machine, needs nothing). ``out`` may be an object-store
+URI (``s3://bucket/shards/FI``, through :mod:`datasets_io.storage`): the write tasks put the shards
+there, and since object storage cannot rename, the finished files are moved onto ``out`` one by one
+with the manifest last, so an interrupted move never looks complete either.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ import ray
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
+from datasets_io import storage
 from datasets_io.errors import DataError
 from datasets_io.images import DEFAULT_MAX_PIXELS, KEEP_ORIGINAL, BadImage, prepare_image, validate_image
 from datasets_io.layouts import read_dataset, reader_options
@@ -97,7 +101,7 @@ def ingest(
     """
     start = time.perf_counter()
     root = Path(root).expanduser().resolve()
-    out = Path(out).expanduser().absolute()
+    out = storage.local(out)   # a folder made absolute, or an object-store URI
     if max_side < 0 or max_pixels < 1:
         raise ValueError(f"max_side must be >= 0 ({KEEP_ORIGINAL} keeps the original files) and max_pixels "
                          f">= 1, got {max_side}, {max_pixels}")
@@ -108,7 +112,7 @@ def ingest(
     if is_ingested(out) and not overwrite:
         print(f"already ingested: {out} (use --overwrite)")
         return read_manifest(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+    if not overwrite and _occupied(out):
         raise FileExistsError(f"{out}: exists and is not an ingest output (no {MANIFEST_NAME}); "
                               "use --overwrite to replace it")
 
@@ -120,9 +124,10 @@ def ingest(
     order = np.random.default_rng(ROW_ORDER_SEED).permutation(len(result.records))
     rows = [asdict(result.records[i]) for i in order]
 
-    tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = storage.join(storage.parent(out), f"{storage.name(out)}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        tmp.mkdir(parents=True)
+        if not storage.is_uri(tmp):
+            Path(tmp).mkdir(parents=True)
         counts, bad = _run_pipeline(rows, root, tmp, max_side, max_pixels, num_output_files,
                                     show_progress, address, is_verbose(verbose))
         params = {"max_side": max_side, "max_pixels": max_pixels, "reader_options": result.params or options,
@@ -131,7 +136,7 @@ def ingest(
         _write_manifest(tmp, manifest)
         _replace_dir(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
     if split_lines:
         print("\n".join(_split_lines(manifest)))
@@ -174,7 +179,7 @@ def _manifest(layout: str, root: Path, result: ReaderResult, counts: dict[str, i
     }
 
 
-def _run_pipeline(rows: list[dict], root: Path, tmp: Path, max_side: int, max_pixels: int,
+def _run_pipeline(rows: list[dict], root: Path, tmp: str, max_side: int, max_pixels: int,
                   num_output_files: Optional[int], show_progress: bool, address: Optional[str],
                   verbose: bool) -> tuple[dict[str, int], list[dict]]:
     """The Ray Data job; returns rows written per split and the rejected files."""
@@ -192,7 +197,7 @@ def _run_pipeline(rows: list[dict], root: Path, tmp: Path, max_side: int, max_pi
     ds.write_datasink(sink)
     for split in SPLITS:  # every split gets a folder and at least one (maybe empty) file
         if sink.counts[split] == 0:
-            _write_table(SHARD_SCHEMA.empty_table(), tmp / split / "part-empty.parquet")
+            _write_table(SHARD_SCHEMA.empty_table(), storage.join(tmp, split, "part-empty.parquet"))
     return sink.counts, sink.skipped
 
 
@@ -224,14 +229,46 @@ def _rows_per_task(num_rows: int) -> int:
     return max(_BATCH_SIZE, min(MAX_ROWS_PER_TASK, -(-num_rows // (_TASKS_PER_CPU * cpus))))
 
 
-def _write_manifest(folder: Path, manifest: dict) -> None:
+def _occupied(out: str) -> bool:
+    """Whether ``out`` holds anything: a file, a folder with entries, or objects under the URI."""
+    if storage.is_uri(out):
+        return storage.exists(out) or storage.is_dir(out)
+    path = Path(out)
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def _remove(folder: str) -> None:
+    """A partial output removed (best effort)."""
+    if not storage.is_uri(folder):
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    try:
+        storage.delete_dir(folder)
+    except OSError:
+        pass
+
+
+def _write_manifest(folder: str, manifest: dict) -> None:
     """Write the manifest (the completion marker, so it is always written last)."""
-    path = folder / MANIFEST_NAME
-    path.write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
+    storage.write_text(storage.join(folder, MANIFEST_NAME), json.dumps(manifest, indent=2, default=str) + "\n")
 
 
-def _replace_dir(new: Path, out: Path) -> None:
-    """Move the finished ``new`` onto ``out``; a previous ``out`` goes only once ``new`` is done."""
+def _replace_dir(new: str, out: str) -> None:
+    """Move the finished ``new`` onto ``out``; a previous ``out`` goes only once ``new`` is done.
+
+    On object storage (no rename) the previous output is deleted, then ``new``'s files are moved one by
+    one, the manifest last: until it lands, ``out`` is not a complete ingest."""
+    if storage.is_uri(out):
+        if storage.is_dir(out):
+            storage.delete_dir(out)
+        files = [path for path, _ in storage.list_files(new, recursive=True)]
+        fs, _ = storage.filesystem(new)
+        prefix = new.rstrip("/") + "/"
+        for path in sorted(files, key=lambda p: storage.name(p) == MANIFEST_NAME):
+            fs.move(storage.filesystem(path)[1], storage.filesystem(storage.join(out, path[len(prefix):]))[1])
+        _remove(new)
+        return
+    new, out = Path(new), Path(out)
     if not out.exists():
         os.replace(new, out)
         return
@@ -251,7 +288,7 @@ def _split_lines(manifest: dict) -> list[str]:
     return [f"{split}: {manifest['counts'][split]} images written, {bad[split]} skipped" for split in SPLITS]
 
 
-def _summary(manifest: dict, out: Path, seconds: float) -> str:
+def _summary(manifest: dict, out: str, seconds: float) -> str:
     """``ingested N images (train a / val b / test c), skipped k (reasons: ...) -> out in Xs``."""
     counts = manifest["counts"]
     per_split = " / ".join(f"{split} {counts[split]}" for split in SPLITS)
@@ -307,9 +344,11 @@ def read_inside(root: str | os.PathLike, relative: str) -> bytes:
         raise BadImage(f"unreadable: {err.strerror or err}") from err
 
 
-def _write_table(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+def _write_table(table: pa.Table, path: str) -> None:
+    """One Parquet file, local or on object storage."""
+    storage.makedirs(storage.parent(path))
+    fs, inner = storage.filesystem(path)
+    pq.write_table(table, inner, filesystem=fs)
 
 
 class _ShardSink(Datasink):
@@ -339,7 +378,7 @@ class _ShardSink(Datasink):
         for split in SPLITS:
             part = good.filter(pc.equal(good["split"], split))
             if part.num_rows:
-                _write_table(part, Path(self.folder) / split / f"part-{ctx.task_idx:05d}.parquet")
+                _write_table(part, storage.join(self.folder, split, f"part-{ctx.task_idx:05d}.parquet"))
                 counts[split] = part.num_rows
         return {"counts": counts, "skipped": skipped}
 

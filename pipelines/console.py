@@ -177,7 +177,14 @@ def start_relay(verbose: Optional[bool] = None, stream=None) -> bool:
     if _printer is None:
         import atexit
 
-        relay = _relay_class().options(name=RELAY, get_if_exists=True, lifetime=None).remote()
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # On the driver's node: a relay Ray placed on a worker node died with that node, and the restarted
+        # workers' first line (the resume) then failed the stage.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        relay = _relay_class().options(name=RELAY, get_if_exists=True, lifetime=None,
+                                       scheduling_strategy=here).remote()
         _printer = _Printer(relay, stream)
         # Exit hooks run last-registered first: this stops the printer before Ray's own shutdown hook.
         atexit.register(_printer.stopped.set)
