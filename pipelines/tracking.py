@@ -217,10 +217,10 @@ class Tracker:
         """Log a checkpoint as the code-based pyfunc of :mod:`pipelines.mlflow_model` (weights as a
         state dict plus the recipe that rebuilds the model; no pickle); returns MLflow's ModelInfo.
         With ``registered_model_name`` it is also registered (a new version)."""
-        import mlflow
-
-        with mlflow.start_run(run_id=run_id, nested=True):
-            return log_pyfunc_model(checkpoint_dir, name=name, registered_model_name=registered_model_name)
+        # Logged into the run by id, without making it the active run: `with mlflow.start_run(run_id)`
+        # would end the stage's run here, before its last metrics, and it would be ended twice.
+        return log_pyfunc_model(checkpoint_dir, name=name, registered_model_name=registered_model_name,
+                                run_id=run_id)
 
     def log_dataset_inputs(self, run_id: str, manifests: dict) -> None:
         """Record each ingested dataset a stage read as an MLflow dataset input (the run page's
@@ -291,13 +291,16 @@ class MetricBuffer:
         return True
 
 
-def log_pyfunc_model(checkpoint_dir: str, *, name: str = "model", registered_model_name: str | None = None):
-    """Log the checkpoint's model as the code-based pyfunc of the active run; returns the ModelInfo."""
+def log_pyfunc_model(checkpoint_dir: str, *, name: str = "model", registered_model_name: str | None = None,
+                     run_id: str | None = None):
+    """Log the checkpoint's model as the code-based pyfunc of run ``run_id`` (default: the active run),
+    through ``mlflow.models.Model.log`` (what ``mlflow.pyfunc.log_model`` calls, with a run id); returns
+    the ModelInfo."""
     import json
     import tempfile
 
     import torch
-    from mlflow.models import ModelSignature
+    from mlflow.models import Model, ModelSignature
     from mlflow.types import ColSpec, Schema
 
     import mlflow
@@ -321,8 +324,12 @@ def log_pyfunc_model(checkpoint_dir: str, *, name: str = "model", registered_mod
         torch.save({"model": state["model"]}, ckpt / STATE_FILE)
         meta = json.loads(storage.read_text(storage.join(checkpoint_dir, META_FILE)))
         (ckpt / META_FILE).write_text(json.dumps(meta, indent=1))
-        return mlflow.pyfunc.log_model(
-            name=name, python_model=str(code), artifacts={MODEL_CHECKPOINT: str(ckpt)},
+        if run_id is not None:
+            # Model.log files the logged model under the current experiment: the run's own, as an active
+            # run would have made it.
+            mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
+        return Model.log(
+            artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id, python_model=str(code), artifacts={MODEL_CHECKPOINT: str(ckpt)},
             code_paths=[str(repo / pkg) for pkg in ("pipelines", "emotion_models", "datasets_io")],
             signature=signature, registered_model_name=registered_model_name,
             pip_requirements=["torch", "timm", "pillow", "numpy", "pandas", "pyarrow", "mlflow"])

@@ -92,14 +92,43 @@ class StageContext:
 
 def _workers_lost(error: BaseException) -> bool:
     """Whether Ray Train failed because workers died (a killed process, a lost node, a preemption), not
-    because the training code raised."""
+    because the training code raised.
+
+    A lost rank reaches the controller as a dead actor, or wrapped in Ray Train's health-check failure
+    (its ``health_check_failure``); the ranks that survive it may fail too, in a collective whose peer
+    vanished (a ``torch.distributed`` error). At least one lost worker and nothing but such consequences
+    besides it count as a loss; any other exception is the code's."""
     from ray.exceptions import NodeDiedError, RayActorError
     from ray.train import PreemptionError, WorkerGroupError
 
     if isinstance(error, PreemptionError):
         return True
     failures = getattr(error, "worker_failures", {}) if isinstance(error, WorkerGroupError) else {}
-    return bool(failures) and all(isinstance(e, (RayActorError, NodeDiedError)) for e in failures.values())
+    causes = [_root_failure(e) for e in failures.values()]
+    lost = [isinstance(e, (RayActorError, NodeDiedError)) for e in causes]
+    return any(lost) and all(was_lost or _peer_vanished(e) for was_lost, e in zip(lost, causes))
+
+
+def _root_failure(error: BaseException) -> BaseException:
+    """The failure a wrapper carries (Ray Train's health-check error keeps it as ``health_check_failure``)."""
+    for _ in range(5):
+        inner = getattr(error, "health_check_failure", None) or getattr(error, "failure", None)
+        if not isinstance(inner, BaseException):
+            return error
+        error = inner
+    return error
+
+
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "socket closed")
+
+
+def _peer_vanished(error: BaseException) -> bool:
+    """A collective's error on a rank whose peer died (gloo's, NCCL's): a consequence of a lost worker."""
+    import torch.distributed as dist
+
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error).lower() for text in _PEER_GONE)
 
 
 class StageFailed(RuntimeError):

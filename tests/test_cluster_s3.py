@@ -351,8 +351,6 @@ def test_lost_node_restarts_the_worker_group_once_from_its_checkpoint(cluster, s
     assert not re.search(r"Traceback|WorkerGroupError|RayActorError", driver.stdout + driver.stderr), driver.tail()
 
 
-@pytest.mark.xfail(strict=True, reason="a node lost with --max-failures 0 ended the driver with exit code 1 (an "
-                                       "uncaught exception), not the one-line StageFailed (2); open, see the report")
 def test_lost_node_without_retries_ends_in_one_line_and_the_rerun_finishes(cluster, lost_without_retries):
     seen = lost_without_retries
     failed, rerun = seen["failed"], seen["rerun"]

@@ -151,3 +151,34 @@ def test_an_abbreviated_option_is_refused_not_guessed():
 
     with pytest.raises(cli.UsageError, match="unrecognized arguments: --mode one_stage"):
         sticker.build_parser().parse_args(["--mode", "one_stage"])
+
+
+class _HealthCheckFailed(Exception):
+    """Shaped as Ray Train V2's (internal) health-check error: the lost worker's failure inside."""
+
+    def __init__(self, failure):
+        super().__init__("worker health check failed")
+        self.health_check_failure = failure
+
+
+def _group_error(*failures):
+    from ray.train import WorkerGroupError
+
+    return WorkerGroupError("Training failed due to worker errors", dict(enumerate(failures)))
+
+
+def test_lost_workers_are_told_apart_from_the_codes_exceptions():
+    """A lost rank (dead actor, lost node, also inside a health-check error) with its DDP peer failing in
+    the collective is a loss (one line, rerunnable); a code error, alone or beside a loss, is a bug."""
+    from ray.exceptions import NodeDiedError, RayActorError
+
+    from pipelines.train_loop import _workers_lost
+
+    gloo = RuntimeError("[../third_party/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:4711")
+    assert _workers_lost(_group_error(RayActorError(), RayActorError()))
+    assert _workers_lost(_group_error(_HealthCheckFailed(NodeDiedError("node died")), gloo))
+    assert _workers_lost(_group_error(_HealthCheckFailed(RayActorError()), torch.distributed.DistBackendError("x")))
+    assert not _workers_lost(_group_error(gloo, gloo))                       # no worker was lost
+    assert not _workers_lost(_group_error(RayActorError(), KeyError("label")))  # a bug beside the loss
+    assert not _workers_lost(_group_error(ValueError("nan loss")))
+    assert not _workers_lost(ValueError("not from Ray Train"))

@@ -59,14 +59,24 @@ def registered(tmp_path_factory):
                            run_name="run", tags={}, recipe=Recipe("test", "test", "", {}, ("stage",)))
     child = pipeline.tracker.start_run("stage2", parent_id=pipeline.parent_id)
     model_uri = log_stage_artifacts(pipeline.tracker, child, checkpoint_dir=str(ckpt))
+    import mlflow
+
+    after_logging = (pipeline.tracker.client.get_run(child).info, mlflow.active_run())
     pipeline.state["stages"]["stage2"] = {"mlflow_run_id": child, "model_uri": model_uri}
-    result = json.loads(pipeline.finish({"pipeline": "test"}).read_text())
+    result = json.loads(Path(pipeline.finish({"pipeline": "test"})).read_text())
     images = tmp / "photos"
     images.mkdir()
     (images / "red.jpg").write_bytes(_jpeg((220, 30, 30)))
     (images / "blue.jpg").write_bytes(_jpeg((30, 30, 220)))
     (images / "broken.jpg").write_bytes(b"not an image")
-    return {"uri": uri, "child": child, "result": result, "images": images, "tmp": tmp}
+    return {"uri": uri, "child": child, "result": result, "images": images, "tmp": tmp, "after_logging": after_logging}
+
+
+def test_logging_the_model_leaves_the_stage_run_open(registered):
+    """The stage logs its best epoch and ends its run after the model: logging the model must not end the
+    run (nor leave it the process's active run), or the run would be ended twice."""
+    info, active = registered["after_logging"]
+    assert info.status == "RUNNING" and info.end_time is None and active is None
 
 
 def test_model_is_a_pyfunc_without_pickle(registered):
