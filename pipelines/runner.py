@@ -64,7 +64,7 @@ class PipelineRun:
         from pipelines.versions import resolved_versions
 
         self.register = run.register
-        self.fault = run.fault  # tests: "stage:epoch:step:rank:marker" kills one worker of that stage once
+        self.fault = run.fault  # tests: "[hold:]stage:epoch:step:rank:marker[,...]" (see _fault)
         self.run_name = run_name
         self.run_dir = storage.join(run.storage_path, run_name)     # a folder, or a URI on object storage
         storage.makedirs(self.run_dir)
@@ -115,11 +115,20 @@ class PipelineRun:
     def _save(self) -> None:
         storage.write_text(self.state_path, json.dumps(jsonable(self.state), indent=1))   # atomic: whole or old
 
-    def _fault(self, stage: str) -> Optional[dict]:
-        if not self.fault:
-            return None
-        name, epoch, step, rank, marker = self.fault.split(":", 4)
-        return {"epoch": int(epoch), "step": int(step), "rank": int(rank), "marker": marker} if name == stage else None
+    def _fault(self, stage: str) -> Optional[list]:
+        """Tests: ``stage:epoch:step:rank:marker`` kills that worker once (the marker file says it fired);
+        ``hold:stage:epoch:step:rank:marker`` stops it there once instead (see ``train_loop._maybe_inject_fault``);
+        several, comma-separated, each fire once."""
+        faults = []
+        for item in (self.fault or "").split(","):
+            if not item:
+                continue
+            action, spec = ("hold", item[len("hold:"):]) if item.startswith("hold:") else ("kill", item)
+            name, epoch, step, rank, marker = spec.split(":", 4)
+            if name == stage:
+                faults.append({"epoch": int(epoch), "step": int(step), "rank": int(rank), "marker": marker,
+                               "action": action})
+        return faults or None
 
     def stage(self, recipe: StageRecipe, data: StageData, *, manifests: dict) -> dict:
         """Train one stage (or reuse it when finished) and score its selected checkpoint on ``data.tests``.
