@@ -3,8 +3,9 @@
 #
 #   bash benchmarks/h200_check.sh            # from the repository root, on the GPU machine
 #
-# (a)-(c) need only torch, torchvision, timm, numpy, pillow (no Ray, no MLflow); (d) runs only when
-# `import ray` works there. nvidia-smi is sampled during every row (GPU util column) and, for the whole
+# (a)-(c) need only torch, torchvision, timm, numpy, pillow and pyarrow (no Ray, no MLflow); (d) runs only
+# when `import ray` works there. One round each (gpu_input.py --repeats 1, its default): single figures,
+# indicative only; add --repeats N to a line for median and range when the session has the time. nvidia-smi is sampled during every row (GPU util column) and, for the whole
 # run, into $OUT/nvidia-smi.csv when $OUT is set. Each block has its own timeout so one slow block
 # (torch.compile's warm-up) cannot eat the session.
 set -u

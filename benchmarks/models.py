@@ -1,20 +1,29 @@
 """Training-step throughput and memory of the emotion models; fast versus naive local re-attention.
 
-    python benchmarks/models.py [--models resnet101_va lora lora_v] [--image-size N] [--batch-size N]
-                                [--steps N] [--device cpu|cuda]
+    PYTHONPATH=$PWD python benchmarks/models.py [--models resnet101_va lora lora_v] [--image-size N]
+        [--batch-size N] [--steps N] [--device cpu|cuda] [--repeats N]
 
-Table 1, per model and precision: forward + backward images/s over ``--steps`` timed steps (after
-warm-up steps; CUDA is synchronised before the clock is read), images per second of process CPU time
-(on a shared CPU machine less sensitive to other load than wall time; on CUDA only the host's share)
-and peak memory of those steps.
+Table 1, per model and precision: training images/s (forward + backward over ``--steps`` timed steps,
+after ``--warmup`` steps; CUDA is synchronised before the clock is read), images per second of process
+CPU time (on a shared CPU machine less sensitive to other load than wall time; on CUDA only the
+host's share), the speed-up over fp32 (taken round by round) and the peak memory of those steps in
+MiB. Models are built the way the recipes build them, ``emotion_models.build_model(ModelSpec)``,
+from scratch (``weights: none``): ``resnet101_va`` (the two-stage VA model on resnet101), ``lora``
+(PVT-small + the byte-level text encoder) and ``lora_v`` (LORA without text). The loss is a plain
+sum of squares of the outputs (the step's cost, not a recipe's loss).
 Precisions: ``fp32`` and ``bf16+cl`` (``torch.autocast(bfloat16)`` with the model and the input in
 ``channels_last``). The GPU goal is bf16+cl >= 2.5x fp32 for resnet101 at 448 px.
 
 Table 2: local re-attention selection for every selecting LORA stage at the given image size, on
 random attention maps of the real shapes: :func:`selection_scores` (the cls row only, vector-matrix
 products in float64) against :func:`naive_selection_scores` (the published token x token products);
-peak memory and time of the selection alone (the attention maps are inputs of both), and the size
-of one ``(1+N)^2`` matrix that the published path forms (for the whole batch, capped at 8 images).
+peak memory (MiB) and time (ms) of the selection alone (the attention maps are inputs of both), the
+size of one ``(1+N)^2`` matrix that the published path forms (for the whole batch, capped at 8
+images; computed, not measured), and the largest difference of the two results (checked once).
+
+``--repeats N``: N rounds; in each, every model's fp32 and bf16+cl runs (interleaved: model 1 fp32,
+model 1 bf16+cl, model 2 fp32, ...), then every stage's fast and naive selection; every measured
+figure is printed as ``median (min–max, n=N)``.
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` above the allocation before the measured code.
 On CPU the peak resident-set growth: the kernel's high-water mark ``VmHWM`` is reset through
@@ -25,7 +34,7 @@ does not see torch's allocations; ``ru_maxrss`` cannot be reset and is the fallb
 a few MiB.
 
 Needs only torch and timm (the project's ``emotion_models``; no Ray, no MLflow). CPU defaults are
-small (128 px, batch 2, 2 steps) so the run ends in about a minute or two; CUDA defaults are 448 px,
+small (128 px, batch 2, 2 steps) so one round ends in about a minute or two; CUDA defaults are 448 px,
 batch 32, 20 steps.
 """
 from __future__ import annotations
@@ -40,16 +49,16 @@ from typing import Callable, Iterator, TypeVar
 
 import torch
 
-
-from emotion_models import create_model
+from emotion_models import ModelSpec, build_model
 from emotion_models.pvt import stage_grids
 from emotion_models.reattention import naive_selection_scores, selection_scores
 from emotion_models.text import TEXT_LEN, tokenize
+from repeats import add_repeats_arg, interleave, paired, print_table
 
-MODELS: dict[str, tuple[str, dict]] = {
-    "resnet101_va": ("va", {"backbone": "resnet101"}),
-    "lora": ("lora", {}),
-    "lora_v": ("lora_v", {}),
+MODELS: dict[str, ModelSpec] = {
+    "resnet101_va": ModelSpec("va", backbone="resnet101", weights="none"),
+    "lora": ModelSpec("lora", weights="none", options={"text_encoder": "bytes"}),
+    "lora_v": ModelSpec("lora_v", weights="none"),
 }
 DEFAULTS = {"cpu": {"image_size": 128, "batch_size": 2, "steps": 2, "warmup": 1},
             "cuda": {"image_size": 448, "batch_size": 32, "steps": 20, "warmup": 5}}
@@ -131,18 +140,22 @@ def _train_step(model: torch.nn.Module, inputs: tuple, device: torch.device, bf1
     model.zero_grad(set_to_none=True)
 
 
+def build(name: str, size: int) -> torch.nn.Module:
+    """The model ``name`` for ``size`` px images (the LORA models check their token grids against it)."""
+    spec = MODELS[name]
+    return build_model(spec) if spec.name == "va" else build_model(spec, img_size=size)
+
+
 def bench_model(name: str, size: int, batch: int, steps: int, warmup: int, device: torch.device,
-                bf16: bool) -> tuple[float, float, int]:
-    """(images per wall second, images per process-CPU second, peak bytes) of ``steps``
+                bf16: bool) -> dict[str, float]:
+    """Images per wall second, images per process-CPU second and peak MiB of ``steps``
     forward+backward steps after ``warmup`` steps."""
-    registry_name, kwargs = MODELS[name]
-    if registry_name != "va":
-        kwargs = dict(kwargs, img_size=size)
     torch.manual_seed(0)
-    model = create_model(registry_name, **kwargs).to(device).train()
+    model = build(name, size).to(device).train()
     if bf16:
         model = model.to(memory_format=torch.channels_last)
     inputs = _inputs(name, batch, size, device, channels_last=bf16)
+
     def run(num_steps: int) -> None:
         for _ in range(num_steps):
             _train_step(model, inputs, device, bf16)
@@ -150,7 +163,8 @@ def bench_model(name: str, size: int, batch: int, steps: int, warmup: int, devic
     run(warmup)
     start_cpu = time.process_time()
     _, peak, elapsed = _timed(functools.partial(run, steps), device)
-    return batch * steps / elapsed, batch * steps / (time.process_time() - start_cpu), peak
+    return {"img/s": batch * steps / elapsed, "img/cpu-s": batch * steps / (time.process_time() - start_cpu),
+            "peak": peak / MiB}
 
 
 def _timed(fn: Callable[[], T], device: torch.device) -> tuple[T, int, float]:
@@ -164,9 +178,11 @@ def _timed(fn: Callable[[], T], device: torch.device) -> tuple[T, int, float]:
     return out, memory.peak, elapsed
 
 
-def bench_reattention(size: int, batch: int, device: torch.device) -> Iterator[list[str]]:
-    """Table rows, one per re-attending stage of the default LORA (columns: see ``main``)."""
-    trunk = create_model("lora_v", img_size=size).vision_model
+def reattention_cases(size: int, batch: int, device: torch.device) -> Iterator[dict]:
+    """One case per re-attending stage of the default LORA: its label, the fast and the naive selection
+    on the same random attention maps (as argument-free callables), its token count, the size of one
+    ``(1+N)^2`` fp32 product of the naive path and the largest difference of the two results."""
+    trunk = build("lora_v", size).vision_model
     generator = torch.Generator(device=device).manual_seed(0)
     grids = stage_grids(size, trunk.patch_size, trunk.num_stages)
     for stage in trunk.selecting_stages():
@@ -177,21 +193,16 @@ def bench_reattention(size: int, batch: int, device: torch.device) -> Iterator[l
         keys = 1 + (height // sr) * (width // sr)
         attns = [torch.rand(batch, heads, tokens, keys, device=device, generator=generator).softmax(-1)
                  for _ in range(depth)]
-        fast_fn = functools.partial(selection_scores, attns, last)
-        naive_fn = functools.partial(naive_selection_scores, [a.float() for a in attns], last)
-        fast_fn()  # warm-up
-        fast, fast_peak, fast_s = _timed(fast_fn, device)
-        naive, naive_peak, naive_s = _timed(naive_fn, device)
-        one_matrix = batch * heads * tokens ** 2 * 4  # fp32 bytes of one (1+N) x (1+N) product
-        yield [f"{stage + 1}: {height}x{width} sr{sr} h{heads} d{depth}", tokens - 1,
-               f"{fast_peak / MiB:.1f}", f"{naive_peak / MiB:.1f}", f"{one_matrix / MiB:.1f}",
-               f"{fast_s * 1e3:.1f}", f"{naive_s * 1e3:.1f}", f"{(fast - naive).abs().max().item():.1e}"]
+        fast = functools.partial(selection_scores, attns, last)
+        naive = functools.partial(naive_selection_scores, [a.float() for a in attns], last)
+        yield {"label": f"{stage + 1}: {height}x{width} sr{sr} h{heads} d{depth}", "tokens": tokens - 1,
+               "fast": fast, "naive": naive, "one_matrix": batch * heads * tokens ** 2 * 4 / MiB,
+               "diff": (fast() - naive()).abs().max().item()}   # also the warm-up of both
 
 
-def _print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    for line in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(str(c).rjust(w) for c, w in zip(line, widths)))
+def _selection(fn: Callable[[], torch.Tensor], device: torch.device) -> dict[str, float]:
+    _, peak, seconds = _timed(fn, device)
+    return {"MiB": peak / MiB, "ms": seconds * 1e3}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, help="untimed steps first; default: 1 on cpu, 5 on cuda")
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         default="cuda" if torch.cuda.is_available() else "cpu")
+    add_repeats_arg(parser)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -218,23 +230,38 @@ def main(argv: list[str] | None = None) -> None:
           f"torch {torch.__version__}, image {size}px, batch {batch}, {cfg['steps']} timed steps "
           f"after {cfg['warmup']} warm-up, threads {torch.get_num_threads()}\n")
 
-    rows = []
-    for name in args.models:
-        fp32_speed = None
-        for label, bf16 in (("fp32", False), ("bf16+cl", True)):
-            speed, cpu_speed, peak = bench_model(name, size, batch, cfg["steps"], cfg["warmup"], device, bf16)
-            fp32_speed = fp32_speed or speed
-            rows.append([name, label, f"{speed:.2f}", f"{speed / fp32_speed:.2f}x", f"{cpu_speed:.2f}",
-                         f"{peak / MiB:.0f}"])
-            print(f"  {name} {label}: {speed:.2f} img/s", flush=True)
-    if rows:
-        print()
-        _print_table(["model", "precision", "img/s (fwd+bwd)", "vs fp32", "img/cpu-s", "peak MiB"], rows)
+    units = {"img/s": ("img/s", 2), "img/cpu-s": ("img/cpu-s", 2), "peak": ("MiB", 0), "MiB": ("MiB", 1),
+             "ms": ("ms", 1)}
+    precisions = {"fp32": False, "bf16+cl": True}
+    peers = {f"{name} {label}": functools.partial(bench_model, name, size, batch, cfg["steps"], cfg["warmup"], device,
+                                                  bf16)
+             for name in args.models for label, bf16 in precisions.items()}
+    sel_batch = min(batch, 8)  # the naive product at 448 px is ~630 MB per image and matrix
+    cases = list(reattention_cases(size, sel_batch, device))
+    for case in cases:
+        for kind in ("fast", "naive"):
+            peers[f"stage {case['label']} {kind}"] = functools.partial(_selection, case[kind], device)
+    results = interleave(peers, args.repeats, units, log=lambda line: print(line, flush=True))
 
-    batch = min(batch, 8)  # the naive product at 448 px is ~630 MB per image and matrix
-    print(f"\nlocal re-attention selection, default LORA stages at {size}px, batch {batch}:")
-    header = ["stage", "tokens", "fast MiB", "naive MiB", "one NxN MiB", "fast ms", "naive ms", "max |diff|"]
-    _print_table(header, list(bench_reattention(size, batch, device)))
+    if args.models:
+        rows = []
+        for name in args.models:
+            fp32 = results[f"{name} fp32"]["img/s"]
+            for label in precisions:
+                figures = results[f"{name} {label}"]
+                rows.append([name, label, figures["img/s"], paired(figures["img/s"], fp32, unit="x"),
+                             figures["img/cpu-s"], figures["peak"]])
+        print_table(["model", "precision", "img/s (fwd+bwd)", "vs fp32", "img/cpu-s", "peak MiB"], rows,
+                    title=f"training steps, median (min–max, n=rounds), {size}px, batch {batch}:")
+
+    rows = []
+    for c in cases:
+        fast, naive = results[f"stage {c['label']} fast"], results[f"stage {c['label']} naive"]
+        rows.append([c["label"], c["tokens"], fast["MiB"], naive["MiB"], f"{c['one_matrix']:.1f} MiB", fast["ms"],
+                     naive["ms"], f"{c['diff']:.1e}"])
+    print_table(["stage", "tokens", "fast peak", "naive peak", "one NxN", "fast time", "naive time", "max |diff|"],
+                rows, title=f"local re-attention selection, default LORA stages at {size}px, batch {sel_batch}, "
+                            f"median (min–max, n=rounds):")
 
 
 if __name__ == "__main__":

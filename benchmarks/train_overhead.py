@@ -1,163 +1,164 @@
-"""What Ray Train costs: the same training core, model and data, through Ray Train or a bare loop.
+"""What Ray Train costs: the pipeline's stage one, trained through Ray Train and through two bare loops.
 
-    python benchmarks/train_overhead.py [--shards DIR | --images-per-class 250] [--epochs 3] [--num-workers 2]
+    PYTHONPATH=$PWD python benchmarks/train_overhead.py [--shards DIR | --images-per-class 250] [--epochs 3]
+        [--num-workers 2] [--batch-size 32] [--decode cpu|device] [--repeats 5]
 
-(a) Ray Train: ``pipelines.train_loop.run_stage`` with ``--num-workers`` CPU workers (DDP over gloo),
-    the split's JPEG bytes held in Ray's object store (``datasets_io.ray_data.load_split``; streamed
-    from the files with ``EMOTION_RAY_IN_MEMORY_MB=0``), decoded in Ray Data's ``map_batches`` (uint8
-    pixels to the workers), or with ``--decode device`` decoded and augmented in the workers.
-(b) Bare PyTorch: ``pipelines.core.train_one_epoch`` in this one process, batches from
-    ``datasets_io.shards.iter_local_batches`` (pyarrow + the same ImageTransform), torch using every core.
+Measures training samples/s (images through forward, backward and optimiser step per wall second)
+of one and the same stage: ``pipelines/two_stage.py``'s stage one (``--mode one_stage``, single
+task), its recipe resolved by the pipeline itself (``two_stage.configure`` / ``load_data`` /
+``stage1``) from ``--recipe`` (default ``demo``) and this script's flags, on the embedded demo's
+FI-like set (``--images-per-class`` per class, 8 classes) or on ``--shards``; weights from scratch.
+``--batch-size`` is the global batch, as in the pipeline. Three peers:
+
+(a) Ray Train: ``pipelines.train_loop.run_stage`` with ``--num-workers`` CPU workers of
+    ``--cpus-per-worker`` (DDP over gloo), Ray Data feeding them the split's decoded uint8 pixels
+    (``--decode cpu``) or the stored bytes decoded and augmented in the workers (``--decode device``).
+    Its rate is rank 0's training samples/s times the workers (the split is divided evenly).
+(b) Bare PyTorch: ``pipelines.core.train_one_epoch`` in this one process (torch on every core), batches
+    from ``datasets_io.shards.iter_local_batches`` (pyarrow + the recipe's ``ImageTransform``).
 (c) Bare DDP: the same core in ``--num-workers`` processes (``torch.multiprocessing``, gloo, no Ray),
-    each decoding its own share of the rows in-process, torch threads = cores / processes. The peer
-    that isolates what Ray adds from what DDP on CPU costs (gradient all-reduce on the same cores).
+    each decoding its share of the rows in-process, torch threads = cores / processes: what DDP on CPU
+    costs by itself (gradient all-reduce on the same cores), so (a) / (c) is what Ray adds. Run only
+    with ``--decode cpu``.
 
-Both run the same number of epochs on the same demo shards; the first epoch (start-up, first
-decode) is excluded from both rates. It prints training samples/s for each and their ratio.
+Model, objective, precision, optimiser and schedule are built for every peer the way the Ray Train
+workers build them (``train_loop.build_for_device``, ``core.build_optimizer``, ``core.Schedule``).
+Each peer's figure is its steady rate: the mean over epochs 2.. (epoch 1, with start-up and the
+first decode, excluded). The peers run interleaved, ``--repeats`` rounds (a, b, c, a, b, c, ...), and
+each figure is printed as ``median (min–max, n=rounds)``; the ratios Ray / bare and Ray / DDP are
+taken round by round. On a shared machine one round proves nothing either way.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
-import time
 from pathlib import Path
-
 
 import torch
 
-from pipelines import core
-from pipelines.recipe import StageRecipe, build_model, build_objective
+from repeats import add_repeats_arg, interleave, paired, print_table, steady
+
+RATE = "samples/s"
+UNITS = {RATE: ("samples/s", 1)}
 
 
-def recipe_for(args, num_classes: int) -> StageRecipe:
-    return StageRecipe(
-        name="bench", model={"name": "va", "backbone": args.backbone, "task": "single", "num_classes": num_classes},
-        objective={"kind": "va", "num_classes": num_classes},
-        optimizer={"name": "adamw", "lr": 1e-3, "weight_decay": 0.0},
-        scheduler={"name": "constant"}, epochs=args.epochs, monitor="pearson_mean", batch_size=args.batch_size)
+def project_stage(args):
+    """The pipeline's own plan and stage one for these flags: ``(plan, recipe, StageData)``."""
+    from pipelines import cli, two_stage
+
+    argv = ["--recipe", args.recipe, "--mode", "one_stage", "--task", "single", "--weights", "none",
+            "--backbone", args.backbone, "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+            "--num-epochs", str(args.epochs), "--early-stop", "0", "--decode", args.decode,
+            "--num-workers", str(args.num_workers), "--cpus-per-worker", str(args.cpus_per_worker)]
+    argv += ["--dataname", args.shards] if args.shards else ["--demo-images-per-class", str(args.images_per_class)]
+    flags = cli.parse_args(two_stage.build_parser(), argv)
+    plan = two_stage.load_data(two_stage.configure(flags), flags)
+    recipe, stage = two_stage.stage1(plan, name="bench", score_dimensional=False)
+    return plan, recipe, stage
 
 
-def training_parts(args, num_classes: int, wrap=lambda model: model):
-    """Model (``wrap``ped, e.g. in DDP), objective, optimizer, CPU precision and train transform of the bare peers."""
-    from datasets_io.shards import ImageTransform
-
-    recipe = recipe_for(args, num_classes)
-    model = wrap(build_model(recipe))
-    return (model, build_objective(recipe), core.build_optimizer(model.parameters(), lr=1e-3),
-            core.Precision.for_device("cpu"), ImageTransform(args.image_size, train=True, num_classes=num_classes))
-
-
-def steady_rate(rates: list[float]) -> float:
-    """Mean samples/s without epoch 1 (start-up, first decode)."""
-    return sum(rates[1:]) / max(len(rates) - 1, 1)
-
-
-def bare_loop(args, shards: Path, num_classes: int) -> float:
+def train_epochs(recipe, shards: str, *, rank: int = 0, world: int = 1) -> list[float]:
+    """Samples/s of each epoch of the bare loop (``world`` > 1: this rank's, in a DDP process group)."""
+    from datasets_io.prep import ImageTransform
     from datasets_io.shards import iter_local_batches
+    from pipelines import core
+    from pipelines.train_loop import build_for_device
 
+    model, objective, precision = build_for_device(recipe, torch.device("cpu"))
+    optimizer = core.build_optimizer(model, recipe.optimizer, recipe.batch_size)
+    schedule = core.Schedule(optimizer, recipe.schedule, recipe.epochs)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    transform = ImageTransform(recipe.prep, train=True, num_classes=len(recipe.classes))
+    rates = []
+    for epoch in range(recipe.epochs):
+        if world > 1:
+            torch.distributed.barrier()
+        # Under DDP ranks may differ by one batch: train_one_epoch runs under DDP's join().
+        batches = iter_local_batches(shards, "train", transform, batch_size=recipe.per_worker_batch(world),
+                                     shuffle=True, seed=recipe.seed + epoch, part=(rank, world))
+        stats = core.train_one_epoch(model, batches, optimizer, objective, precision, schedule=schedule)
+        schedule.after_epoch(epoch)
+        rates.append(stats["samples_per_s"] * world)
+    return rates
+
+
+def bare_loop(recipe, shards: str) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
-    model, objective, optimizer, precision, transform = training_parts(args, num_classes)
-    rates = []
-    for epoch in range(args.epochs):
-        start = time.perf_counter()
-        stats = core.train_one_epoch(model, iter_local_batches(
-            shards, "train", transform, batch_size=args.batch_size, shuffle=True, seed=epoch),
-            optimizer, objective, precision)
-        rates.append(stats["samples"] / (time.perf_counter() - start))
-        print(f"  bare epoch {epoch + 1}: {rates[-1]:.1f} samples/s")
-    return steady_rate(rates)
+    return {RATE: steady(train_epochs(recipe, shards))}
 
 
-def _ddp_rank(rank: int, args, shards: str, num_classes: int, init_method: str, out: str) -> None:
-    import torch.distributed as dist
+def _ddp_rank(rank: int, recipe: dict, shards: str, world: int, init_method: str, out: str) -> None:
+    from pipelines.recipe import StageRecipe
 
-    from datasets_io.shards import iter_local_batches
-
-    world = args.num_workers
     torch.set_num_threads(max((os.cpu_count() or 1) // world, 1))
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model, objective, optimizer, precision, transform = training_parts(
-        args, num_classes, wrap=torch.nn.parallel.DistributedDataParallel)
-    rates = []
-    for epoch in range(args.epochs):
-        dist.barrier()
-        start = time.perf_counter()
-        # Ranks may differ by one batch: train_one_epoch runs under DDP's join().
-        stats = core.train_one_epoch(model, iter_local_batches(shards, "train", transform, batch_size=args.batch_size,
-                                                               shuffle=True, seed=epoch, part=(rank, world)),
-                                     optimizer, objective, precision)
-        rates.append(stats["samples"] * world / (time.perf_counter() - start))
+    torch.distributed.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    rates = train_epochs(StageRecipe.from_dict(recipe), shards, rank=rank, world=world)
     if rank == 0:
         Path(out).write_text(" ".join(f"{r:.3f}" for r in rates))
-    dist.destroy_process_group()
+    torch.distributed.destroy_process_group()
 
 
-def bare_ddp(args, shards: Path, num_classes: int) -> float:
+def bare_ddp(recipe, shards: str, world: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rates.txt")
-        torch.multiprocessing.spawn(_ddp_rank, args=(args, str(shards), num_classes, f"file://{tmp}/rdv", out),
-                                    nprocs=args.num_workers, join=True)
+        torch.multiprocessing.spawn(_ddp_rank, args=(recipe.to_dict(), shards, world, f"file://{tmp}/rdv", out),
+                                    nprocs=world, join=True)
         rates = [float(r) for r in Path(out).read_text().split()]
-    for epoch, rate in enumerate(rates):
-        print(f"  ddp  epoch {epoch + 1}: {rate:.1f} samples/s ({args.num_workers} processes)")
-    return steady_rate(rates)
+    return {RATE: steady(rates)}
 
 
-def ray_train(args, shards: Path, num_classes: int) -> float:
-    from pipelines import data
-    from pipelines.train_loop import RunOptions, run_stage
+def ray_train(recipe, stage, run) -> dict:
+    from pipelines.train_loop import run_stage
 
-    sets = data.training_datasets(shards, image_size=args.image_size, num_classes=num_classes, seed=0,
-                                  decode=args.decode)
-    with tempfile.TemporaryDirectory() as tmp:
-        run = RunOptions(storage_path=tmp, num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker)
-        outcome = run_stage(recipe_for(args, num_classes).replace(decode=args.decode), sets, run)
-    # Rank 0's rate times the world size: the train split is divided evenly between the workers.
-    rates = [h["train_samples_per_s"] * args.num_workers for h in outcome.history]
-    for epoch, rate in enumerate(rates):
-        print(f"  ray  epoch {epoch + 1}: {rate:.1f} samples/s ({args.num_workers} workers)")
-    return steady_rate(rates)
+    with tempfile.TemporaryDirectory() as tmp:   # a fresh run folder: run_stage would resume a finished one
+        outcome = run_stage(recipe, stage, dataclasses.replace(run, storage_path=tmp), test=False)
+    return {RATE: steady([h["train_samples_per_s"] * run.num_workers for h in outcome.history])}
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shards", default=None, help="ingested shard folder (default: the demo FI-like set)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--shards", default=None,
+                   help="an ingested categorical shard folder (default: the demo's FI-like set)")
+    p.add_argument("--images-per-class", type=int, default=250,
+                   help="size of the generated demo set (8 classes; about 70%% of it trains)")
+    p.add_argument("--recipe", default="demo", help="the two_stage recipe whose stage one is trained")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per run (the first is excluded from the rate)")
+    p.add_argument("--num-workers", type=int, default=2, help="Ray Train workers and bare DDP processes")
     p.add_argument("--cpus-per-worker", type=float, default=0.5)
     p.add_argument("--backbone", default="resnet10t")
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="the global batch (divided among --num-workers)")
     p.add_argument("--decode", choices=["cpu", "device"], default="cpu",
                    help="Ray Train path: decode in Ray Data tasks (uint8 out) or in the workers (JPEG bytes out)")
-    p.add_argument("--images-per-class", type=int, default=250,
-                   help="size of the generated demo set (8 classes; about 70%% of it trains)")
-    args = p.parse_args()
+    add_repeats_arg(p)
+    args = p.parse_args(argv)
 
-    import ray
-    from datasets_io.records import read_manifest
-    from pipelines import data
+    plan, recipe, stage = project_stage(args)
+    shards = plan.categorical.manifest["shards"]
+    world = args.num_workers
+    print(f"data {shards} ({plan.categorical.counts['train']} training images), {recipe.model.backbone} at "
+          f"{recipe.prep.size} px, global batch {recipe.batch_size}, {recipe.epochs} epochs, recipe "
+          f"{plan.recipe.name}, {os.cpu_count()} cores, {args.repeats} round(s)")
+    peers = {"bare PyTorch loop": lambda: bare_loop(recipe, shards)}
+    if args.decode == "cpu":
+        peers["bare DDP (no Ray)"] = lambda: bare_ddp(recipe, shards, world)
+    peers["Ray Train"] = lambda: ray_train(recipe, stage, plan.run)
+    results = interleave(peers, args.repeats, UNITS)
 
-    # One quiet local Ray for the demo ingest and the Ray Train run (workers' lines stay in Ray's logs).
-    ray.init(num_cpus=os.cpu_count(), log_to_driver=False)  # dashboard on: Ray Train V2 needs it
-    shards = Path(args.shards) if args.shards else data.demo_shards(
-        images_per_class=args.images_per_class, show_progress=False)["fi"]
-    num_classes = len(read_manifest(shards)["classes"])
-    print(f"data {shards}, model {args.backbone} at {args.image_size} px, batch {args.batch_size}, "
-          f"{args.epochs} epochs, {os.cpu_count()} cores")
-    bare = bare_loop(args, shards, num_classes)
-    ddp = bare_ddp(args, shards, num_classes) if args.decode == "cpu" else None
-    ray_rate = ray_train(args, shards, num_classes)
-    print(f"\nbare PyTorch loop : {bare:8.1f} samples/s (1 process, {torch.get_num_threads()} threads)")
-    if ddp is not None:
-        print(f"bare DDP (no Ray) : {ddp:8.1f} samples/s ({args.num_workers} processes, gloo)")
-    print(f"Ray Train         : {ray_rate:8.1f} samples/s ({args.num_workers} workers x "
-          f"{args.cpus_per_worker} CPU, DDP/gloo)")
-    print(f"ratio Ray / bare  : {ray_rate / bare:8.2f}  (goal >= 0.9; epoch 1 excluded from all)")
-    if ddp is not None:
-        print(f"ratio Ray / DDP   : {ray_rate / ddp:8.2f}  (what Ray adds over the same DDP without Ray)")
+    setup = {"bare PyTorch loop": f"1 process, {os.cpu_count()} threads",
+             "bare DDP (no Ray)": f"{world} processes, gloo",
+             "Ray Train": f"{world} workers x {args.cpus_per_worker} CPU, DDP/gloo, --decode {args.decode}"}
+    rows = [[name, str(figures[RATE]), setup[name]] for name, figures in results.items()]
+    ray_rate = results["Ray Train"][RATE]
+    rows.append(["ratio Ray / bare", str(paired(ray_rate, results["bare PyTorch loop"][RATE])), "goal >= 0.9"])
+    if "bare DDP (no Ray)" in results:
+        rows.append(["ratio Ray / DDP", str(paired(ray_rate, results["bare DDP (no Ray)"][RATE])),
+                     "what Ray adds over the same DDP"])
+    print_table(["peer", "steady training rate, median (min–max, n=rounds)", "setup"], rows,
+                title="epoch 1 excluded from every rate; ratios taken round by round")
 
 
 if __name__ == "__main__":

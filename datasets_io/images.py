@@ -1,10 +1,15 @@
-"""One image in, one validated JPEG out.
+"""One image in, one validated JPEG out (or, to keep the originals, the file as it is, validated).
 
 :func:`prepare_image` is what the ingest job runs on every file: it rejects what
 cannot be decoded (raising :class:`BadImage` with a short reason the manifest
 keeps), converts every colour mode to RGB, applies the EXIF orientation, shrinks
 the longer side and re-encodes as JPEG, so that everything downstream can assume
 "RGB JPEG, longer side <= max_side".
+
+:func:`validate_image` is what the ingest runs instead with ``--max-side 0``
+(:data:`KEEP_ORIGINAL`): the same checks, the whole image decoded, but the file's own
+bytes are kept, never re-encoded or shrunk (a PNG stays a PNG): the images the
+published training reads.
 """
 from __future__ import annotations
 
@@ -14,10 +19,12 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["BadImage", "prepare_image", "decode_image", "to_rgb", "DEFAULT_MAX_PIXELS", "JPEG_QUALITY"]
+__all__ = ["BadImage", "prepare_image", "validate_image", "decode_image", "to_rgb", "DEFAULT_MAX_PIXELS",
+           "JPEG_QUALITY", "KEEP_ORIGINAL"]
 
 DEFAULT_MAX_PIXELS = 64_000_000  # header-declared width * height above this is a bomb
 JPEG_QUALITY = 90
+KEEP_ORIGINAL = 0                # the ingest's max_side that keeps each file's own bytes (validate_image)
 _WHITE = (255, 255, 255)
 # Modes that carry an alpha channel (or palette transparency, handled separately).
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
@@ -51,8 +58,6 @@ def prepare_image(data: bytes, max_side: int = 512, max_pixels: int = DEFAULT_MA
     """
     if max_side < 1:
         raise ValueError(f"max_side must be >= 1, got {max_side}")
-    if not data:
-        raise BadImage("empty file")
     img = _open_checked(data, max_pixels)
     target = _fit_size(img.size, max_side)
     if img.format == "JPEG" and target != img.size:
@@ -66,6 +71,21 @@ def prepare_image(data: bytes, max_side: int = 512, max_pixels: int = DEFAULT_MA
     out = io.BytesIO()
     img.save(out, "JPEG", quality=JPEG_QUALITY)
     return out.getvalue()
+
+
+def validate_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    """Check one encoded image as :func:`prepare_image` does and return ``data`` itself, unchanged.
+
+    The header's pixel bound, a full decode and the conversion to RGB must all succeed, so a
+    file kept as it is fails here, not in training.
+
+    Raises:
+        BadImage: as :func:`prepare_image`.
+    """
+    img = _open_checked(data, max_pixels)
+    _decode_fully(img)
+    to_rgb(img)
+    return data
 
 
 def decode_image(jpeg_bytes: bytes) -> np.ndarray:
@@ -116,7 +136,9 @@ def _wide_to_uint8(samples: np.ndarray) -> np.ndarray:
 
 
 def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
-    """Open the header only; reject non-images and images above ``max_pixels``."""
+    """Open the header only; reject empty files, non-images and images above ``max_pixels``."""
+    if not data:
+        raise BadImage("empty file")
     with warnings.catch_warnings():
         # Pillow's own bound (Image.MAX_IMAGE_PIXELS) also applies: a warning is an error here.
         warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -1,15 +1,21 @@
-"""Ingest: a dataset on disk -> validated JPEG rows in Parquet shards, as one Ray Data job.
+"""Ingest: a dataset on disk -> validated image rows in Parquet shards, as one Ray Data job.
 
 The output format (``<out>/manifest.json`` + ``<out>/{train,val,test}/*.parquet``, schema
 :data:`~datasets_io.records.SHARD_SCHEMA`) is defined in :mod:`datasets_io.records`; it is
 complete only when the manifest is present.
 
-The job streams: record metadata -> ``map_batches`` (read bytes, :func:`prepare_image`)
--> a datasink that writes the good rows per split and returns the bad ones (path +
-reason, a few bytes each) to the driver. The pipeline therefore runs once and no image
-passes through the driver. Everything is written into ``<out>.tmp-<id>`` next to
-``<out>`` and renamed onto it after the manifest, so an interrupted ingest never leaves
-an ``<out>`` that looks complete.
+The job streams: record metadata, one Arrow block per task -> ``map_batches`` (read bytes,
+:func:`prepare_image`, or :func:`validate_image` with ``max_side=0``) -> a datasink that
+writes the good rows per split and returns the bad ones (path, split, reason: a few bytes
+each) to the driver. Map and write fuse into one task per block, so every CPU has a task
+from the start and no image passes through the driver or the object store. Everything is
+written into ``<out>.tmp-<id>`` next to ``<out>`` and renamed onto it after the manifest,
+so an interrupted ingest never leaves an ``<out>`` that looks complete.
+
+The console stays quiet (:mod:`datasets_io.quiet_ray`): a running Ray is used as it is,
+else one is started without the dashboard and without forwarding its output; Ray Data
+prints no plan and at most one total bar, on a terminal only. ``verbose`` gives Ray's
+output back.
 
 Workers read ``root`` and write ``out`` by path: on a cluster both must be on storage
 every node sees (the embedded default, one machine, needs nothing).
@@ -19,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections import Counter
@@ -36,8 +43,9 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
 from datasets_io.errors import DataError
-from datasets_io.images import DEFAULT_MAX_PIXELS, BadImage, prepare_image
+from datasets_io.images import DEFAULT_MAX_PIXELS, KEEP_ORIGINAL, BadImage, prepare_image, validate_image
 from datasets_io.layouts import read_dataset, reader_options
+from datasets_io.quiet_ray import init_ray, is_verbose, quiet_ray_data
 from datasets_io.readers import ESCAPES, MISSING
 from datasets_io.records import (COLUMNS, MANIFEST_NAME, SCHEMA_VERSION, SHARD_SCHEMA, SPLITS, VA_SCALE, ReaderResult,
                                  is_ingested, read_manifest)
@@ -49,6 +57,8 @@ _TASKS_PER_CPU = 4         # enough tasks to keep every core busy and balance st
 _BATCH_SIZE = 16           # images per map_batches call inside a task (bounds its memory)
 ROW_ORDER_SEED = 0          # the fixed order rows are written in (see ingest)
 
+# What the map step takes: a Record's fields (path = the image_id to be), typed as the shard columns.
+_RECORD_SCHEMA = pa.schema([pa.field("path", pa.string())] + [SHARD_SCHEMA.field(name) for name in COLUMNS[2:]])
 # What the map step emits: the shard columns plus the reason a row was rejected (null if good).
 _PREPARED_SCHEMA = SHARD_SCHEMA.append(pa.field("error", pa.string()))
 
@@ -66,13 +76,19 @@ def ingest(
     num_output_files: Optional[int] = None,
     show_progress: bool = True,
     address: Optional[str] = None,
+    verbose: Optional[bool] = None,
+    split_lines: bool = False,
 ) -> dict:
     """Read ``root`` with the ``layout`` reader and write validated shards to ``out``.
 
     Returns the manifest. If ``out`` is already a complete ingest it is returned
     unchanged unless ``overwrite``; with ``overwrite`` the previous output is removed
-    only after the new one is complete. ``address`` is passed to ``ray.init`` when
-    Ray is not initialised yet (``None``: a local instance).
+    only after the new one is complete. ``max_side=0`` keeps every file's own bytes
+    (validated, never re-encoded or shrunk). A running Ray is used as it is; else
+    ``address`` (or ``RAY_ADDRESS``) is connected to, else a local Ray is started
+    without the dashboard. ``verbose`` (default: ``EMOTION_RAY_VERBOSE``) leaves Ray's
+    console output on; ``show_progress`` shows one bar, on a terminal only unless
+    verbose. Prints the summary line, after one line per split if ``split_lines``.
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
@@ -82,8 +98,9 @@ def ingest(
     start = time.perf_counter()
     root = Path(root).expanduser().resolve()
     out = Path(out).expanduser().absolute()
-    if max_side < 1 or max_pixels < 1:
-        raise ValueError(f"max_side and max_pixels must be >= 1, got {max_side}, {max_pixels}")
+    if max_side < 0 or max_pixels < 1:
+        raise ValueError(f"max_side must be >= 0 ({KEEP_ORIGINAL} keeps the original files) and max_pixels "
+                         f">= 1, got {max_side}, {max_pixels}")
     if num_output_files is not None and num_output_files < 1:
         raise ValueError(f"num_output_files must be >= 1, got {num_output_files}")
     if not root.is_dir():
@@ -107,7 +124,7 @@ def ingest(
     try:
         tmp.mkdir(parents=True)
         counts, bad = _run_pipeline(rows, root, tmp, max_side, max_pixels, num_output_files,
-                                    show_progress, address)
+                                    show_progress, address, is_verbose(verbose))
         params = {"max_side": max_side, "max_pixels": max_pixels, "reader_options": result.params or options,
                   "lexicon_path": str(Path(lexicon_path).resolve()) if lexicon_path else None}
         manifest = _manifest(layout, root, result, counts, bad, params)
@@ -116,6 +133,8 @@ def ingest(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if split_lines:
+        print("\n".join(_split_lines(manifest)))
     print(_summary(manifest, out, time.perf_counter() - start))
     return manifest
 
@@ -156,13 +175,11 @@ def _manifest(layout: str, root: Path, result: ReaderResult, counts: dict[str, i
 
 
 def _run_pipeline(rows: list[dict], root: Path, tmp: Path, max_side: int, max_pixels: int,
-                  num_output_files: Optional[int], show_progress: bool,
-                  address: Optional[str]) -> tuple[dict[str, int], list[dict]]:
+                  num_output_files: Optional[int], show_progress: bool, address: Optional[str],
+                  verbose: bool) -> tuple[dict[str, int], list[dict]]:
     """The Ray Data job; returns rows written per split and the rejected files."""
-    if not ray.is_initialized():
-        ray.init(address=address)
-    per_task = _rows_per_task(len(rows))
-    ds = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // per_task)).map_batches(
+    init_ray(address, verbose=verbose, dashboard=False)  # a local Ray only for the ingest: no dashboard
+    ds = ray.data.from_arrow(_input_blocks(rows, _rows_per_task(len(rows)))).map_batches(
         load_and_prepare,
         fn_kwargs={"root": str(root), "max_side": max_side, "max_pixels": max_pixels},
         batch_format="pyarrow",
@@ -170,18 +187,30 @@ def _run_pipeline(rows: list[dict], root: Path, tmp: Path, max_side: int, max_pi
     )
     if num_output_files is not None:
         ds = ds.repartition(num_output_files)
-    # This dataset's own copy of the DataContext; the caller's global one is left alone.
-    if not show_progress:
-        ds.context.enable_progress_bars = False
-    # The job is one fused map+write operator; with Ray Data's per-operator resource
-    # reservation on, it got half the CPUs (measured: 8 tasks on 2 CPUs ran one at a time).
-    ds.context.op_resource_reservation_enabled = False
-    sink = _ShardSink(str(tmp), None if num_output_files else per_task)
+    _configure(ds.context, show_progress, verbose)
+    sink = _ShardSink(str(tmp))
     ds.write_datasink(sink)
     for split in SPLITS:  # every split gets a folder and at least one (maybe empty) file
         if sink.counts[split] == 0:
             _write_table(SHARD_SCHEMA.empty_table(), tmp / split / "part-empty.parquet")
     return sink.counts, sink.skipped
+
+
+def _input_blocks(rows: list[dict], per_task: int) -> list[pa.Table]:
+    """The records as Arrow tables of ``per_task`` rows: one block, hence one task, each."""
+    table = pa.Table.from_pylist(rows, schema=_RECORD_SCHEMA)
+    return [table.slice(start, per_task) for start in range(0, len(rows), per_task)]
+
+
+def _configure(context, show_progress: bool, verbose: bool) -> None:
+    """This dataset's own DataContext (the caller's global one is left alone): console and resources."""
+    if not verbose:
+        quiet_ray_data(context)  # no execution plan, no per-operator bars, Ray Data's console at ERROR
+    # One total bar; when quiet, on a terminal only (piped, Ray Data logs its progress every few seconds).
+    context.enable_progress_bars = show_progress and (verbose or sys.stdout.isatty())
+    # The job is one fused map+write operator; with Ray Data's per-operator resource
+    # reservation on, it got half the CPUs (measured: 8 tasks on 2 CPUs ran one at a time).
+    context.op_resource_reservation_enabled = False
 
 
 def _rows_per_task(num_rows: int) -> int:
@@ -215,6 +244,13 @@ def _replace_dir(new: Path, out: Path) -> None:
         previous.unlink()
 
 
+def _split_lines(manifest: dict) -> list[str]:
+    """``<split>: N images written, k skipped`` per split (k: that split's files that failed validation;
+    the files a reader skipped belong to no split and are counted in the summary)."""
+    bad = Counter(item.get("split") for item in manifest["skipped"])
+    return [f"{split}: {manifest['counts'][split]} images written, {bad[split]} skipped" for split in SPLITS]
+
+
 def _summary(manifest: dict, out: Path, seconds: float) -> str:
     """``ingested N images (train a / val b / test c), skipped k (reasons: ...) -> out in Xs``."""
     counts = manifest["counts"]
@@ -229,29 +265,27 @@ def _summary(manifest: dict, out: Path, seconds: float) -> str:
 # ----------------------------------------------------------------------------- worker side
 
 def load_and_prepare(batch: pa.Table, root: str, max_side: int, max_pixels: int) -> pa.Table:
-    """Map step: read each record's file under ``root`` and run :func:`prepare_image`.
+    """Map step: read each record's file under ``root`` and run :func:`prepare_image`
+    (:func:`validate_image`, which keeps the file's bytes, when ``max_side`` is 0).
 
     Emits every row with ``image`` set and ``error`` null, or, for a file that cannot
-    be used, ``image`` null and ``error`` the short reason.
+    be used, ``image`` null and ``error`` the short reason. The record's columns pass
+    through as they are (``path`` becomes ``image_id``).
     """
-    records = batch.to_pylist()
+    batch = batch.select(_RECORD_SCHEMA.names).cast(_RECORD_SCHEMA)
     images: list[Optional[bytes]] = []
     errors: list[Optional[str]] = []
-    for record in records:
+    for path in batch.column("path").to_pylist():
         try:
-            data = read_inside(root, record["path"])
-            images.append(prepare_image(data, max_side=max_side, max_pixels=max_pixels))
+            data = read_inside(root, path)
+            images.append(validate_image(data, max_pixels) if max_side == KEEP_ORIGINAL
+                          else prepare_image(data, max_side=max_side, max_pixels=max_pixels))
             errors.append(None)
         except BadImage as err:
             images.append(None)
             errors.append(err.reason)
-    columns = {
-        "image": images,
-        "image_id": [record["path"] for record in records],
-        **{name: [record.get(name) for record in records] for name in COLUMNS[2:]},
-        "error": errors,
-    }
-    return pa.Table.from_pydict(columns, schema=_PREPARED_SCHEMA)
+    columns = [pa.array(images, pa.binary()), *batch.columns, pa.array(errors, pa.string())]
+    return pa.Table.from_arrays(columns, schema=_PREPARED_SCHEMA)
 
 
 def read_inside(root: str | os.PathLike, relative: str) -> bytes:
@@ -281,18 +315,14 @@ class _ShardSink(Datasink):
     """Writes good rows to ``<folder>/<split>/part-<task>.parquet``; returns the bad ones.
 
     File names depend only on the write task's index, so a retried task overwrites
-    its own file instead of duplicating rows.
+    its own file instead of duplicating rows. A write task takes what its fused map
+    step made from one input block, so a block's rows make one file per split.
     """
 
-    def __init__(self, folder: str, rows_per_write: Optional[int]):
+    def __init__(self, folder: str):
         self.folder = folder
-        self.rows_per_write = rows_per_write
         self.counts: dict[str, int] = dict.fromkeys(SPLITS, 0)
         self.skipped: list[dict] = []
-
-    @property
-    def min_rows_per_write(self) -> Optional[int]:
-        return self.rows_per_write
 
     def write(self, blocks: Iterable, ctx) -> dict:
         tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
@@ -301,8 +331,8 @@ class _ShardSink(Datasink):
             return {"counts": {}, "skipped": []}
         table = pa.concat_tables(tables, promote_options="permissive").cast(_PREPARED_SCHEMA)
         bad = pc.is_valid(table["error"])
-        skipped = [{"path": row["image_id"], "reason": row["error"]}
-                   for row in table.filter(bad).select(["image_id", "error"]).to_pylist()]
+        skipped = [{"path": row["image_id"], "reason": row["error"], "split": row["split"]}
+                   for row in table.filter(bad).select(["image_id", "error", "split"]).to_pylist()]
         good = table.filter(pc.invert(bad)).select(list(COLUMNS))
         counts = {}
         for split in SPLITS:

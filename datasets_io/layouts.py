@@ -148,6 +148,13 @@ def ingest_options(layout: str, options: Mapping[str, Any]) -> dict:
     return {key: value for key, value in options.items() if key in accepted}
 
 
+def dataset_names(*, having: frozenset = frozenset(), lacking: frozenset = frozenset()) -> list[str]:
+    """The paper dataset names of the layouts that have every capability in ``having`` and none in
+    ``lacking`` (``lacking={MEASURED_VA, STICKERS}``: the categorical sets of stage one)."""
+    return [name for layout in REGISTRY if having <= layout.capabilities and not layout.capabilities & lacking
+            for name in layout.datasets]
+
+
 def detect_layout(root: Union[str, os.PathLike]) -> str:
     """The layout of a raw dataset folder (used when a path is given without a layout)."""
     path = Path(root)

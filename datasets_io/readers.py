@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import posixpath
 import random
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Callable, Hashable, Optional, Sequence, Union
 
@@ -46,11 +47,13 @@ class _Members:
     Every reader goes through :meth:`get`, so path safety is decided in one place: an
     absolute name, a ``..`` component, or a path that leaves the root once symlinks are
     resolved is skipped with :data:`ESCAPES`; a name that is not a file on disk with
-    :data:`MISSING`; a second mention of the same file with :data:`DUPLICATE`.
+    :data:`MISSING`; a second mention of the same file with :data:`DUPLICATE`, unless
+    ``keep_duplicates`` (then every mention is returned, e.g. SER30K's annotation entries).
     """
 
-    def __init__(self, root: PathLike) -> None:
+    def __init__(self, root: PathLike, keep_duplicates: bool = False) -> None:
         self.root = _existing_dir(root)
+        self.keep_duplicates = keep_duplicates
         self.skipped: list[dict] = []
         self._seen: set[str] = set()
 
@@ -69,7 +72,7 @@ class _Members:
             return self._skip(rel, ESCAPES)
         if not real.is_file():
             return self._skip(rel, MISSING)
-        if rel in self._seen:
+        if rel in self._seen and not self.keep_duplicates:
             return self._skip(rel, DUPLICATE)
         self._seen.add(rel)
         return rel
@@ -318,23 +321,94 @@ def _ldl_columns(path: Path, rows: list[tuple[int, list[str]]],
 
 EMOTION6_TABLE = "ground_truth.txt"
 EMOTION6_CLASSES = CATEGORY_SETS["Emotion6"]
+EMOTION6_IMAGES = "images"
+EMOTION6_SPLIT_FOLDERS = ("train", "test")  # the published layout's given split (no images/ folder)
+DEFAULT_VAL_FRACTION = 0.2                   # the published random_split(train, [0.8, 0.2])
 
 
-def read_emotion6(root: PathLike, split_ratios: Ratios = DEFAULT_RATIOS, seed: int = 42) -> ReaderResult:
-    """Cornell Emotion6: ``ground_truth.txt`` rows ``<emotion>/<n>.jpg  V  A  p1..p7``.
+@dataclass(frozen=True)
+class _Emotion6Row:
+    """One parsed ground_truth.txt row: SAM valence/arousal and the 7 normalised probabilities."""
+
+    where: str                # "<table>:<line>", for messages
+    valence: float
+    arousal: float
+    dist: np.ndarray
+
+    def record(self, rel: str, split: str = "") -> Record:
+        """The image at ``rel`` (``<folder>/<emotion>/<file>``): canonical VA, label = argmax."""
+        parts = PurePosixPath(rel).parts
+        return Record(rel, split, label=int(np.argmax(self.dist)), label_dist=self.dist.tolist(),
+                      valence=float(sam_to_canonical(self.valence)), arousal=float(sam_to_canonical(self.arousal)),
+                      va_source="measured", group=parts[1] if len(parts) > 2 else "")
+
+
+def read_emotion6(root: PathLike, split_ratios: Optional[Ratios] = None, seed: int = 42,
+                  train_list: Optional[PathLike] = None, test_list: Optional[PathLike] = None,
+                  val_fraction: Optional[float] = None) -> ReaderResult:
+    """Cornell Emotion6: ``ground_truth.txt`` rows ``<emotion>/<n>.jpg  V  A  p1..p7``, and its images.
 
     Valence and arousal are SAM ratings (1..9), converted to the canonical scale
     (va_source "measured"); label_dist is the 7 probabilities (anger, disgust, fear, joy,
-    sadness, surprise, neutral) normalised, label their argmax, group the image's folder.
-    Emotion6 has no official split: a seeded split stratified by folder is made.
+    sadness, surprise, neutral) normalised, label their argmax, group the image's emotion folder.
+
+    The split (``params["split_source"]``), decided in this order:
+
+    * ``"lists"``: ``train_list`` and ``test_list`` given, files of one ``anger/1.jpg``-style
+      path per line, relative to ``images/`` (the list files: absolute, or relative to the root);
+    * ``"seeded"``: ``images/<emotion>/<n>.jpg`` (Emotion6 as Cornell ships it, no split): a
+      split stratified by folder, ``split_ratios`` (default 0.8/0.1/0.1) seeded by ``seed``;
+    * ``"folders"``: no ``images/`` but ``train/<emotion>/<file>`` and ``test/<emotion>/<file>``
+      (the published training layout); ``train/anger/1.jpg`` is ground_truth.txt's
+      ``anger/1.jpg``, or, when that is absent and the file is named ``anger_1.jpg``, too.
+
+    With a given split (lists or folders), test is exactly the given test images and val a
+    seeded random ``val_fraction`` (default 0.2) of the given training images, as the
+    published ``random_split(train, [0.8, 0.2])``. An image given twice, or one that
+    ground_truth.txt does not list, is a one-line DataError naming the file and line.
     """
     members = _Members(root)
-    path = members.root / EMOTION6_TABLE
+    rows = _emotion6_rows(members.root / EMOTION6_TABLE)
+    source = _emotion6_split_source(members.root, train_list, test_list)
+    classes = list(EMOTION6_CLASSES)
+    if source == "seeded":
+        if val_fraction is not None:
+            raise DataError(f"{members.root}: val_fraction applies to a given split (train_list/test_list or "
+                            f"train/ and test/ folders); this one is seeded: use split_ratios")
+        ratios = DEFAULT_RATIOS if split_ratios is None else split_ratios
+        records = [row.record(rel) for key, row in rows
+                   if (rel := members.get(EMOTION6_IMAGES, key)) is not None]
+        _assign_splits(records, lambda record: record.group, ratios, seed)
+        return _result(records, classes, members, layout="emotion6", split_source=source,
+                       split_ratios=list(ratios), seed=seed)
+    if split_ratios is not None:
+        raise DataError(f"{members.root}: split_ratios applies to the seeded split; this split is given "
+                        f"({source}): use val_fraction")
+    fraction = DEFAULT_VAL_FRACTION if val_fraction is None else _check_fraction(val_fraction)
+    table = {}
+    for key, row in rows:
+        table.setdefault(key, row)
+    if source == "lists":
+        lists = {"train": members.root / train_list, "test": members.root / test_list}
+        given = [entry for split, path in lists.items() for entry in _listed(path, split, table)]
+    else:
+        lists = {}
+        given = [entry for split in EMOTION6_SPLIT_FOLDERS for entry in _in_folder(members.root, split, table)]
+    _check_disjoint(given)
+    records = [table[key].record(rel, split) for split, key, parts, _ in given
+               if (rel := members.get(*parts)) is not None]
+    _hold_out_val(records, fraction, seed)
+    return _result(records, classes, members, layout="emotion6", split_source=source, val_fraction=fraction,
+                   seed=seed, **{f"{split}_list": str(path) for split, path in lists.items()})
+
+
+def _emotion6_rows(path: Path) -> list[tuple[str, _Emotion6Row]]:
+    """``(image key, row)`` per row of ground_truth.txt, in file order (the header line skipped)."""
     rows = read_table(path)
     if has_header(rows):
         rows = rows[1:]  # "[image_filename]  [valence]  [arousal]  [prob. anger] ..."
     n_fields = 3 + len(EMOTION6_CLASSES)
-    records = []
+    parsed = []
     for lineno, fields in rows:
         where = f"{path}:{lineno}"
         if len(fields) != n_fields:
@@ -342,15 +416,88 @@ def read_emotion6(root: PathLike, split_ratios: Ratios = DEFAULT_RATIOS, seed: i
                             f"{len(EMOTION6_CLASSES)} probabilities), got {len(fields)}")
         valence, arousal = parse_va(fields[1:3], where, (1.0, 9.0), "the SAM scale")
         dist = normalize_dist([parse_number(text, f"{where}: probability") for text in fields[3:]], where)
-        rel = members.get("images", fields[0])
-        if rel is not None:
-            folder = PurePosixPath(rel).parts[1] if len(PurePosixPath(rel).parts) > 2 else ""
-            records.append(Record(rel, "", label=int(np.argmax(dist)), label_dist=dist.tolist(),
-                                  valence=float(sam_to_canonical(valence)),
-                                  arousal=float(sam_to_canonical(arousal)), va_source="measured", group=folder))
-    _assign_splits(records, lambda record: record.group, split_ratios, seed)
-    return _result(records, list(EMOTION6_CLASSES), members, layout="emotion6",
-                   split_ratios=list(split_ratios), seed=seed)
+        parsed.append((_key(fields[0]), _Emotion6Row(where, valence, arousal, dist)))
+    return parsed
+
+
+def _key(name: str) -> str:
+    """An image name as ground_truth.txt keys it: posix separators."""
+    return name.strip().replace("\\", "/")
+
+
+def _emotion6_split_source(root: Path, train_list: Optional[PathLike], test_list: Optional[PathLike]) -> str:
+    """``"lists"``, ``"seeded"`` or ``"folders"`` (see :func:`read_emotion6`); a one-line error otherwise."""
+    if (train_list is None) != (test_list is None):
+        raise DataError(f"{root}: train_list and test_list go together; got only "
+                        f"{'train_list' if test_list is None else 'test_list'}")
+    has_images = (root / EMOTION6_IMAGES).is_dir()
+    if train_list is not None:
+        if not has_images:
+            raise DataError(f"{root}: train_list/test_list name images under {EMOTION6_IMAGES}/, "
+                            "which is not a folder here")
+        return "lists"
+    if has_images:
+        return "seeded"
+    present = [name for name in EMOTION6_SPLIT_FOLDERS if (root / name).is_dir()]
+    if len(present) == len(EMOTION6_SPLIT_FOLDERS):
+        return "folders"
+    found = f"; found only {present[0]}/" if present else ""
+    raise DataError(f"{root}: no {EMOTION6_IMAGES}/ folder, nor both train/ and test/ folders{found}")
+
+
+def _listed(path: Path, split: str, table: dict) -> list[tuple[str, str, tuple[str, ...], str]]:
+    """``(split, key, path parts, where)`` per line of a split list; every key must be in the table."""
+    entries = []
+    for lineno, fields in read_table(path):
+        where = f"{path}:{lineno}"
+        if len(fields) != 1:
+            raise DataError(f"{where}: expected one image path per line, got {len(fields)} fields")
+        key = _key(fields[0])
+        if key not in table:
+            raise DataError(f"{where}: {key} is not in {EMOTION6_TABLE}")
+        entries.append((split, key, (EMOTION6_IMAGES, key), where))
+    return entries
+
+
+def _in_folder(root: Path, split: str, table: dict) -> list[tuple[str, str, tuple[str, ...], str]]:
+    """``(split, key, path parts, where)`` per image of ``root/split/<emotion>/``, keyed in the table
+    as ``<emotion>/<file>``, else (published naming) ``<emotion>_<n>.jpg`` as ``<emotion>/<n>.jpg``."""
+    entries = []
+    for file in _image_files(root / split):
+        parts = file.relative_to(root / split).parts
+        if len(parts) != 2:
+            raise DataError(f"{file}: expected {split}/<emotion>/<file>")
+        folder, name = parts
+        keys = [f"{folder}/{name}"] + ([f"{folder}/{name[len(folder) + 1:]}"]
+                                       if name.startswith(f"{folder}_") else [])
+        key = next((k for k in keys if k in table), None)
+        if key is None:
+            raise DataError(f"{file}: not in {EMOTION6_TABLE} (looked up as {' or '.join(keys)})")
+        entries.append((split, key, (split, folder, name), str(file)))
+    return entries
+
+
+def _check_disjoint(entries: list[tuple[str, str, tuple[str, ...], str]]) -> None:
+    """Every image at most once across the given splits; a one-line error naming both places otherwise."""
+    first: dict[str, str] = {}
+    for _, key, _, where in entries:
+        if key in first:
+            raise DataError(f"{where}: {key} is given twice (also at {first[key]})")
+        first[key] = where
+
+
+def _check_fraction(fraction: float) -> float:
+    value = float(fraction)
+    if not 0.0 <= value < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {fraction}")
+    return value
+
+
+def _hold_out_val(records: list[Record], fraction: float, seed: int) -> None:
+    """Move a seeded random ``fraction`` of the train records (by path order) to val."""
+    train = sorted((record for record in records if record.split == "train"), key=lambda record: record.path)
+    for record in random.Random(f"{seed}/val").sample(train, round(len(train) * fraction)):
+        record.split = "val"
 
 
 # ----------------------------------------------------------------------------- SER30K
@@ -359,7 +506,8 @@ SER30K_ANNOTATIONS = ("Annotations", "image-level")
 SER30K_CLASSES = CATEGORY_SETS["SER30K"]
 
 
-def read_ser30k(root: PathLike, lexicon: Union[None, PathLike, Lexicon] = None) -> ReaderResult:
+def read_ser30k(root: PathLike, lexicon: Union[None, PathLike, Lexicon] = None,
+                keep_duplicates: bool = False) -> ReaderResult:
     """SER30K stickers: ``Annotations/image-level/{train,val,test}.json`` + ``Images/<topic>/<file>``.
 
     Each json is ``{"annotations": [{"topic", "file_name", "text", "anno1", "anno2",
@@ -367,8 +515,13 @@ def read_ser30k(root: PathLike, lexicon: Union[None, PathLike, Lexicon] = None) 
     Classes come from ``categories`` (names, or {"id", "name"} dicts ordered by id) when
     present, else the 7 SER30K emotions. VA is the lexicon anchor of the class
     (happiness -> joy); text is the sticker's embedded text; group its topic.
+
+    An entry naming a file already listed is skipped ("listed more than once") unless
+    ``keep_duplicates``: then every entry is a record, as the published ``SER_Full`` dataset
+    trains on every annotation entry (a file listed twice is trained on twice; its rows share
+    the image_id).
     """
-    members = _Members(root)
+    members = _Members(root, keep_duplicates=keep_duplicates)
     lexicon = _as_lexicon(lexicon)
     documents = {split: _load_json(members.root.joinpath(*SER30K_ANNOTATIONS, f"{split}.json")) for split in SPLITS}
     classes = _ser30k_classes(documents)
@@ -393,7 +546,8 @@ def read_ser30k(root: PathLike, lexicon: Union[None, PathLike, Lexicon] = None) 
                 records.append(Record(rel, split, label=label, valence=float(anchors[label, 0]),
                                       arousal=float(anchors[label, 1]), va_source="lexicon",
                                       text=str(entry.get("text") or ""), group=entry["topic"]))
-    return _result(records, classes, members, layout="ser30k", categories=classes, lexicon=lexicon.source)
+    return _result(records, classes, members, layout="ser30k", categories=classes, lexicon=lexicon.source,
+                   keep_duplicates=keep_duplicates)
 
 
 def _load_json(path: Path) -> tuple[Path, dict]:

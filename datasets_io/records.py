@@ -4,7 +4,8 @@ shards and the manifest that marks an ingest output complete.
 An ingest output (written by :mod:`datasets_io.ingest`, read by :mod:`datasets_io.shards`
 and :mod:`datasets_io.ray_data`) is::
 
-    <out>/manifest.json              classes, VA scale, counts, every skipped file + reason
+    <out>/manifest.json              classes, VA scale, counts, every skipped file + reason (+ its
+                                     split when it failed validation), params (max_side 0: originals)
     <out>/{train,val,test}/*.parquet columns = COLUMNS, schema = SHARD_SCHEMA
 
 Valence and arousal are always on the project's canonical scale, [-1, 1]
@@ -31,8 +32,9 @@ VA_SOURCES = ("measured", "lexicon", "none")
 # The Parquet schema of the shards (one row per image), in column order. Explicit types, so that
 # a block whose label_dist / valence are all null keeps them.
 SHARD_SCHEMA = pa.schema([
-    ("image", pa.binary()),                 # JPEG, longer side <= max_side
-    ("image_id", pa.string()),              # the image's path relative to the dataset root (posix)
+    ("image", pa.binary()),                 # JPEG, longer side <= max_side; max_side 0: the file's own bytes
+    ("image_id", pa.string()),              # the image's path relative to the dataset root (posix); rows
+                                            # share it when a reader keeps an entry listed twice
     ("split", pa.string()),                 # train | val | test
     ("label", pa.int64()),                  # class index, -1 if none
     ("label_dist", pa.list_(pa.float32())), # distribution over the classes, or null

@@ -149,12 +149,19 @@ class LocalSplit:
         self.seed, self.keep_text, self.post = seed, keep_text, post
         self._table = None
 
-    def for_epoch(self, epoch: int, rank: int = 0, world: int = 1) -> "_EpochShard":
-        from datasets_io.shards import epoch_rows, read_split_table
+    @property
+    def table(self):
+        """The split's rows (read from the shards once, on first use)."""
+        from datasets_io.shards import read_split_table
 
         if self._table is None:
             self._table = read_split_table(self.shards, self.split)
-        rows, repeats = epoch_rows(self._table.num_rows, self.seed, epoch, rank=rank, world=world,
+        return self._table
+
+    def for_epoch(self, epoch: int, rank: int = 0, world: int = 1) -> "_EpochShard":
+        from datasets_io.shards import epoch_rows
+
+        rows, repeats = epoch_rows(self.table.num_rows, self.seed, epoch, rank=rank, world=world,
                                    repeats=self.prep.repeated_aug)
         return _EpochShard(self, epoch, rows, repeats)
 
@@ -169,7 +176,7 @@ class _EpochShard:
         from datasets_io.shards import table_batches
 
         step = transform if self.split.post is None else (lambda batch: self.split.post(transform(batch)))
-        return table_batches(self.split._table, self.rows, step, batch_size, repeats=self.repeats,
+        return table_batches(self.split.table, self.rows, step, batch_size, repeats=self.repeats,
                              drop_last=drop_last, tensors=tensors)
 
     def iter_torch_batches(self, *, batch_size: int, drop_last: bool = False, **_ignored):

@@ -18,7 +18,12 @@ class UsageError(ValueError):
 
 class Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one :class:`UsageError` line (exit 2 through :func:`run_main`)
-    instead of a usage block, so that every entry point reports bad input the same way."""
+    instead of a usage block, so that every entry point reports bad input the same way. Abbreviated options
+    are refused: ``--mode`` must never be read as ``--model`` because the pipeline has no ``--mode``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise UsageError(f"{self.prog}: {message}")

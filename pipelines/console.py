@@ -15,7 +15,9 @@ Quiet (the default):
 
 ``--verbose`` or ``EMOTION_RAY_VERBOSE=1`` leaves Ray's and MLflow's output as Ray prints it (workers'
 lines forwarded with Ray's ``(RayTrainWorker pid=...)`` prefix); no relay is started. Only public
-Ray APIs are used: ``ray.init`` options, a named actor, ``ray.get_actor``.
+Ray APIs are used: ``ray.init`` options, a named actor, ``ray.get_actor``. The Ray part that is not
+about training (the flag, ``ray.init`` arguments, Ray Data's console) is :mod:`datasets_io.quiet_ray`'s,
+shared with the ingest.
 """
 from __future__ import annotations
 
@@ -24,16 +26,14 @@ import os
 import sys
 from typing import Callable, Optional
 
-ENV = "EMOTION_RAY_VERBOSE"
+# The generic part (verbose flag, ray.init arguments, Ray Data's console) is shared with the ingest.
+from datasets_io.quiet_ray import ENV, is_verbose, quiet_ray_data, quiet_ray_data_console, ray_init_kwargs
+
+__all__ = ["ENV", "PROGRESS", "is_verbose", "configure", "quiet_ray_data_console", "ray_init_kwargs",
+           "EpochProgress", "start_relay", "flush", "emitter"]
+
 # Rank 0's progress through the current epoch, at most once a second: ``@progress {json}``.
 PROGRESS = "@progress "
-
-
-def is_verbose(flag: Optional[bool] = None) -> bool:
-    """``--verbose`` wins; else ``EMOTION_RAY_VERBOSE`` (1/true/yes/on)."""
-    if flag:
-        return True
-    return os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 class EpochProgress:
@@ -100,34 +100,8 @@ def configure(verbose: Optional[bool] = None) -> bool:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        from ray.data import DataContext
-
-        ctx = DataContext.get_current()
-        ctx.print_on_execution_start = False
-        ctx.enable_operator_progress_bars = False  # the ingest's bar: one total, not one per operator
-    except ImportError:  # pragma: no cover - ray is a dependency
-        pass
-    quiet_ray_data_console()
+    quiet_ray_data()  # no execution plans, no per-operator bars, Ray Data's console handlers at ERROR
     return False
-
-
-def quiet_ray_data_console() -> None:
-    """Ray Data's console handlers at ERROR; its file handler (the session's ray-data log) untouched."""
-    import importlib
-
-    importlib.import_module("ray.data")  # importing it configures the "ray.data" logger's handlers
-
-    for handler in logging.getLogger("ray.data").handlers:
-        if type(handler) is logging.StreamHandler or type(handler).__name__ == "PlainRayHandler":
-            handler.setLevel(logging.ERROR)
-
-
-def ray_init_kwargs(verbose: Optional[bool] = None) -> dict:
-    """``ray.init`` arguments for the console mode."""
-    if is_verbose(verbose):
-        return {"log_to_driver": True}
-    return {"log_to_driver": False, "logging_level": logging.ERROR}
 
 
 RELAY = "emotion-ray-console"   # the named actor carrying the project's worker lines to the driver

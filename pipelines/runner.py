@@ -18,8 +18,9 @@ from pipelines import console
 from pipelines.checkpoints import RESULT_FILE, RUN_STATE_FILE
 from pipelines.recipe import Recipe, StageRecipe, jsonable
 from pipelines import system_metrics
-from pipelines.tracking import Tracker, log_stage_artifacts
+from pipelines.tracking import Tracker, is_server_uri, log_stage_artifacts
 from pipelines.train_loop import RunOptions, StageData, StageFailed, StageOutcome, run_stage
+from pipelines.versions import version_params
 
 
 def require_tracking(run: RunOptions) -> None:
@@ -58,11 +59,17 @@ def require_weights(*recipes: StageRecipe) -> None:
             raise FileNotFoundError(f"{spec.weights}: no such weights file (--weights)")
 
 
+def experiment_url(tracking_uri: str, experiment_id: str) -> str:
+    """The experiment's page in the MLflow UI, in its model-training view (``workflowType=machine_learning``;
+    MLflow 3's experiment tag ``mlflow.experimentKind`` alone did not switch the view). A tracking server
+    serves the UI itself; a local store is opened with ``mlflow ui``, which listens on 127.0.0.1:5000."""
+    base = tracking_uri.rstrip("/") if is_server_uri(tracking_uri) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
 class PipelineRun:
     def __init__(self, *, run: RunOptions, run_name: str, tags: dict, recipe: Recipe):
         from pipelines.tracking import resolve_tracking_uri
-        from pipelines.versions import resolved_versions
-
         self.register = run.register
         self.fault = run.fault  # tests: "[hold:]stage:epoch:step:rank:marker[,...]" (see _fault)
         self.run_name = run_name
@@ -80,9 +87,8 @@ class PipelineRun:
             print(f"resuming run {run_name!r} (MLflow run {parent}); finished stages: "
                   f"{', '.join(self.state['stages']) or 'none'}")
         else:
-            versions = resolved_versions()
             params = {"recipe": recipe.name, "num_workers": run.num_workers, "use_gpu": run.use_gpu,
-                      **{f"version.{k}": v for k, v in versions.items()}}
+                      **version_params()}
             parent = self.tracker.retrying("start the parent run", lambda: self.tracker.start_run(
                 run_name, tags={**tags, "recipe": recipe.name}, params=params), required=True)
             self.tracker.retrying("the recipe", lambda: self.tracker.client.log_text(parent, recipe.to_yaml(),
@@ -107,8 +113,10 @@ class PipelineRun:
         from pipelines import cli
 
         rows = [(k, cli.fmt(result[k])) for k in keys if isinstance(result.get(k), (int, float))]
-        rows += [("mlflow run", self.parent_id),
-                 ("mlflow ui", f"mlflow ui --backend-store-uri {self.tracker.uri}"),
+        rows += [("mlflow run", self.parent_id)]
+        if not is_server_uri(self.tracker.uri):   # a tracking server serves its own UI
+            rows += [("mlflow ui", f"mlflow ui --backend-store-uri {self.tracker.uri}")]
+        rows += [("experiment", experiment_url(self.tracker.uri, self.tracker.experiment_id)),
                  ("result", str(path)), ("wall time", f"{time.time() - self.started:.0f} s")]
         cli.print_table(rows, title)
 
@@ -146,10 +154,12 @@ class PipelineRun:
         resume_hint = f"start {name}'s MLflow run; the finished stages are saved, rerun the same command " \
                       f"with --run-name {self.run_name} to continue"
         per_worker = recipe.per_worker_batch(self.run.num_workers)
+
         if not child or not self.tracker.retrying(resume_hint, lambda: self.tracker.run_exists(child), required=True):
             child = self.tracker.retrying(resume_hint, lambda: self.tracker.start_run(
                 name, parent_id=self.parent_id, tags={"recipe": recipe.source, "pretrained": recipe.model.weights},
-                params={**recipe.to_dict(), "per_worker_batch_size": per_worker}), required=True)
+                params={**recipe.to_dict(), "per_worker_batch_size": per_worker,
+                                                       **version_params()}), required=True)
             self.state["child_runs"][name] = child
             self._save()
             self.tracker.retrying(f"{name}: recipe and dataset inputs", lambda: (

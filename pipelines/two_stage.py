@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
+from datasets_io import layouts
 from pipelines import cli
 from pipelines.recipe import (EvalSet, Flag, Recipe, StageRecipe, add_flags, apply_overrides, flag_overrides,
                               select_flag)
@@ -97,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_recipe_arg(p, "two_stage")
     d = p.add_argument_group("data")
     d.add_argument("--dataname", default=None,
-                   help="FI, Flickr, Instagram, FlickrLDL, TwitterLDL, or a dataset folder "
+                   help=f"{', '.join(layouts.dataset_names(lacking=frozenset({layouts.MEASURED_VA, layouts.STICKERS})))}"
+                        ", or a dataset folder "
                         "(raw or ingested); default: the embedded demo")
     d.add_argument("--data-root", default=None, help="raw folder of --dataname when it is not ingested yet")
     d.add_argument("--dimensional", default=None,

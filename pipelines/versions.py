@@ -39,3 +39,8 @@ def mismatched_versions(reference: Mapping[str, str]) -> dict[str, tuple[str, st
     ``2.14.1`` and ``2.14.1+cpu`` are different builds."""
     here = resolved_versions(name for name in reference if name != "python")
     return {name: (wanted, here[name]) for name, wanted in reference.items() if here[name] != wanted}
+
+
+def version_params() -> dict[str, str]:
+    """The resolved versions as MLflow params (``version.torch``, ...): every run the project starts logs them."""
+    return {f"version.{name}": version for name, version in resolved_versions().items()}

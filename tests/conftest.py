@@ -46,7 +46,21 @@ def _snapshot() -> dict:
 _HOME_BEFORE = _snapshot()
 
 
+def pytest_collection_modifyitems(config, items):
+    """A test that uses the session's Ray is a slow one, marked or not: ``-m "not slow"`` starts no Ray."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_sessionfinish(session, exitstatus):
+    if session.config.getoption("markexpr", "") == "not slow":
+        import sys
+
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            print('\n-m "not slow" started Ray: a test that starts Ray must be marked slow')
+            session.exitstatus = 1
     changed = sorted(set(_snapshot().items()) ^ set(_HOME_BEFORE.items()))
     if changed:
         paths = sorted({p for p, _ in changed})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +69,38 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def learned(ray_session, workdir):
     """one_stage/single, 4 epochs max, patience 2, 2 kept checkpoints: result.json."""
-    assert two_stage.main(_argv(workdir, "learn", *LEARN)) == 0
+    assert two_stage.main(_argv(workdir, "learn", *LEARN, "--register", "e2e-va")) == 0
     return json.loads((workdir / "runs" / "learn" / "result.json").read_text())
+
+
+def test_register_from_the_command_line_names_a_loadable_model(learned, workdir):
+    """``--register NAME``: the last stage's model becomes a version of NAME with the alias ``candidate``,
+    and ``predict --model models:/NAME@candidate`` scores an image with it."""
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    registered = learned["registered_model"]
+    assert registered["name"] == "e2e-va" and registered["uri"] == "models:/e2e-va@candidate"
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    version = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias("e2e-va", "candidate")
+    assert version.run_id == _runs(workdir, "learn")["stage1"].info.run_id
+    image = workdir / "one.jpg"
+    image.write_bytes(_jpeg((200, 40, 40)))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.predict", "--model", "models:/e2e-va@candidate",
+                           str(image)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "one.jpg" in proc.stdout, proc.stdout
+
+
+def test_every_run_records_the_resolved_versions(learned, workdir):
+    from pipelines.versions import resolved_versions
+
+    expected = {f"version.{k}": v for k, v in resolved_versions().items()}
+    for name, run in _runs(workdir, "learn").items():
+        assert {k: run.data.params.get(k) for k in expected} == expected, name
 
 
 def test_training_through_ray_learns(learned, workdir):

@@ -143,3 +143,11 @@ def test_unknown_model_or_backbone_is_a_model_config_error():
         create_model("nope")
     with pytest.raises(ModelConfigError, match="unknown timm backbone 'no_such_net'"):
         create_model("va", backbone="no_such_net")
+
+
+def test_an_abbreviated_option_is_refused_not_guessed():
+    """``--mode`` on the sticker pipeline (which has ``--model``, no ``--mode``) is an error, not ``--model``."""
+    from pipelines import sticker
+
+    with pytest.raises(cli.UsageError, match="unrecognized arguments: --mode one_stage"):
+        sticker.build_parser().parse_args(["--mode", "one_stage"])

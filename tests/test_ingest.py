@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ from datasets_io.demo import make_demo
 from datasets_io.layouts import read_dataset
 from datasets_io.records import COLUMNS, SPLITS, VA_SCALE
 from datasets_io.ray_data import load_split
-from datasets_io.shards import ImageTransform, iter_local_batches, numpy_batch, to_tensors
+from datasets_io.prep import ImagePrep, ImageTransform
+from datasets_io.shards import iter_local_batches, numpy_batch, to_tensors
 from test_images import bad_files, encode, noise
 
 ingest_module = importlib.import_module("datasets_io.ingest")
@@ -164,6 +166,46 @@ def test_crash_keeps_previous_output_and_never_looks_complete(ray_session, bad_t
     assert not ingest_module.is_ingested(leftovers[0]) and list(leftovers[0].glob("*/*.parquet"))
 
 
+def test_max_side_0_stores_each_original_file_and_still_skips_bad_ones(bad_tree, bad_out, tmp_path):
+    out = tmp_path / "originals"
+    manifest = ingest("emotion6", bad_tree, out, max_side=0, reader_options={"split_ratios": [1.0, 0.0, 0.0]},
+                      show_progress=False)
+    rows = _rows(out, "train")
+    assert len(rows) == 4 and manifest["params"]["max_side"] == 0
+    for row in rows:  # byte for byte the file on disk: not re-encoded, not shrunk, a PNG stays a PNG
+        assert row["image"] == (bad_tree / row["image_id"]).read_bytes(), row["image_id"]
+    formats = {row["image_id"]: Image.open(io.BytesIO(row["image"])).format for row in rows}
+    assert formats["images/joy/rgba.png"] == "PNG" and formats["images/fear/gray16.png"] == "PNG"
+    # Validated as when re-encoding: the same files are skipped, for the same reasons.
+    reasons = lambda m: sorted((item["path"], item["reason"].split(":")[0]) for item in m["skipped"])  # noqa: E731
+    assert reasons(manifest) == reasons(json.loads((bad_out / "manifest.json").read_text()))
+    assert len(manifest["skipped"]) == 8
+
+
+def _ser30k_tree(root: Path) -> Path:
+    """A tiny SER30K tree whose train.json lists Images/cat/1.jpg twice."""
+    for name in ("1.jpg", "2.jpg", "3.jpg"):
+        (root / "Images" / "cat").mkdir(parents=True, exist_ok=True)
+        (root / "Images" / "cat" / name).write_bytes(encode(noise(12, 10), "JPEG"))
+    entry = lambda name: {"topic": "cat", "file_name": name, "text": "", "anno": 1}  # noqa: E731
+    splits = {"train": [entry("1.jpg"), entry("1.jpg"), entry("2.jpg")], "val": [entry("3.jpg")], "test": []}
+    (root / "Annotations" / "image-level").mkdir(parents=True)
+    for split, annotations in splits.items():
+        (root / "Annotations" / "image-level" / f"{split}.json").write_text(json.dumps({"annotations": annotations}))
+    return root
+
+
+def test_ser30k_keep_duplicates_writes_an_entry_listed_twice_as_two_rows(ray_session, tmp_path):
+    root = _ser30k_tree(tmp_path / "ser30k")
+    twice = ingest("ser30k", root, tmp_path / "twice", reader_options={"keep_duplicates": True}, show_progress=False)
+    once = ingest("ser30k", root, tmp_path / "once", show_progress=False)
+    ids = lambda out: sorted(row["image_id"] for row in _rows(out, "train"))  # noqa: E731
+    assert ids(tmp_path / "twice") == ["Images/cat/1.jpg", "Images/cat/1.jpg", "Images/cat/2.jpg"]
+    assert ids(tmp_path / "once") == ["Images/cat/1.jpg", "Images/cat/2.jpg"]
+    assert twice["counts"]["train"] == 3 and twice["num_skipped"] == 0
+    assert once["counts"]["train"] == 2 and once["skipped"][0]["reason"] == "listed more than once"
+
+
 def test_map_step_rechecks_paths_at_read_time(tmp_path):
     """Records are re-checked when read: a file gone since listing, or a path out of the root."""
     import pyarrow as pa
@@ -230,10 +272,10 @@ def test_round_trip_demo_to_tensors(demo_out):
     records = read_dataset("emotion6", root).records
     train = [r for r in records if r.split == "train"]
     batch = load_split(out, "train").map_batches(
-        ImageTransform(32, train=True, num_classes=7, seed=0), batch_format="numpy").take_batch(1000)
+        ImageTransform(ImagePrep(size=32), train=True, num_classes=7, seed=0), batch_format="numpy").take_batch(1000)
     # Compact batches: uint8 pixels (the worker normalises on its device).
     assert batch["image"].shape == (len(train), 3, 32, 32) and batch["image"].dtype == np.uint8
-    assert set(batch) == {"image", "label", "has_label", "label_dist", "has_dist", "valence", "arousal", "has_va"}
+    assert set(batch) == {"image", "label", "has_label", "label_dist", "has_dist", "valence", "arousal", "has_va", "va_lexicon"}
     assert batch["has_label"].all() and batch["has_dist"].all() and batch["has_va"].all()
     expected = _target_rows({"label": [r.label for r in train], "valence": [r.valence for r in train],
                              "arousal": [r.arousal for r in train], "label_dist": [r.label_dist for r in train]})
@@ -244,7 +286,7 @@ def test_round_trip_demo_to_tensors(demo_out):
 
 def test_local_batches_equal_ray_batches(demo_out):
     _, out = demo_out
-    transform = ImageTransform(32, train=False, num_classes=7)
+    transform = ImageTransform(ImagePrep(size=32), train=False, num_classes=7)
     ray_batch = load_split(out, "train").map_batches(transform, batch_format="numpy").take_batch(1000)
     local = list(iter_local_batches(out, "train", transform, batch_size=5))
     assert [len(b["label"]) for b in local[:-1]] == [5] * (len(local) - 1)
@@ -257,7 +299,7 @@ def test_local_batches_equal_ray_batches(demo_out):
 
 def test_local_shuffle_is_seeded(demo_out):
     _, out = demo_out
-    transform = ImageTransform(32, train=False, num_classes=7)
+    transform = ImageTransform(ImagePrep(size=32), train=False, num_classes=7)
 
     def labels(**kwargs):
         return np.concatenate([b["valence"].numpy() for b in iter_local_batches(out, "train", transform, 4, **kwargs)])
@@ -328,7 +370,11 @@ def test_training_datasets_reorder_the_train_split_only(demo_out, monkeypatch):
         return real(path, split, **kwargs)
 
     monkeypatch.setattr(ray_data, "load_split", recording)
-    sets = training_datasets(out, image_size=32, num_classes=7, seed=5, decode="device")  # train keeps image_id
+    from datasets_io.prep import ImagePrep
+    from pipelines.data import check_shards
+
+    manifest = check_shards(out, role="test", splits=("train",))
+    sets = training_datasets(manifest, ImagePrep(size=32, decode="device"), num_classes=7, seed=5)  # train keeps image_id
     assert seeds == {"train": 5, "val": None}  # evaluation splits keep their order
     stored = read_split_table(out, "train")["image_id"].to_pylist()
     epochs = [[str(i) for batch in sets["train"].iter_batches(batch_format="numpy") for i in batch["image_id"]]
@@ -359,11 +405,12 @@ def _batch_of(images: list[bytes], **columns) -> dict:
 
 def test_eval_transform_normalises_known_colour():
     grey = encode(Image.new("RGB", (48, 40), (128, 64, 200)), "PNG")
-    out = ImageTransform(16, train=False, num_classes=3, mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0),
-                         normalize=True)(_batch_of([grey]))
-    assert out["image"].shape == (1, 3, 16, 16)
-    np.testing.assert_allclose(out["image"][0, :, 8, 8], [(128 / 255 - 0.5) / 0.25, (64 / 255 - 0.5) / 0.5,
-                                                          (200 / 255 - 0.5) / 1.0], atol=1e-5)
+    prep = ImagePrep(size=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))
+    out = ImageTransform(prep, train=False, num_classes=3)(_batch_of([grey]))
+    assert out["image"].shape == (1, 3, 16, 16) and out["image"].dtype == np.uint8
+    pixels = prep.norm()(torch.from_numpy(out["image"]))
+    np.testing.assert_allclose(pixels[0, :, 8, 8].numpy(), [(128 / 255 - 0.5) / 0.25, (64 / 255 - 0.5) / 0.5,
+                                                            (200 / 255 - 0.5) / 1.0], atol=1e-5)
     assert not out["has_va"].any() and (out["valence"] == 0).all() and not out["has_dist"].any()
     assert "text" not in out
 
@@ -373,7 +420,7 @@ def test_nullable_targets_and_text():
     batch = _batch_of(images, label=np.array([2, -1, 0]),
                       label_dist=np.array([None, np.array([0.5, 0.5, 0.0], np.float32), None], dtype=object),
                       valence=np.array([0.5, np.nan, -0.25], np.float32), arousal=np.array([0.1, 0.2, 0.3], np.float32))
-    out = ImageTransform(8, train=False, num_classes=3, keep_text=True)(batch)
+    out = ImageTransform(ImagePrep(size=8), train=False, num_classes=3, keep_text=True)(batch)
     np.testing.assert_array_equal(out["has_label"], [True, False, True])
     np.testing.assert_array_equal(out["label"], [2, -1, 0])
     np.testing.assert_array_equal(out["has_dist"], [False, True, False])
@@ -382,23 +429,23 @@ def test_nullable_targets_and_text():
     np.testing.assert_allclose(out["valence"], [0.5, 0.0, -0.25])
     assert out["text"].tolist() == ["hi"] * 3
     with pytest.raises(ValueError, match="num_classes=4"):
-        ImageTransform(8, train=False, num_classes=4)(batch)
+        ImageTransform(ImagePrep(size=8), train=False, num_classes=4)(batch)
 
 
 @pytest.mark.parametrize("augment", ["basic", "randaugment"])
 def test_train_augmentation_is_seeded_per_image(augment):
     images = [encode(noise(40, 30, seed=i), "JPEG") for i in range(4)]
     batch = _batch_of(images)
-    first = ImageTransform(24, train=True, num_classes=4, augment=augment, seed=3)(batch)["image"]
-    again = ImageTransform(24, train=True, num_classes=4, augment=augment, seed=3)(batch)["image"]
-    other = ImageTransform(24, train=True, num_classes=4, augment=augment, seed=4)(batch)["image"]
+    first = ImageTransform(ImagePrep(size=24, augment=augment), train=True, num_classes=4, seed=3)(batch)["image"]
+    again = ImageTransform(ImagePrep(size=24, augment=augment), train=True, num_classes=4, seed=3)(batch)["image"]
+    other = ImageTransform(ImagePrep(size=24, augment=augment), train=True, num_classes=4, seed=4)(batch)["image"]
     np.testing.assert_array_equal(first, again)
     assert not np.allclose(first, other)
     # per image, not per position: the same image alone gets the same augmentation
-    alone = ImageTransform(24, train=True, num_classes=4, augment=augment, seed=3)(
+    alone = ImageTransform(ImagePrep(size=24, augment=augment), train=True, num_classes=4, seed=3)(
         _batch_of(images[2:3], image_id=np.array(["2.jpg"], object), label=np.array([2])))["image"]
     np.testing.assert_array_equal(alone[0], first[2])
-    evaluated = ImageTransform(24, train=False, num_classes=4)(batch)["image"]
+    evaluated = ImageTransform(ImagePrep(size=24), train=False, num_classes=4)(batch)["image"]
     assert first.shape == evaluated.shape == (4, 3, 24, 24) and not np.allclose(first, evaluated)
 
 
@@ -406,7 +453,7 @@ def test_unseeded_transform_differs_between_pickled_copies():
     import pickle
 
     batch = _batch_of([encode(noise(40, 30, seed=i), "JPEG") for i in range(4)])
-    transform = ImageTransform(24, train=True, num_classes=4)
+    transform = ImageTransform(ImagePrep(size=24), train=True, num_classes=4)
     copies = [pickle.loads(pickle.dumps(transform))(batch)["image"] for _ in range(2)]
     assert not np.allclose(copies[0], copies[1])
 
@@ -434,6 +481,60 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: dataset root not found "
                                                   "(or not a folder)"]
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+RAY_CHATTER = re.compile(r"Ray|ray\.|INFO|WARNING|Token|dashboard|logging_progress|Execution plan|Running Dataset")
+
+
+def test_cli_console_is_quiet_when_piped(bad_tree, tmp_path):
+    """Piped (no terminal): a line per split, the summary with the skipped files counted by reason, nothing of
+    Ray's (no token warning, no start line, no plan, no progress blocks), no bar."""
+    result = subprocess.run([sys.executable, "-m", "datasets_io", "ingest", "--layout", "emotion6", "--root",
+                             str(bad_tree), "--out", str(tmp_path / "out"), "--split-ratios", "1", "0", "0"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[:3] == ["train: 4 images written, 5 skipped", "val: 0 images written, 0 skipped",
+                         "test: 0 images written, 0 skipped"], result.stdout
+    assert len(lines) == 4 and lines[3].startswith("ingested 4 images (train 4 / val 0 / test 0), skipped 8 "
+                                                   "(reasons: ")
+    assert "path escapes dataset root 2" in lines[3] and "truncated 1" in lines[3]
+    assert not any(name in result.stdout for name in ("truncated.jpg", "bomb.png", "missing.jpg"))  # counted only
+    assert result.stderr == "" and not RAY_CHATTER.search(result.stdout), result.stdout + result.stderr
+
+
+def test_cli_passes_console_split_and_duplicate_options(tmp_path, monkeypatch):
+    from datasets_io.__main__ import main
+
+    calls = []
+    monkeypatch.setattr(ingest_module, "ingest", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.chdir(tmp_path)
+    assert main(["ingest", "--layout", "emotion6", "--root", "e6", "--out", "o", "--max-side", "0", "--verbose",
+                 "--train-list", "train.txt", "--test-list", "lists/test.txt", "--val-fraction", "0.25"]) == 0
+    assert main(["ingest", "--layout", "ser30k", "--root", "s", "--out", "o", "--keep-duplicates"]) == 0
+    (args, emotion6), (_, ser30k) = calls
+    assert args == ("emotion6", "e6", "o") and emotion6["max_side"] == 0 and emotion6["verbose"] is True
+    assert emotion6["split_lines"] is True and ser30k["verbose"] is None  # None: EMOTION_RAY_VERBOSE decides
+    assert emotion6["reader_options"] == {"train_list": str(tmp_path / "train.txt"),
+                                          "test_list": str(tmp_path / "lists" / "test.txt"), "val_fraction": 0.25}
+    assert ser30k["reader_options"] == {"keep_duplicates": True}
+
+
+def test_cli_bad_split_list_is_one_line(tmp_path, capsys, monkeypatch):
+    from datasets_io.__main__ import main
+
+    root = tmp_path / "e6"
+    (root / "images" / "joy").mkdir(parents=True)
+    (root / "images" / "joy" / "1.jpg").write_bytes(encode(noise(8, 8), "JPEG"))
+    (root / "ground_truth.txt").write_text(EMOTION6_HEADER + "\n" + _emotion6_row("joy/1.jpg", 5, 5, 3) + "\n")
+    (tmp_path / "train.txt").write_text("joy/1.jpg\n")
+    (tmp_path / "test.txt").write_text("joy/1.jpg\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["ingest", "--layout", "emotion6", "--root", str(root), "--out", str(tmp_path / "o"),
+                 "--train-list", "train.txt", "--test-list", "test.txt"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {tmp_path / 'test.txt'}:1: joy/1.jpg is given twice (also at {tmp_path / 'train.txt'}:1)"]
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_reader_error_and_demo(tmp_path, capsys):

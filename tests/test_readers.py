@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -313,3 +314,148 @@ def test_read_dataset_dispatch_and_errors(tmp_path, write, emotion6_sample):
         read_dataset("folder", tmp_path / "nowhere")
     with pytest.raises(ValueError, match="'emotion6' does not take categories; it takes split_ratios, seed"):
         read_dataset("emotion6", emotion6_sample, categories="FI")
+
+
+# ----------------------------------------------------------------------------- Emotion6, a given split
+
+E6_HEADER = "[image_filename]\t[valence]\t[arousal]\t" + "\t".join(f"[p{i}]" for i in range(7)) + "\n"
+E6_PROBS = {"anger": "\t0.7\t0\t0\t0\t0\t0\t0.3", "joy": "\t0\t0\t0\t0.6\t0\t0\t0.4"}
+
+
+def _emotion6_given(root: Path, write, per_class: int = 10, folders: bool = False) -> list[str]:
+    """ground_truth.txt keys ``<emotion>/<n>.jpg``; images under images/ (or train/ + test/ if ``folders``,
+    the first 7 of each emotion in train/ under the published name ``<emotion>_<n>.jpg``, the rest in test/)."""
+    keys = [f"{emotion}/{n}.jpg" for emotion in E6_PROBS for n in range(1, per_class + 1)]
+    (root / "ground_truth.txt").parent.mkdir(parents=True, exist_ok=True)
+    (root / "ground_truth.txt").write_text(E6_HEADER + "".join(
+        f"{key}\t5\t5{E6_PROBS[key.split('/')[0]]}\n" for key in keys))
+    for key in keys:
+        emotion, name = key.split("/")
+        if not folders:
+            write(root, f"images/{key}")
+        elif int(name.split(".")[0]) <= 7:
+            write(root, f"train/{emotion}/{emotion}_{name}")
+        else:
+            write(root, f"test/{emotion}/{name}")
+    return keys
+
+
+def _lists(tmp_path: Path, train: list[str], test: list[str]) -> dict:
+    (tmp_path / "train.txt").write_text("\n".join(train) + "\n")
+    (tmp_path / "test.txt").write_text("\n".join(test) + "\n")
+    return {"train_list": tmp_path / "train.txt", "test_list": tmp_path / "test.txt"}
+
+
+def test_emotion6_train_and_test_lists_give_the_split(tmp_path, write):
+    root = tmp_path / "e6"
+    keys = _emotion6_given(root, write)
+    test = [k for k in keys if k.endswith(("/9.jpg", "/10.jpg"))]
+    train = [k for k in keys if k not in test]
+    result = read_emotion6(root, **_lists(tmp_path, train, test), seed=3)
+    splits = {r.path: r.split for r in result.records}
+    assert result.params["split_source"] == "lists" and result.params["val_fraction"] == 0.2
+    assert result.params["train_list"] == str(tmp_path / "train.txt")
+    assert sorted(p for p, s in splits.items() if s == "test") == sorted(f"images/{k}" for k in test)
+    held_out = [p for p, s in splits.items() if s == "val"]
+    assert len(held_out) == round(0.2 * len(train)) == 3 and Counter(splits.values())["train"] == 13
+    assert set(held_out) <= {f"images/{k}" for k in train}        # val is drawn from the given train images
+    assert [r.label for r in result.records if r.path == "images/joy/1.jpg"] == [3]
+    again = read_emotion6(root, **_lists(tmp_path, train, test), seed=3)
+    other = read_emotion6(root, **_lists(tmp_path, train, test), seed=4)
+    assert [r.split for r in again.records] == [r.split for r in result.records]
+    assert sorted(r.path for r in other.records if r.split == "val") != sorted(held_out)
+    half = read_emotion6(root, **_lists(tmp_path, train, test), val_fraction=0.5)
+    assert Counter(r.split for r in half.records) == {"train": 8, "val": 8, "test": 4}
+    # A path may not leave the root: listed in ground_truth.txt and a list, it is skipped as unsafe.
+    (root / "ground_truth.txt").write_text((root / "ground_truth.txt").read_text()
+                                           + f"../x.jpg\t5\t5{E6_PROBS['joy']}\n")
+    unsafe = read_emotion6(root, **_lists(tmp_path, train + ["../x.jpg"], test))
+    assert unsafe.skipped == [{"path": "images/../x.jpg", "reason": ESCAPES}] and len(unsafe.records) == 20
+
+
+@pytest.mark.parametrize("train, test, problem", [
+    (["anger/1.jpg", "anger/2.jpg"], ["joy/1.jpg", "anger/2.jpg"], r"test.txt:2: anger/2.jpg is given twice "
+                                                                    r"\(also at .*train.txt:2\)"),
+    (["anger/1.jpg", "anger/1.jpg"], ["joy/1.jpg"], r"train.txt:2: anger/1.jpg is given twice"),
+    (["anger/1.jpg", "", "fear/1.jpg"], ["joy/1.jpg"], r"train.txt:3: fear/1.jpg is not in ground_truth.txt"),
+    (["anger/1.jpg extra"], ["joy/1.jpg"], r"train.txt:1: expected one image path per line, got 2 fields"),
+])
+def test_emotion6_bad_lists_are_one_line_errors_naming_file_and_line(tmp_path, write, train, test, problem):
+    root = tmp_path / "e6"
+    _emotion6_given(root, write, per_class=2)
+    with pytest.raises(ValueError, match=problem) as err:
+        read_emotion6(root, **_lists(tmp_path, train, test))
+    assert "\n" not in str(err.value) and str(err.value).startswith(str(tmp_path))
+
+
+def test_emotion6_split_options_that_do_not_fit_are_errors(tmp_path, write):
+    root = tmp_path / "e6"
+    keys = _emotion6_given(root, write, per_class=2)
+    lists = _lists(tmp_path, keys[:3], keys[3:])
+    with pytest.raises(ValueError, match="train_list and test_list go together; got only train_list"):
+        read_emotion6(root, train_list=lists["train_list"])
+    with pytest.raises(ValueError, match="split_ratios applies to the seeded split"):
+        read_emotion6(root, split_ratios=(0.8, 0.1, 0.1), **lists)
+    with pytest.raises(ValueError, match="val_fraction applies to a given split"):
+        read_emotion6(root, val_fraction=0.1)
+    with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\), got 1"):
+        read_emotion6(root, val_fraction=1, **lists)
+    assert read_emotion6(root).params["split_source"] == "seeded"
+
+
+def test_emotion6_published_train_and_test_folders(tmp_path, write):
+    root = tmp_path / "e6"
+    _emotion6_given(root, write, folders=True)
+    result = read_emotion6(root, seed=1)
+    assert result.params["split_source"] == "folders" and "train_list" not in result.params
+    by_path = {r.path: r for r in result.records}
+    assert len(by_path) == 20 and result.skipped == []
+    assert sorted(p for p, r in by_path.items() if r.split == "test") == sorted(
+        f"test/{e}/{n}.jpg" for e in E6_PROBS for n in (8, 9, 10))
+    assert Counter(r.split for r in result.records) == {"train": 11, "val": 3, "test": 6}   # 14 given train images
+    record = by_path["train/joy/joy_1.jpg"]          # published name, looked up as joy/1.jpg
+    assert (record.label, record.group, record.valence) == (3, "joy", 0.0)
+    # Detection is unambiguous: images/ (Cornell's layout) wins over train/ and test/ folders.
+    write(root, "images/anger/1.jpg")
+    assert read_emotion6(root).params["split_source"] == "seeded"
+
+
+def test_emotion6_published_folders_errors(tmp_path, write):
+    root = tmp_path / "e6"
+    _emotion6_given(root, write, per_class=8, folders=True)
+    write(root, "test/anger/1.jpg")                   # anger/1.jpg is in train/ as anger_1.jpg too
+    with pytest.raises(ValueError, match=r"test/anger/1.jpg: anger/1.jpg is given twice \(also at .*"
+                                         r"train/anger/anger_1.jpg\)"):
+        read_emotion6(root)
+    (root / "test/anger/1.jpg").unlink()
+    write(root, "train/fear/3.jpg")
+    with pytest.raises(ValueError, match=r"train/fear/3.jpg: not in ground_truth.txt \(looked up as fear/3.jpg\)"):
+        read_emotion6(root)
+    (root / "train/fear/3.jpg").unlink()
+    shutil.rmtree(root / "test")
+    with pytest.raises(ValueError, match="no images/ folder, nor both train/ and test/ folders; found only train/"):
+        read_emotion6(root)
+
+
+def test_emotion6_real_sample_with_given_lists(emotion6_sample, tmp_path):
+    keys = [line.split("\t")[0] for line in (emotion6_sample / "ground_truth.txt").read_text().splitlines()[1:]]
+    test = keys[::4]
+    result = read_emotion6(emotion6_sample, **_lists(tmp_path, [k for k in keys if k not in test], test))
+    assert Counter(r.split for r in result.records) == {"train": 29, "val": 7, "test": 12}
+    assert sorted(r.path for r in result.records if r.split == "test") == sorted(f"images/{k}" for k in test)
+
+
+# ----------------------------------------------------------------------------- SER30K, duplicates
+
+def test_ser30k_keep_duplicates_keeps_every_entry(tmp_path, write):
+    root = _ser30k(tmp_path, write, {"train": [_sticker("cat", "1.jpg", 4), _sticker("cat", "1.jpg", 4),
+                                               _sticker("cat", "2.jpg", 1)],
+                                     "val": [_sticker("cat", "2.jpg", 1)], "test": []})
+    once = read_ser30k(root)
+    assert [(r.path, r.split) for r in once.records] == [("Images/cat/1.jpg", "train"), ("Images/cat/2.jpg", "train")]
+    assert [s["reason"] for s in once.skipped] == ["listed more than once"] * 2
+    twice = read_ser30k(root, keep_duplicates=True)
+    assert sorted((r.path, r.split) for r in twice.records) == [
+        ("Images/cat/1.jpg", "train"), ("Images/cat/1.jpg", "train"), ("Images/cat/2.jpg", "train"),
+        ("Images/cat/2.jpg", "val")]
+    assert twice.skipped == [] and twice.params["keep_duplicates"] is True and once.params["keep_duplicates"] is False

@@ -1,10 +1,13 @@
 """Run a sweep: MLflow parent run, stage one (two_stage), the Tune experiment (new or restored), reports.
 
+:func:`run_sweep` takes the :class:`tuning.sweep.SweepConfig` that :func:`tuning.sweep.parse` made
+(this module imports :mod:`tuning.sweep`, never the other way round).
+
 Re-running the same command resumes: the sweep folder's ``sweep_state.json`` keeps the MLflow parent
 run id and stage one's checkpoint (and MLflow run), and ``tune.Tuner.restore(..., resume_errored=True)``
-picks the Tune experiment up (unfinished trials restart; their Ray Train runs resume from their last
-checkpoint, and :class:`tuning.runs.TrialRuns` reopens their MLflow runs). A sweep that already
-finished only reports again.
+picks the Tune experiment up (unfinished trials restart, their Ray Train runs resume from their last
+checkpoint, and :class:`tuning.runs.TrialRuns`, restored with its state, reopens their MLflow runs).
+A sweep that already finished only reports again.
 """
 from __future__ import annotations
 
@@ -15,17 +18,18 @@ from pathlib import Path
 from typing import Optional
 
 from pipelines import cli
-from pipelines.recipe import read_meta
-from pipelines.runner import require_tracking
+from pipelines.checkpoints import read_meta
 from pipelines.tracking import Tracker, resolve_tracking_uri
 from pipelines.train_loop import RunOptions
 from tuning import report
 from tuning.cleanup import ReleaseStoppedTrials, settle
-from tuning.runs import TrialRuns, child_runs
+from tuning.report import recipe_file_text
+from tuning.runs import OUTCOME_TAG, TrialRuns, child_runs
 from tuning.sweep import STATE_FILE, SweepConfig, default_concurrency
 from tuning.trial import TrialContext, fit_stage_one, run_trial
 
 TRIAL_DRIVER_MEMORY = 256 * 1024 ** 2  # bytes
+RECIPE_ARTIFACT = "recipe.yaml"         # the sweep's resolved recipe, on the parent run
 
 
 @dataclass
@@ -33,6 +37,7 @@ class SweepOutcome:
     sweep_dir: Path
     parent_run_id: str
     rows: list                      # report.TrialRow, best first
+    best_recipe: Path
     best_config: Path
     trials_csv: Path
 
@@ -58,18 +63,24 @@ def _parent_run(cfg: SweepConfig, tracker: Tracker, state: SweepState) -> str:
     parent = state.get("parent_run_id")
     if parent and tracker.run_exists(parent):
         print(f"resuming sweep {cfg.name!r} (MLflow parent run {parent})")
+        if not state.get("finished"):
+            tracker.client.update_run(parent, status="RUNNING")   # KILLED when the sweep was interrupted
         return parent
-    base = {k: v for k, v in vars(cfg.args).items() if k not in ("explicit", "fault", "config") and v is not None}
-    params = {**{f"space.{k}": d.describe() for k, d in cfg.dims.items()}, **{f"base.{k}": v for k, v in base.items()},
-              "search": cfg.search, "scheduler": cfg.scheduler, "num_samples": cfg.num_samples,
-              "metric": cfg.metric, "mode": cfg.mode, "grace_period": cfg.grace_period}
-    parent = tracker.start_run(cfg.name, tags={"pipeline": cfg.target.name, "sweep": "true"}, params=params)
+    flags = report.retrain_flags(cfg.pipeline, cfg.args)
+    params = {**{f"space.{path}": d.describe() for path, d in cfg.dims.items()},
+              **{f"base.{k}": v for k, v in flags.items()},
+              "recipe": cfg.plan.recipe.name, "search": cfg.search, "scheduler": cfg.scheduler,
+              "num_samples": cfg.num_samples, "metric": cfg.metric, "mode": cfg.mode,
+              "grace_period": cfg.grace_period, "max_t": cfg.max_t}
+    parent = tracker.start_run(cfg.name, tags={"pipeline": cfg.pipeline.name, "sweep": "true"}, params=params)
+    tracker.client.log_text(parent, recipe_file_text(cfg.plan.recipe), RECIPE_ARTIFACT)
     state.set(parent_run_id=parent)
     return parent
 
 
-def _stage_one(cfg: SweepConfig, plan, tracker: Tracker, parent: str, state: SweepState, run: RunOptions) -> str:
-    """Stage one's best checkpoint: the one given, the one trained earlier in this sweep, or a new one."""
+def _stage_one(cfg: SweepConfig, stage, tracker: Tracker, parent: str, state: SweepState,
+               run: RunOptions) -> str:
+    """Stage one's selected checkpoint: the one given, the one trained earlier in this sweep, or a new one."""
     if cfg.stage1_checkpoint:
         path = Path(cfg.stage1_checkpoint).expanduser().resolve()
         read_meta(path)  # one line if it is not a checkpoint folder
@@ -78,9 +89,9 @@ def _stage_one(cfg: SweepConfig, plan, tracker: Tracker, parent: str, state: Swe
     if done and Path(done).is_dir():
         print(f"[stage1] reusing this sweep's stage one: {done}")
         return done
-    recipe, datasets = cfg.target.stage1(plan)
+    recipe, data = stage
     run_id = state.get("stage1_run_id")
-    outcome = fit_stage_one(tracker, parent, recipe, datasets, run, tags={"pipeline": cfg.target.name},
+    outcome = fit_stage_one(tracker, parent, recipe, data, run, tags={"pipeline": cfg.pipeline.name},
                             run_id=run_id if run_id and tracker.run_exists(run_id) else None,
                             on_run=lambda new: state.set(stage1_run_id=new))
     if not outcome.best_checkpoint:
@@ -96,7 +107,6 @@ def _trial_dirname(trial) -> str:
 def search_algorithm(cfg: SweepConfig, max_concurrent: int):
     """The searcher, with the concurrency limit built in (Tune ignores ``max_concurrent_trials`` for a
     ``BasicVariantGenerator`` instance, so it gets its own ``max_concurrent``)."""
-    seed = cfg.args.seed
     if cfg.search == "optuna":
         try:
             from optuna.samplers import TPESampler
@@ -105,10 +115,10 @@ def search_algorithm(cfg: SweepConfig, max_concurrent: int):
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        return ConcurrencyLimiter(OptunaSearch(sampler=TPESampler(seed=seed)), max_concurrent=max_concurrent)
+        return ConcurrencyLimiter(OptunaSearch(sampler=TPESampler(seed=cfg.seed)), max_concurrent=max_concurrent)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=seed)
+    return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=cfg.seed)
 
 
 def _tuner(cfg: SweepConfig, ctx: TrialContext, sweep_dir: Path, max_concurrent: int, trial_runs: TrialRuns):
@@ -142,45 +152,62 @@ def run_sweep(cfg: SweepConfig) -> Optional[SweepOutcome]:
     """The whole sweep; ``None`` when it was interrupted (its state is kept for a resume)."""
     import ray
 
-    a = cfg.args
-    require_tracking(a)
-    sweep_dir = cli.storage_root(a.storage_path) / cfg.name
+    run: RunOptions = cfg.plan.run
+    sweep_dir = Path(run.storage_path) / cfg.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     state = SweepState(sweep_dir)
-    cli.init_ray(a.address)
-    run = RunOptions(storage_path=str(sweep_dir), num_workers=a.num_workers, use_gpu=a.use_gpu,
-                     cpus_per_worker=cli.cpus_per_worker(a), max_failures=a.max_failures)
+    cli.init_ray(run.address)
     max_concurrent = cfg.max_concurrent or default_concurrency(ray.cluster_resources(), run.num_workers,
                                                                run.cpus_per_worker, run.use_gpu)
-    # The data once, before any MLflow run or trial: a wrong path stops here with one line, and a raw
-    # folder is ingested once rather than by every concurrent trial (trials find it ingested).
-    plan = cfg.target.make_plan(a)
-    tracker = Tracker(resolve_tracking_uri(a.mlflow_uri), a.experiment)
+    stage = cfg.pipeline.stage_one(cfg.plan)   # (recipe, data) of the stage trials start from, or None
+    if cfg.stage1_checkpoint and stage is None:
+        raise cli.UsageError(f"--stage1-checkpoint: a {cfg.pipeline.name} trial of this plan starts from no "
+                             "stage one (it applies to two_stage --mode two_stage only)")
+    tracker = Tracker(resolve_tracking_uri(run.mlflow_uri), run.experiment)
     parent = _parent_run(cfg, tracker, state)
     print(f"sweep {cfg.name}: {sweep_dir} ({cfg.num_samples} samples, {cfg.search} search, {cfg.scheduler}, "
-          f"{max_concurrent} trial(s) at once x {run.num_workers} workers x {run.cpus_per_worker} CPU)")
-    init_from = _stage_one(cfg, plan, tracker, parent, state, run) if cfg.target.needs_stage1(a) else None
-    ctx = TrialContext(target=cfg.target, base_args=a, sweep_dir=str(sweep_dir), metric=cfg.metric, mode=cfg.mode,
-                       run=run, init_from=init_from)
-    trial_runs = TrialRuns(tracker.uri, a.experiment, parent, cfg.metric, cfg.mode, cfg.max_t,
-                           tags={"pipeline": cfg.target.name})
+          f"{cfg.max_t} epochs a trial, {max_concurrent} trial(s) at once x {run.num_workers} workers x "
+          f"{run.cpus_per_worker} CPU)")
+    stage_run = RunOptions(storage_path=str(sweep_dir), num_workers=run.num_workers, use_gpu=run.use_gpu,
+                           cpus_per_worker=run.cpus_per_worker, max_failures=run.max_failures)
+    try:
+        init_from = _stage_one(cfg, stage, tracker, parent, state, stage_run) if stage is not None else None
+    except KeyboardInterrupt:  # Ctrl+C while the driver trains stage one (Tune's own handler is not set yet)
+        print(f"\nsweep {cfg.name!r} interrupted in stage one: run the same command again to resume it")
+        tracker.end_run(parent, status="KILLED")
+        return None
+    ctx = TrialContext(pipeline=cfg.pipeline.name, plan=cfg.plan, sweep_dir=str(sweep_dir), metric=cfg.metric,
+                       mode=cfg.mode, init_from=init_from)
+    trial_runs = TrialRuns(tracker.uri, tracker.experiment_id, parent, cfg.metric, cfg.mode, cfg.max_t,
+                           tags={"pipeline": cfg.pipeline.name})
     tuner = _tuner(cfg, ctx, sweep_dir, max_concurrent, trial_runs)
     if state.get("finished"):
         print(f"sweep {cfg.name!r} already finished; reporting its results (a new --sweep-name starts another)")
         results = tuner.get_results()
     else:
         results = tuner.fit()
-        if _interrupted(cfg, results):  # Ctrl+C: Tune saved its state and returned early
+        if _interrupted(cfg, results, child_runs(tracker.client, tracker.experiment_id, parent)):
+            # Ctrl+C: Tune saved its state and returned early
             print(f"sweep {cfg.name!r} interrupted: run the same command again to resume it")
+            tracker.end_run(parent, status="KILLED")
             return None
         settle()
     return _report(cfg, tracker, parent, state, sweep_dir, results)
 
 
-def _interrupted(cfg: SweepConfig, results) -> bool:
-    """Fewer trials than the search makes (``num_samples`` x grid points), or some not ended."""
+def _trial_id(result) -> str:
+    return (result.metrics or {}).get("trial_id") or Path(result.path).name   # the trial's folder is its id
+
+
+def _interrupted(cfg: SweepConfig, results, runs: dict) -> bool:
+    """Fewer trials than the search makes (``num_samples`` x grid points), or a trial that did not end.
+
+    A trial ended when :class:`tuning.runs.TrialRuns` closed its run with a ``sweep_outcome``. Tune's
+    own record does not tell: it ends the trials it is still running when it is interrupted and reports
+    them TERMINATED, and the ``done`` mark of a trial's last result is not always in its saved state."""
     expected = cfg.num_samples * math.prod(len(d.values) for d in cfg.dims.values() if d.kind == "grid")
-    return len(results) < expected or results.num_terminated + results.num_errors < len(results)
+    ended = [r for r in results if _trial_id(r) in runs and OUTCOME_TAG in runs[_trial_id(r)].data.tags]
+    return len(results) < expected or len(ended) < len(results)
 
 
 def _report(cfg: SweepConfig, tracker: Tracker, parent: str, state: SweepState, sweep_dir: Path,
@@ -191,22 +218,27 @@ def _report(cfg: SweepConfig, tracker: Tracker, parent: str, state: SweepState, 
         errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error]
         raise RuntimeError(f"no trial reported {cfg.metric}" + (f": {errors[0]}" if errors else ""))
     best = rows[0]
-    csv_path, config_path = sweep_dir / "trials.csv", sweep_dir / "best_config.yaml"
-    report.write_csv(rows, cfg.metric, csv_path)
-    report.write_best_config(cfg.target, cfg.args, best, cfg.metric, config_path)
+    dims = list(cfg.dims)
+    csv_path = sweep_dir / "trials.csv"
+    recipe_path, config_path = sweep_dir / "best_recipe.yaml", sweep_dir / "best_config.yaml"
+    report.write_csv(rows, cfg.metric, csv_path, dims)
+    report.write_best_recipe(cfg.plan.recipe, best, cfg.metric, recipe_path)
+    given_storage = cfg.plan.run.storage_path if getattr(cfg.args, "storage_path", None) else None
+    report.write_best_config(cfg.pipeline, cfg.args, recipe_path, best, cfg.metric, config_path, given_storage)
     tracker.log_metrics(parent, {f"best_{cfg.metric}": best.best})
     tracker.client.set_tag(parent, "best_trial", best.trial_id)
-    for path in (csv_path, config_path):
+    for path in (csv_path, recipe_path, config_path):
         tracker.client.log_artifact(parent, str(path))
     tracker.end_run(parent)
     state.set(finished=True)
     print(f"\ntrials ranked by {cfg.metric} ({cfg.mode}):")
-    print(report.table(rows, cfg.metric))
+    print(report.table(rows, cfg.metric, dims))
     cli.print_table([("best trial", f"{best.trial_id} ({cfg.metric} {best.best:.4f})"),
+                     ("best recipe", str(recipe_path)),
                      ("best config", str(config_path)),
-                     ("retrain", f"python {cfg.target.script} --config {config_path}"),
+                     ("retrain", f"python {cfg.pipeline.script} --config {config_path}"),
                      ("trials", str(csv_path)),
                      ("mlflow parent run", parent),
                      ("mlflow ui", f"mlflow ui --backend-store-uri {tracker.uri}")], f"sweep {cfg.name}")
-    return SweepOutcome(sweep_dir=sweep_dir, parent_run_id=parent, rows=rows, best_config=config_path,
-                        trials_csv=csv_path)
+    return SweepOutcome(sweep_dir=sweep_dir, parent_run_id=parent, rows=rows, best_recipe=recipe_path,
+                        best_config=config_path, trials_csv=csv_path)

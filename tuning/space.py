@@ -1,25 +1,26 @@
 """Search dimensions: the ``--lr/--decay/--alpha-range`` flags and a ``--space`` file, as Ray Tune domains.
 
-A ``--space`` file (YAML or JSON) maps a dimension to one of::
+Every dimension is a recipe field, named by its path (``section.field...``), so a trial applies its
+config with ``Recipe.with_overrides``. A ``--space`` file (YAML or JSON) maps a field path to one of::
 
-    lr:         {loguniform: [1.0e-4, 1.0e-2]}   # log-uniform float, 0 < LO < HI
-    alpha:      {uniform: [0.1, 0.9]}            # uniform float, LO < HI
-    warmup_epochs: {int: [0, 2]}                 # uniform integer, both ends included
-    batch_size: {choice: [8, 16]}                # one of the values, sampled
-    decay:      {grid: [0.0, 1.0e-4]}            # every value, in order (random search only;
-                                                 #   each grid point is run --num-samples times)
-    optimizer:  adamw                            # a constant
+    stage2.optimizer.lr:           {loguniform: [1.0e-4, 1.0e-2]}   # log-uniform float, 0 < LO < HI
+    stage2.loss.va_weight:         {uniform: [0.1, 0.9]}            # uniform float, LO < HI
+    stage.schedule.warmup_epochs:  {int: [0, 2]}                    # uniform integer, both ends included
+    stage.batch_size:              {choice: [8, 16]}                # one of the values, sampled
+    stage2.optimizer.weight_decay: {grid: [0.0, 1.0e-4]}            # every value, in order (random search
+                                                                    #   only; each point --num-samples times)
+    stage.optimizer.name:          adamw                            # a constant
 
-A dimension is ``lr``, ``decay``, ``alpha`` (the pipeline's alpha, see :mod:`tuning`) or any other
-flag of the pipeline by its dest (``batch_size``, ``warmup_epochs``, ...); file entries override the
-command-line ranges. Values are checked here, before Ray starts, and a bad one is reported as one
-line naming the file or flag.
+A path must be a field the pipeline lets a sweep search (``Pipeline.sweepable(plan)`` and the fields of
+its ``sweep_fields(plan)``); file entries override the command-line ranges. Every value is checked
+here, before Ray starts, against the field's limits and the recipe's own types, and a bad one is one
+line naming the file (or the flag).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from pipelines.cli import UsageError, load_config_file
 
@@ -50,7 +51,8 @@ class Limits:
 
 @dataclass(frozen=True)
 class Dim:
-    """One search dimension: ``kind`` is one of :data:`KINDS` or ``"const"``."""
+    """One search dimension of the recipe field ``name`` (a path): ``kind`` is one of :data:`KINDS` or
+    ``"const"``."""
 
     name: str
     kind: str
@@ -87,10 +89,12 @@ def range_dim(name: str, bounds: Sequence[float], kind: str, limits: Limits, whe
     if not isinstance(bounds, (list, tuple)) or len(bounds) != 2:
         raise UsageError(f"{where}: needs two bounds [LO, HI], got {bounds!r}")
     lo, hi = bounds
+    if kind == "loguniform":
+        limits = replace(limits, positive=True)
+    if kind == "int":
+        limits = replace(limits, integer=True)
     for value in (lo, hi):
         limits.check(value, where)
-    if kind == "loguniform" and lo <= 0:
-        raise UsageError(f"{where}: a log-uniform range needs 0 < LO, got {lo!r}")
     if not lo < hi:
         raise UsageError(f"{where}: needs LO < HI, got {lo!r} {hi!r}")
     if kind == "int":
@@ -101,17 +105,13 @@ def range_dim(name: str, bounds: Sequence[float], kind: str, limits: Limits, whe
 def parse_entry(name: str, entry: Any, limits: Optional[Limits], where: str) -> Dim:
     """One ``--space`` entry (see the module docstring) as a :class:`Dim`."""
     if not isinstance(entry, dict):
-        values = (entry,)
-        kind = "const"
+        values, kind = (entry,), "const"
     else:
         if len(entry) != 1 or next(iter(entry)) not in KINDS:
             raise UsageError(f"{where}: expected one of {', '.join(KINDS)} or a constant, got {entry!r}")
         kind, values = next(iter(entry.items()))
         if kind in RANGE_KINDS:
-            numeric = limits or Limits()
-            if kind == "int":
-                numeric = replace(numeric, integer=True)
-            return range_dim(name, values, kind, numeric, where)
+            return range_dim(name, values, kind, limits or Limits(), where)
         if not isinstance(values, list) or not values:
             raise UsageError(f"{where}: {kind} needs a non-empty list of values, got {values!r}")
         values = tuple(values)
@@ -121,10 +121,23 @@ def parse_entry(name: str, entry: Any, limits: Optional[Limits], where: str) -> 
     return Dim(name, kind, values)
 
 
-def load_space_file(path: str, limits: dict[str, Limits]) -> dict[str, Dim]:
-    """Read a ``--space`` file; ``limits`` holds the checks of dimensions that have them."""
+def load_space_file(path: str, limits: dict[str, Limits], check_path: Callable[[str, str], None],
+                    check_value: Callable[[str, Any, str], None]) -> dict[str, Dim]:
+    """Read a ``--space`` file into ``{field path: Dim}``.
+
+    ``check_path(field_path, where)`` raises when the path may not be searched; ``limits`` holds the
+    bounds of the fields that have them; ``check_value(field_path, value, where)`` raises when a value
+    (a constant, a choice, a grid point or a range's end) does not fit the recipe."""
     entries = load_config_file(path)
-    return {name: parse_entry(name, entry, limits.get(name), f"{path}: {name}") for name, entry in entries.items()}
+    dims = {}
+    for name, entry in entries.items():
+        where = f"{path}: {name}"
+        check_path(str(name), where)
+        dim = parse_entry(str(name), entry, limits.get(name), where)
+        for value in dim.values:
+            check_value(dim.name, value, where)
+        dims[dim.name] = dim
+    return dims
 
 
 def check_search_algorithm(dims: dict[str, Dim], search: str, where: str = "--space") -> None:
