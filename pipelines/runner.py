@@ -86,6 +86,7 @@ class PipelineRun:
                                             required=True):
             print(f"resuming run {run_name!r} (MLflow run {parent}); finished stages: "
                   f"{', '.join(self.state['stages']) or 'none'}")
+            self.tracker.retrying("reopen the parent run", lambda: self.tracker.reopen(parent))
         else:
             params = {"recipe": recipe.name, "num_workers": run.num_workers, "use_gpu": run.use_gpu,
                       **version_params()}
@@ -119,6 +120,13 @@ class PipelineRun:
         rows += [("experiment", experiment_url(self.tracker.uri, self.tracker.experiment_id)),
                  ("result", str(path)), ("wall time", f"{time.time() - self.started:.0f} s")]
         cli.print_table(rows, title)
+
+    def _stopped(self, child: str) -> None:
+        for run_id in (child, self.parent_id):
+            try:
+                self.tracker.end_run(run_id, "KILLED")
+            except Exception as e:  # noqa: BLE001 - best effort on the way out; the rerun reopens them anyway
+                print(f"could not mark MLflow run {run_id} KILLED: {type(e).__name__}: {e}")
 
     def _save(self) -> None:
         storage.write_text(self.state_path, json.dumps(jsonable(self.state), indent=1))   # atomic: whole or old
@@ -155,7 +163,9 @@ class PipelineRun:
                       f"with --run-name {self.run_name} to continue"
         per_worker = recipe.per_worker_batch(self.run.num_workers)
 
-        if not child or not self.tracker.retrying(resume_hint, lambda: self.tracker.run_exists(child), required=True):
+        if child and self.tracker.retrying(resume_hint, lambda: self.tracker.run_exists(child), required=True):
+            self.tracker.retrying(f"reopen {name}'s run", lambda: self.tracker.reopen(child))
+        else:
             child = self.tracker.retrying(resume_hint, lambda: self.tracker.start_run(
                 name, parent_id=self.parent_id, tags={"recipe": recipe.source, "pretrained": recipe.model.weights},
                 params={**recipe.to_dict(), "per_worker_batch_size": per_worker,
@@ -177,6 +187,12 @@ class PipelineRun:
             self.tracker.retrying(f"{name}: its failed status", lambda: self.tracker.end_run(child, "FAILED"))
             raise StageFailed(f"{exc}: rerun the same command with --run-name {self.run_name} to resume it "
                               f"(--max-failures {self.run.max_failures} retries were allowed)") from None
+        except (KeyboardInterrupt, SystemExit):
+            # Stopped from outside: Ctrl-C, or `ray job stop`, whose SIGTERM Ray's driver turns into SystemExit.
+            # The stage's and the parent's runs end as KILLED (no longer RUNNING), once, without the outage
+            # retries: the stop waits a few seconds only. The same command resumes them.
+            self._stopped(child)
+            raise
         finally:
             console.flush()  # the stage's last worker lines before the driver's own
         if not outcome.best_checkpoint:
