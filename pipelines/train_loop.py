@@ -169,7 +169,8 @@ class EvalSplitDataConfig(DataConfig):
 def _maybe_inject_fault(faults: Optional[list], epoch: int, step: int) -> None:
     """Kill this worker once at (epoch, step) — the fault-tolerance tests' injected failure. With the action
     ``hold`` the worker stops there instead, once, until ``<marker>.release`` appears (at most 10 minutes):
-    the driver-loss test kills the driver while a stage is held in the middle of an epoch."""
+    the driver-loss test kills the driver while a stage is held in the middle of an epoch, or kills the held
+    worker itself (its pid is in the marker) once the checkpoint before it is registered."""
     for fault in faults or ():
         if epoch != fault["epoch"] or step != fault["step"]:
             continue
@@ -179,7 +180,7 @@ def _maybe_inject_fault(faults: Optional[list], epoch: int, step: int) -> None:
         if marker.exists():
             continue
         if fault.get("action") == "hold":
-            marker.write_text(f"held at epoch {epoch} step {step}\n")
+            marker.write_text(f"held at epoch {epoch} step {step}, pid {os.getpid()}\n")
             release, deadline = Path(f"{marker}.release"), time.monotonic() + 600
             while not release.exists() and time.monotonic() < deadline:
                 time.sleep(0.2)
