@@ -41,7 +41,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-ARGS = ["--demo-images-per-class", "6", "--image-size", "32", "--backbone", "resnet10t", "--batch-size", "16",
+ARGS = ["--demo-images-per-class", "12", "--image-size", "32", "--backbone", "resnet10t", "--batch-size", "16",
         "--num-workers", "2", "--cpus-per-worker", "0.5", "--seed", "3", "--mode", "two_stage", "--task", "single",
         "--num-epochs", "1", "--stage2-epochs", "3", "--early-stop", "0", "--deterministic", "--max-failures", "1"]
 DEADLINE_S = 1200            # a heavily loaded 2-core machine; every wait also checks that the run is alive
