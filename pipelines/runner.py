@@ -71,7 +71,7 @@ class PipelineRun:
     def __init__(self, *, run: RunOptions, run_name: str, tags: dict, recipe: Recipe):
         from pipelines.tracking import resolve_tracking_uri
         self.register = run.register
-        self.fault = run.fault  # tests: "stage:epoch:step:rank:marker" kills one worker of that stage once
+        self.fault = run.fault  # tests: "[hold:]stage:epoch:step:rank:marker[,...]" (see _fault)
         self.run_name = run_name
         self.run_dir = storage.join(run.storage_path, run_name)     # a folder, or a URI on object storage
         storage.makedirs(self.run_dir)
@@ -86,6 +86,7 @@ class PipelineRun:
                                             required=True):
             print(f"resuming run {run_name!r} (MLflow run {parent}); finished stages: "
                   f"{', '.join(self.state['stages']) or 'none'}")
+            self.tracker.retrying("reopen the parent run", lambda: self.tracker.reopen(parent))
         else:
             params = {"recipe": recipe.name, "num_workers": run.num_workers, "use_gpu": run.use_gpu,
                       **version_params()}
@@ -120,14 +121,30 @@ class PipelineRun:
                  ("result", str(path)), ("wall time", f"{time.time() - self.started:.0f} s")]
         cli.print_table(rows, title)
 
+    def _stopped(self, child: str) -> None:
+        for run_id in (child, self.parent_id):
+            try:
+                self.tracker.end_run(run_id, "KILLED")
+            except Exception as e:  # noqa: BLE001 - best effort on the way out; the rerun reopens them anyway
+                print(f"could not mark MLflow run {run_id} KILLED: {type(e).__name__}: {e}")
+
     def _save(self) -> None:
         storage.write_text(self.state_path, json.dumps(jsonable(self.state), indent=1))   # atomic: whole or old
 
-    def _fault(self, stage: str) -> Optional[dict]:
-        if not self.fault:
-            return None
-        name, epoch, step, rank, marker = self.fault.split(":", 4)
-        return {"epoch": int(epoch), "step": int(step), "rank": int(rank), "marker": marker} if name == stage else None
+    def _fault(self, stage: str) -> Optional[list]:
+        """Tests: ``stage:epoch:step:rank:marker`` kills that worker once (the marker file says it fired);
+        ``hold:stage:epoch:step:rank:marker`` stops it there once instead (see ``train_loop._maybe_inject_fault``);
+        several, comma-separated, each fire once."""
+        faults = []
+        for item in (self.fault or "").split(","):
+            if not item:
+                continue
+            action, spec = ("hold", item[len("hold:"):]) if item.startswith("hold:") else ("kill", item)
+            name, epoch, step, rank, marker = spec.split(":", 4)
+            if name == stage:
+                faults.append({"epoch": int(epoch), "step": int(step), "rank": int(rank), "marker": marker,
+                               "action": action})
+        return faults or None
 
     def stage(self, recipe: StageRecipe, data: StageData, *, manifests: dict) -> dict:
         """Train one stage (or reuse it when finished) and score its selected checkpoint on ``data.tests``.
@@ -146,7 +163,9 @@ class PipelineRun:
                       f"with --run-name {self.run_name} to continue"
         per_worker = recipe.per_worker_batch(self.run.num_workers)
 
-        if not child or not self.tracker.retrying(resume_hint, lambda: self.tracker.run_exists(child), required=True):
+        if child and self.tracker.retrying(resume_hint, lambda: self.tracker.run_exists(child), required=True):
+            self.tracker.retrying(f"reopen {name}'s run", lambda: self.tracker.reopen(child))
+        else:
             child = self.tracker.retrying(resume_hint, lambda: self.tracker.start_run(
                 name, parent_id=self.parent_id, tags={"recipe": recipe.source, "pretrained": recipe.model.weights},
                 params={**recipe.to_dict(), "per_worker_batch_size": per_worker,
@@ -168,6 +187,12 @@ class PipelineRun:
             self.tracker.retrying(f"{name}: its failed status", lambda: self.tracker.end_run(child, "FAILED"))
             raise StageFailed(f"{exc}: rerun the same command with --run-name {self.run_name} to resume it "
                               f"(--max-failures {self.run.max_failures} retries were allowed)") from None
+        except (KeyboardInterrupt, SystemExit):
+            # Stopped from outside: Ctrl-C, or `ray job stop`, whose SIGTERM Ray's driver turns into SystemExit.
+            # The stage's and the parent's runs end as KILLED (no longer RUNNING), once, without the outage
+            # retries: the stop waits a few seconds only. The same command resumes them.
+            self._stopped(child)
+            raise
         finally:
             console.flush()  # the stage's last worker lines before the driver's own
         if not outcome.best_checkpoint:

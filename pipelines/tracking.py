@@ -236,6 +236,12 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def reopen(self, run_id: str) -> None:
+        """A run resumed by a rerun is RUNNING again when an earlier driver ended it KILLED or FAILED (a
+        stopped job, a stage out of retries); its end time is set anew when it ends."""
+        if self.client.get_run(run_id).info.status in ("KILLED", "FAILED"):
+            self.client.update_run(run_id, status="RUNNING")
+
 
 class MetricBuffer:
     """Metrics for one run, sent with ``log_batch``; while the server cannot be reached they stay in

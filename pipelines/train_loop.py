@@ -73,7 +73,7 @@ class RunOptions:
     mlflow_uri: Optional[str] = None
     experiment: str = "emotion-ray"
     register: Optional[str] = None
-    fault: Optional[str] = None                     # tests: "stage:epoch:step:rank:marker" kills one worker once
+    fault: Optional[str] = None                     # tests: "[hold:]stage:epoch:step:rank:marker[,...]", see PipelineRun._fault
 
 
 @dataclass
@@ -82,7 +82,7 @@ class StageContext:
 
     checkpoint_root: str                      # where Ray Train keeps this stage's checkpoints
     mlflow: Optional[dict] = None             # {"tracking_uri", "run_id"}: rank 0 logs epochs there
-    fault: Optional[dict] = None              # {"epoch", "step", "rank", "marker"}: kill a worker once
+    fault: Optional[list] = None              # [{"epoch", "step", "rank", "marker", "action"}]: kill (or hold) a worker once
     tests: dict = field(default_factory=dict)  # split name -> (classes, anchors) it is scored with (or None)
     rows: dict = field(default_factory=dict)   # training dataset name -> rows (pool batching's counts)
     val_augmented: bool = False                # validation takes the training transform: never cached
@@ -195,22 +195,32 @@ class EvalSplitDataConfig(DataConfig):
 
 # ----------------------------------------------------------------------------- worker side
 
-def _maybe_inject_fault(fault: Optional[dict], epoch: int, step: int) -> None:
-    """Kill this worker once at (epoch, step) — the fault-tolerance test's injected failure."""
-    if not fault or epoch != fault["epoch"] or step != fault["step"]:
-        return
-    if ray.train.get_context().get_world_rank() != fault.get("rank", 0):
-        return
-    marker = Path(fault["marker"])
-    if marker.exists():
-        return
-    marker.write_text(f"killed at epoch {epoch} step {step}\n")
-    # Ray Train V2's controller collects reports by polling the workers every health-check interval
-    # (2 s by default); a report still queued in a dying worker is lost, and the run would resume from
-    # the checkpoint before it. Dying a few intervals after the last report makes the test measure the
-    # resume from that report's checkpoint, whatever the machine's load.
-    time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)))
-    os._exit(1)
+def _maybe_inject_fault(faults: Optional[list], epoch: int, step: int) -> None:
+    """Kill this worker once at (epoch, step) — the fault-tolerance tests' injected failure. With the action
+    ``hold`` the worker stops there instead, once, until ``<marker>.release`` appears (at most 10 minutes):
+    the driver-loss test kills the driver while a stage is held in the middle of an epoch, or kills the held
+    worker itself (its pid is in the marker) once the checkpoint before it is registered."""
+    for fault in faults or ():
+        if epoch != fault["epoch"] or step != fault["step"]:
+            continue
+        if ray.train.get_context().get_world_rank() != fault.get("rank", 0):
+            continue
+        marker = Path(fault["marker"])
+        if marker.exists():
+            continue
+        if fault.get("action") == "hold":
+            marker.write_text(f"held at epoch {epoch} step {step}, pid {os.getpid()}\n")
+            release, deadline = Path(f"{marker}.release"), time.monotonic() + 600
+            while not release.exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            continue
+        marker.write_text(f"killed at epoch {epoch} step {step}\n")
+        # Ray Train V2's controller collects reports by polling the workers every health-check interval
+        # (2 s by default); a report still queued in a dying worker is lost, and the run would resume from
+        # the checkpoint before it. Dying a few intervals after the last report makes the test measure the
+        # resume from that report's checkpoint, whatever the machine's load.
+        time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)))
+        os._exit(1)
 
 
 def build_for_device(recipe: StageRecipe, device: torch.device):
@@ -399,7 +409,7 @@ def checkpoint_name(epoch: int) -> str:
 # ----------------------------------------------------------------------------- driver side
 
 def run_stage(recipe: StageRecipe, data: StageData, run: RunOptions, *, mlflow: Optional[dict] = None,
-              fault: Optional[dict] = None, test: bool = True) -> StageOutcome:
+              fault: Optional[list] = None, test: bool = True) -> StageOutcome:
     """Train one stage; returns where its selected checkpoint is. Re-running resumes an unfinished run.
 
     After training, the workers score the selected checkpoint on each of ``data.tests`` (the test splits

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, FLAGS)
     cli.add_ray_args(p)
     cli.add_mlflow_args(p)
-    p.add_argument("--fault", default=None, help=argparse.SUPPRESS)  # tests: "stage:epoch:step:rank:marker"
+    p.add_argument("--fault", default=None, help=argparse.SUPPRESS)  # tests: "[hold:]stage:epoch:step:rank:marker[,...]"
     return p
 
 
