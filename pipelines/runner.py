@@ -121,12 +121,12 @@ class PipelineRun:
                  ("result", str(path)), ("wall time", f"{time.time() - self.started:.0f} s")]
         cli.print_table(rows, title)
 
-    def _stopped(self, child: str) -> None:
+    def _stopped(self, child: str, status: str = "KILLED") -> None:
         for run_id in (child, self.parent_id):
             try:
-                self.tracker.end_run(run_id, "KILLED")
+                self.tracker.end_run(run_id, status)
             except Exception as e:  # noqa: BLE001 - best effort on the way out; the rerun reopens them anyway
-                print(f"could not mark MLflow run {run_id} KILLED: {type(e).__name__}: {e}")
+                print(f"could not mark MLflow run {run_id} {status}: {type(e).__name__}: {e}")
 
     def _save(self) -> None:
         storage.write_text(self.state_path, json.dumps(jsonable(self.state), indent=1))   # atomic: whole or old
@@ -192,6 +192,11 @@ class PipelineRun:
             # The stage's and the parent's runs end as KILLED (no longer RUNNING), once, without the outage
             # retries: the stop waits a few seconds only. The same command resumes them.
             self._stopped(child)
+            raise
+        except Exception:
+            # Anything else (a bug, or Ray losing one of its own actors to its memory monitor) keeps its
+            # traceback, and the stage's and the parent's runs end FAILED rather than staying RUNNING.
+            self._stopped(child, "FAILED")
             raise
         finally:
             console.flush()  # the stage's last worker lines before the driver's own

@@ -230,3 +230,33 @@ def test_predict_raises_a_client_error_when_no_row_is_readable(registered):
         model.predict(pd.DataFrame({"image": [b"garbage", b"more garbage"]}))
     assert error.value.get_http_status_code() == 400
     assert "row 0: unreadable image" in error.value.message and "row 1: unreadable image" in error.value.message
+
+
+@pytest.mark.parametrize("raised, status", [(ValueError("a bug in the training code"), "FAILED"),
+                                            (KeyboardInterrupt(), "KILLED")])
+def test_a_stage_that_raises_ends_its_runs(tmp_path, monkeypatch, raised, status):
+    """A stage that raises (a bug keeps its traceback; Ctrl-C / `ray job stop`) leaves no MLflow run RUNNING:
+    the stage's and the parent's runs end FAILED or KILLED. No Ray: run_stage itself raises."""
+    from datasets_io.prep import ImagePrep
+    from emotion_models.losses import LossSpec
+    from emotion_models.registry import ModelSpec
+    from pipelines import runner
+    from pipelines.recipe import Recipe, StageRecipe
+    from pipelines.train_loop import RunOptions, StageData
+
+    def failing(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(runner, "run_stage", failing)
+    recipe = StageRecipe(name="stage1", model=ModelSpec(name="va", backbone="resnet10t", weights="none",
+                                                        options={"task": "single", "num_classes": 2}),
+                         loss=LossSpec(kind="va"), prep=ImagePrep(size=32), classes=tuple(CLASSES),
+                         anchors=((0.8, 0.5), (-0.8, -0.5)))
+    pipeline = runner.PipelineRun(run=RunOptions(storage_path=str(tmp_path), mlflow_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                                                 experiment="t"),
+                                  run_name="run", tags={}, recipe=Recipe("test", "test", "", {}, ("stage1",)))
+    with pytest.raises(type(raised)):
+        pipeline.stage(recipe, StageData(datasets={}), manifests={})
+    client = pipeline.tracker.client
+    child = pipeline.state["child_runs"]["stage1"]
+    assert [client.get_run(r).info.status for r in (child, pipeline.parent_id)] == [status, status]
