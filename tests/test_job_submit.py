@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,29 +21,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster_services import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-_taken: set[int] = set()
-
-
-def _free_port() -> int:
-    """A free port below the kernel's ephemeral range (32768+) and above Ray's worker ports
-    (10002-19999; this test's head uses 20000-20999): ports that bind(0) hands out are ephemeral, so
-    any process's next outgoing connection could take one before the head binds it."""
-    rng = random.Random()
-    while True:
-        port = rng.randint(21000, 32000)
-        if port in _taken:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _taken.add(port)
-        return port
+_free_port = free_port   # one set of taken ports for every service the tests start (tests/cluster_services.py)
 
 
 def test_runtime_env_excludes_data_caches_and_mlruns():
