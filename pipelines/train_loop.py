@@ -128,7 +128,14 @@ def _peer_vanished(error: BaseException) -> bool:
 
     if isinstance(error, getattr(dist, "DistError", ())):
         return True
-    return isinstance(error, RuntimeError) and any(text in str(error).lower() for text in _PEER_GONE)
+    if isinstance(error, RuntimeError) and any(text in str(error).lower() for text in _PEER_GONE):
+        return True
+    # A worker's exception as Ray Train hands it back: a wrapper whose text is the worker's traceback, the
+    # exception itself on its last line.
+    lines = str(error).strip().splitlines()
+    last = lines[-1].lower() if lines else ""
+    return last.startswith(("runtimeerror:", "torch.distributed.distbackenderror:")) and \
+        any(text in last for text in _PEER_GONE)
 
 
 class StageFailed(RuntimeError):

@@ -178,6 +178,13 @@ def test_lost_workers_are_told_apart_from_the_codes_exceptions():
     assert _workers_lost(_group_error(RayActorError(), RayActorError()))
     assert _workers_lost(_group_error(_HealthCheckFailed(NodeDiedError("node died")), gloo))
     assert _workers_lost(_group_error(_HealthCheckFailed(RayActorError()), torch.distributed.DistBackendError("x")))
+    # the peer's failure as Ray Train returns it: a wrapper whose text is the worker's traceback
+    returned = Exception('Traceback (most recent call last):\n  File "core.py", line 572, in fit\n'
+                         '    work.wait()\nRuntimeError: [gloo/transport/tcp/pair.cc:561] Connection closed by '
+                         'peer [127.0.0.1]:42156. This is typically caused by a remote worker crashing.')
+    assert _workers_lost(_group_error(_HealthCheckFailed(RayActorError()), returned))
+    bug = Exception('Traceback (most recent call last):\n  File "core.py", line 9\nKeyError: \'label\'')
+    assert not _workers_lost(_group_error(_HealthCheckFailed(RayActorError()), bug))
     assert not _workers_lost(_group_error(gloo, gloo))                       # no worker was lost
     assert not _workers_lost(_group_error(RayActorError(), KeyError("label")))  # a bug beside the loss
     assert not _workers_lost(_group_error(ValueError("nan loss")))
