@@ -251,7 +251,7 @@ def test_rerun_after_stage_two_failed_resumes_it_from_its_checkpoint(resumed, wo
     # predict --checkpoint RUN_DIR uses the last stage's best checkpoint.
     from pipelines.predict import resolve_checkpoint
 
-    assert resolve_checkpoint(str(workdir / "runs" / "resume")) == Path(result["best_checkpoints"]["stage2"])
+    assert resolve_checkpoint(str(workdir / "runs" / "resume")) == str(result["best_checkpoints"]["stage2"])
     assert all(math.isfinite(result[k]) for k in ("test_pearson_v", "test_mse"))
 
 
