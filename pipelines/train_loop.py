@@ -453,10 +453,16 @@ def run_stage(recipe: StageRecipe, data: StageData, run: RunOptions, *, mlflow: 
                                                                 checkpoint_score_attribute="improved",
                                                                 checkpoint_score_order="max"),
                              callbacks=list(run.callbacks) or None))
-    result = trainer.fit()
-    if result.error:
-        if not _workers_lost(result.error):
-            raise result.error      # an exception in the training code: a bug, reported with its traceback
+    # Ray Train V2's fit() raises the run's error (it also sits in Result.error for a returned result).
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - told apart just below; anything not a worker loss is re-raised
+        error = exc
+    else:
+        error = result.error
+    if error:
+        if not _workers_lost(error):
+            raise error         # an exception in the training code: a bug, reported with its traceback
         raise StageFailed(f"stage {name} failed: its workers' processes or nodes were lost more often than "
                           f"--max-failures {run.max_failures} allows; its checkpoints are kept in "
                           f"{context.checkpoint_root}")

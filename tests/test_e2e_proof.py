@@ -185,7 +185,11 @@ def resumed(ray_session, workdir):
     marker = workdir / "stage2.fault"
     argv = _argv(workdir, "resume", "--demo-images-per-class", "6", "--mode", "two_stage", "--task", "single",
                  "--num-epochs", "1", "--stage2-epochs", "3", "--early-stop", "0")
-    with pytest.raises(Exception):              # Ray Train's error for the dead worker, no retries left
+    from pipelines.train_loop import StageFailed
+
+    # The dead worker with no retries left: the one-line StageFailed that says how to resume, not a traceback.
+    with pytest.raises(StageFailed, match=r"stage2 failed: its workers' processes or nodes were lost .*"
+                                          r"--max-failures 0 .*rerun the same command with --run-name resume"):
         two_stage.main([*argv, "--max-failures", "0", "--fault", f"stage2:1:0:0:{marker}"])
     assert marker.exists(), "the injected fault never fired"
     run_dir = workdir / "runs" / "resume"
