@@ -121,7 +121,7 @@ class PipelineRun:
                  ("result", str(path)), ("wall time", f"{time.time() - self.started:.0f} s")]
         cli.print_table(rows, title)
 
-    def _stopped(self, child: str, status: str = "KILLED") -> None:
+    def _end_open_runs(self, child: str, status: str) -> None:
         for run_id in (child, self.parent_id):
             try:
                 self.tracker.end_run(run_id, status)
@@ -191,12 +191,12 @@ class PipelineRun:
             # Stopped from outside: Ctrl-C, or `ray job stop`, whose SIGTERM Ray's driver turns into SystemExit.
             # The stage's and the parent's runs end as KILLED (no longer RUNNING), once, without the outage
             # retries: the stop waits a few seconds only. The same command resumes them.
-            self._stopped(child)
+            self._end_open_runs(child, "KILLED")
             raise
         except Exception:
             # Anything else (a bug, or Ray losing one of its own actors to its memory monitor) keeps its
             # traceback, and the stage's and the parent's runs end FAILED rather than staying RUNNING.
-            self._stopped(child, "FAILED")
+            self._end_open_runs(child, "FAILED")
             raise
         finally:
             console.flush()  # the stage's last worker lines before the driver's own

@@ -111,12 +111,8 @@ def _workers_lost(error: BaseException) -> bool:
 
 def _root_failure(error: BaseException) -> BaseException:
     """The failure a wrapper carries (Ray Train's health-check error keeps it as ``health_check_failure``)."""
-    for _ in range(5):
-        inner = getattr(error, "health_check_failure", None) or getattr(error, "failure", None)
-        if not isinstance(inner, BaseException):
-            return error
-        error = inner
-    return error
+    inner = getattr(error, "health_check_failure", None)
+    return inner if isinstance(inner, BaseException) else error
 
 
 _PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "socket closed")
@@ -126,7 +122,7 @@ def _peer_vanished(error: BaseException) -> bool:
     """A collective's error on a rank whose peer died (gloo's, NCCL's): a consequence of a lost worker."""
     import torch.distributed as dist
 
-    if isinstance(error, getattr(dist, "DistError", ())):
+    if isinstance(error, dist.DistError):
         return True
     if isinstance(error, RuntimeError) and any(text in str(error).lower() for text in _PEER_GONE):
         return True
